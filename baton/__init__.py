@@ -1,0 +1,1 @@
+"""baton: BATON dynamic re-batching LLM serving."""

@@ -1,0 +1,65 @@
+"""Incremental detokenisation with stop strings.
+
+Emits only text that is final: never half a UTF-8 character (the tokenizer's U+FFFD
+while a multi-byte character is incomplete) and never a prefix of a stop string that
+the next tokens might complete.
+"""
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-6:])   # a little context so word-initial spaces decode right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.text = ""           # all final text decoded so far
+        self.emitted = 0         # how much of self.text was handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; returns the new text that is safe to send (may be '')."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release()
+
+    def _release(self) -> str:
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        end = len(self.text)
+        if not self.stopped:
+            end -= self._held_back()
+        out = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def flush(self) -> str:
+        """At the end: whatever is left (held-back stop prefixes are real text after all)."""
+        if self.stopped:
+            return ""
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out

@@ -1,0 +1,163 @@
+"""The in-process BATON engine: prefill newcomers on their own, embed their K/V in the running batch.
+
+Two halves that the services use separately (prefill worker, decode worker) and that
+`Engine` drives together in one process:
+- `Prefiller`: one query alone -> its first token and K/V (L, 2, Hkv, P, D).
+- `DecodeBatch`: the running batch; `admit` a prefilled query between two steps,
+  `step` decodes one token for every row, finished or aborted rows leave at once.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from baton.config import EngineConfig
+from baton.detokenizer import IncrementalDetokenizer
+from baton.kv_cache import BatchKVCache
+from baton.model_loader import LoadedModel
+from baton.model_runner import ModelRunner
+from baton.request import FinishReason, Request, Status, TokenEvent
+from baton.sampling import SamplingParams, sample_batch, sample_one
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class PrefillOutput:
+    token_id: int          # the next token (output index len(generated))
+    kv: torch.Tensor       # (L, 2, Hkv, P, D), model dtype, P = prompt + generated tokens
+
+
+class Prefiller:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def prefill(self, prompt_ids: list[int], params: SamplingParams, generated: list[int] = ()) -> PrefillOutput:
+        """Prefill the prompt plus any tokens already generated (a migrated request)."""
+        ids = list(prompt_ids) + list(generated)
+        logits, kv = self.runner.prefill(ids)
+        return PrefillOutput(sample_one(logits, params, len(generated)), kv)
+
+
+class DecodeBatch:
+    """The running batch. Single-threaded: callers serialise admit/abort/step."""
+
+    def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, col_chunk: int = 64):
+        self.runner, self.tokenizer = runner, model.tokenizer
+        self.eos_ids, self.max_len = model.eos_ids, model.max_len
+        self.cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim,
+                                  dtype=runner.dtype, device=runner.device, max_rows=max_batch, col_chunk=col_chunk)
+        self.rows: list[Request] = []      # row r of the cache belongs to rows[r]
+        self.index: dict[str, int] = {}    # request_id -> row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.cache.max_rows
+
+    def admit(self, req: Request, pre: PrefillOutput) -> list[TokenEvent]:
+        """Embed a prefilled request; emits its newest token. It joins the batch unless already done."""
+        if req.detok is None and self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.all_ids, req.params.stop)
+        event = req.append_token(pre.token_id, self.eos_ids, self.max_len)
+        if not req.done:
+            self.index[req.request_id] = self.cache.insert(pre.kv)
+            self.rows.append(req)
+            req.status = Status.RUNNING
+        return [event]
+
+    def abort(self, request_id: str) -> Request | None:
+        row = self.index.get(request_id)
+        if row is None:
+            return None
+        req = self.rows[row]
+        self._remove(row)
+        req.finish(Status.CANCELLED, FinishReason.ABORT)
+        return req
+
+    def _remove(self, row: int) -> None:
+        req = self.rows[row]
+        del self.index[req.request_id]
+        moved = self.cache.remove(row)
+        last = self.rows.pop()
+        if moved is not None:
+            self.rows[row] = last
+            self.index[last.request_id] = row
+
+    def step(self) -> list[TokenEvent]:
+        """One decode step for every row; finished rows leave the batch before returning."""
+        if not self.rows:
+            return []
+        last = torch.tensor([r.output_ids[-1] for r in self.rows], dtype=torch.long, device=self.runner.device)
+        logits = self.runner.decode(last, self.cache)                               # (n, V)
+        tokens = sample_batch(logits, [r.params for r in self.rows], [len(r.output_ids) for r in self.rows])
+        events = [r.append_token(t, self.eos_ids, self.max_len) for r, t in zip(self.rows, tokens)]
+        for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
+            if self.rows[row].done:
+                self._remove(row)
+        return events
+
+
+class Engine:
+    """Prefill and decode in one process: newcomers are prefilled alone, then embedded."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.model, self.config = model, config
+        self.runner = ModelRunner(model.model)
+        self.prefiller = Prefiller(self.runner)
+        self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
+        self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()
+        self.counts = collections.Counter()
+
+    def add_request(self, req: Request) -> None:
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
+        if req.request_id in self.waiting or req.request_id in self.batch.index:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self.waiting[req.request_id] = req
+
+    def abort(self, request_id: str) -> bool:
+        req = self.waiting.pop(request_id, None)
+        if req is not None:
+            req.finish(Status.CANCELLED, FinishReason.ABORT)
+        else:
+            req = self.batch.abort(request_id)
+        if req is not None:
+            self.counts["cancelled"] += 1
+        return req is not None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or len(self.batch) > 0
+
+    def _admit_waiting(self) -> list[TokenEvent]:
+        events, budget = [], self.config.prefill_token_budget
+        while self.waiting and not self.batch.full:
+            req = next(iter(self.waiting.values()))
+            if len(req.prompt_ids) > budget and budget < self.config.prefill_token_budget:
+                break  # the budget is spent; it goes first next step
+            budget -= len(req.prompt_ids)
+            del self.waiting[req.request_id]
+            req.status = Status.PREFILLING
+            events += self.batch.admit(req, self.prefiller.prefill(req.prompt_ids, req.params, req.output_ids))
+        return events
+
+    def step(self) -> list[TokenEvent]:
+        events = self._admit_waiting() + self.batch.step()
+        self.counts["completed"] += sum(1 for e in events if e.finish_reason is not None)
+        return events
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run prompts to completion (tests, `baton generate --local`)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [Request(f"local-{i}", list(p), sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for r in reqs:
+            self.add_request(r)
+        while self.has_work():
+            self.step()
+        return reqs

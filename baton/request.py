@@ -1,0 +1,78 @@
+"""A request owns its token state; its status changes only through the methods here."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from baton.detokenizer import IncrementalDetokenizer
+from baton.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"            # accepted, not yet prefilled
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"  # K/V on its way to a decode worker
+    RUNNING = "running"            # a row of a decode batch
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class FinishReason(enum.IntEnum):  # values match baton.v1.FinishReason
+    LENGTH = 1
+    STOP = 2
+    ABORT = 3
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of one request (what the engine streams out)."""
+    request_id: str
+    token_id: int
+    text: str                                # new final text since the previous event
+    index: int                               # position of the token in the output
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    detok: IncrementalDetokenizer | None = None
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def append_token(self, token_id: int, eos_ids: frozenset[int], max_len: int) -> TokenEvent:
+        """Record a new token, decide whether the request is finished, return its event."""
+        self.output_ids.append(token_id)
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic()
+        text = self.detok.add(token_id) if self.detok else ""
+        reason = None
+        if (token_id in eos_ids and not self.params.ignore_eos) or (self.detok and self.detok.stopped):
+            reason = FinishReason.STOP
+        elif len(self.output_ids) >= self.params.max_new_tokens or len(self.all_ids) >= max_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if self.detok:
+                text += self.detok.flush()
+            self.finish(Status.FINISHED, reason)
+        return TokenEvent(self.request_id, token_id, text, len(self.output_ids) - 1, reason)
+
+    def finish(self, status: Status, reason: FinishReason | None) -> None:
+        self.status, self.finish_reason = status, reason
+        self.finish_s = time.monotonic()

@@ -1,0 +1,29 @@
+"""Tiny random Llama models built in the test itself (float64: exact-token comparisons are reliable)."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from baton.model_loader import LoadedModel, eos_ids_of
+
+VOCAB = 256
+EOS = 255
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 2) -> LoadedModel:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=EOS, bos_token_id=1, pad_token_id=0, rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return LoadedModel(name="tiny", model=model, tokenizer=None, eos_ids=eos_ids_of(model, None))
+
+
+def reference_greedy(model: LoadedModel, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """transformers' generate() for one query alone."""
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    if ignore_eos:
+        kwargs["eos_token_id"] = None
+    out = model.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, len(prompt):].tolist()
