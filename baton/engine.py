@@ -112,18 +112,33 @@ class Engine:
         self.runner = ModelRunner(model.model)
         self.prefiller = Prefiller(self.runner)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
-        self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()
+        self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()      # to prefill here
+        self.prefilled: collections.OrderedDict[str, tuple[Request, PrefillOutput]] = collections.OrderedDict()
         self.counts = collections.Counter()
 
-    def add_request(self, req: Request) -> None:
-        if len(self.waiting) >= self.config.max_queue:
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.prefilled)
+
+    def _check_new(self, request_id: str) -> None:
+        if self.num_waiting >= self.config.max_queue:
             raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
-        if req.request_id in self.waiting or req.request_id in self.batch.index:
-            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        if request_id in self.waiting or request_id in self.prefilled or request_id in self.batch.index:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+
+    def add_request(self, req: Request) -> None:
+        """A new query, to be prefilled in this process."""
+        self._check_new(req.request_id)
         self.waiting[req.request_id] = req
 
+    def add_prefilled(self, req: Request, pre: PrefillOutput) -> None:
+        """A query prefilled elsewhere (a prefill worker); it takes the next free row."""
+        self._check_new(req.request_id)
+        req.status = Status.TRANSFERRING
+        self.prefilled[req.request_id] = (req, pre)
+
     def abort(self, request_id: str) -> bool:
-        req = self.waiting.pop(request_id, None)
+        req = self.waiting.pop(request_id, None) or (self.prefilled.pop(request_id, None) or (None,))[0]
         if req is not None:
             req.finish(Status.CANCELLED, FinishReason.ABORT)
         else:
@@ -133,10 +148,13 @@ class Engine:
         return req is not None
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or len(self.batch) > 0
+        return self.num_waiting > 0 or len(self.batch) > 0
 
     def _admit_waiting(self) -> list[TokenEvent]:
         events, budget = [], self.config.prefill_token_budget
+        while self.prefilled and not self.batch.full:
+            req, pre = self.prefilled.popitem(last=False)
+            events += self.batch.admit(req, pre)
         while self.waiting and not self.batch.full:
             req = next(iter(self.waiting.values()))
             if len(req.prompt_ids) > budget and budget < self.config.prefill_token_budget:
@@ -151,6 +169,10 @@ class Engine:
         events = self._admit_waiting() + self.batch.step()
         self.counts["completed"] += sum(1 for e in events if e.finish_reason is not None)
         return events
+
+    def stats(self) -> dict:
+        return {"running": len(self.batch), "waiting": self.num_waiting, "batch_width": self.batch.cache.width,
+                "kv_cache_bytes": self.batch.cache.nbytes(), **self.counts}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (tests, `baton generate --local`)."""

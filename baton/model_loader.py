@@ -83,6 +83,8 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "aut
     path = smollm2_dir() if name == "smollm2" else Path(name)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # loading a safetensors copy is quick; the conversion keeps its bar
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device)).eval()
     return LoadedModel(name=name, model=model, tokenizer=tok, eos_ids=eos_ids_of(model, tok))

@@ -1,0 +1,169 @@
+"""Runs an Engine on its own thread and streams each request's tokens to its caller.
+
+The engine is single-threaded: every call from other threads (submit, abort) goes through
+the loop's inbox and is applied between two steps. Each request gets a `TokenStream`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from baton.engine import Engine, PrefillOutput, QueueFull
+from baton.request import Request, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class StreamClosed(Exception):
+    """The request ended without a final token: cancelled, or the engine failed/stopped."""
+
+
+class TokenStream:
+    """The events of one request, in order, ending with the one that has a finish_reason."""
+
+    def __init__(self, loop: "EngineLoop", request: Request):
+        self.loop, self.request = loop, request
+        self.events: queue.SimpleQueue[TokenEvent | Exception] = queue.SimpleQueue()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            item = self.events.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def get(self, timeout: float | None = None) -> TokenEvent:
+        item = self.events.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.loop.abort(self.request.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self.streams: dict[str, TokenStream] = {}
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.last_beat = time.monotonic()   # health: when the loop last went round
+        self.error: BaseException | None = None
+        self._pending_new = 0               # submissions in the inbox, counted for the queue cap
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+
+    def start(self) -> "EngineLoop":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    # ---- called from any thread ----------------------------------------------------------
+    def _enqueue_new(self, req: Request, add: Callable[[], None]) -> TokenStream:
+        with self._lock:
+            if self.engine.num_waiting + self._pending_new >= self.engine.config.max_queue:
+                raise QueueFull(f"queue is full ({self.engine.config.max_queue} waiting)")
+            if req.request_id in self.streams:
+                raise ValueError(f"duplicate request_id {req.request_id!r}")
+            if not self.alive:
+                raise StreamClosed("engine is not running")
+            stream = TokenStream(self, req)
+            self.streams[req.request_id] = stream
+            self._pending_new += 1
+
+        def apply():
+            with self._lock:
+                self._pending_new -= 1
+            try:
+                add()
+            except Exception as e:  # duplicate or full after all: the caller's stream says so
+                self._close(req.request_id, e)
+        self.inbox.put(apply)
+        self.wake.set()
+        return stream
+
+    def submit(self, req: Request) -> TokenStream:
+        """A new query to prefill and decode here. Raises QueueFull at once when the queue is full."""
+        return self._enqueue_new(req, lambda: self.engine.add_request(req))
+
+    def submit_prefilled(self, req: Request, pre: PrefillOutput) -> TokenStream:
+        """A query prefilled elsewhere; its K/V joins the batch at the next step."""
+        return self._enqueue_new(req, lambda: self.engine.add_prefilled(req, pre))
+
+    def abort(self, request_id: str) -> None:
+        """Frees the request's row or queue slot before the next step."""
+        def apply():
+            self.engine.abort(request_id)
+            self._close(request_id, StreamClosed("cancelled"))
+        self.inbox.put(apply)
+        self.wake.set()
+
+    def call(self, fn: Callable[[Engine], object], timeout: float = 10.0) -> object:
+        """Run fn(engine) on the loop thread between two steps and return its result."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox.put(lambda: box.put(_capture(fn, self.engine)))
+        self.wake.set()
+        ok, value = box.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    # ---- the loop thread -------------------------------------------------------------------
+    def _close(self, request_id: str, err: Exception) -> None:
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            stream.events.put(err)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                self.inbox.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                self.last_beat = time.monotonic()
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self.wake.wait(self.idle_wait_s)
+                    self.wake.clear()
+                    continue
+                for ev in self.engine.step():
+                    stream = self.streams.get(ev.request_id)
+                    if stream is not None:
+                        stream.events.put(ev)
+                        if ev.finish_reason is not None:
+                            del self.streams[ev.request_id]
+        except BaseException as e:  # the engine broke: fail every stream, never leave one hanging
+            log.exception("engine loop failed")
+            self.error = e
+        finally:
+            err = StreamClosed(f"engine stopped: {self.error!r}" if self.error else "engine stopped")
+            for rid in list(self.streams):
+                self._close(rid, err)
+
+
+def _capture(fn, arg):
+    try:
+        return True, fn(arg)
+    except Exception as e:
+        return False, e
