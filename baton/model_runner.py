@@ -21,7 +21,7 @@ class ModelRunner:
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        self.hf = hf_model.eval()
+        self.hf = hf_model.eval().requires_grad_(False)
         self.body = hf_model.model
         self.layers = list(self.body.layers)
         self.num_layers = len(self.layers)
@@ -58,7 +58,7 @@ class ModelRunner:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.body.norm(h))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one query's prompt alone.
 
@@ -80,7 +80,7 @@ class ModelRunner:
             h = self._mlp_block(layer, h)
         return self._logits(h[:, -1])[0], kv
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
         """One decode step for the cache's n rows: tokens (n,) -> logits (n, V).
 
