@@ -1,0 +1,49 @@
+"""Incremental detokenisation: no half characters, stop strings cut exactly, text joins up."""
+import pytest
+
+from baton.detokenizer import IncrementalDetokenizer
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: multi-byte characters arrive in pieces."""
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _run(text, stop=()):
+    tok = ByteTokenizer()
+    d = IncrementalDetokenizer(tok, tok.encode("ctx:"), stop)
+    pieces = [d.add(t) for t in tok.encode(text)]
+    pieces.append(d.flush())
+    return pieces, d
+
+
+def test_never_emits_half_a_character():
+    pieces, _ = _run("naïve 日本語 ok 🎉!")
+    assert "".join(pieces) == "naïve 日本語 ok 🎉!"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("hello world. bye", ("world",), "hello "),
+    ("a<|end|>b", ("<|end|>",), "a"),
+    ("abcabd", ("abd",), "abc"),
+    ("no stop here", ("zzz",), "no stop here"),
+    ("stop at end", ("end",), "stop at "),
+])
+def test_stop_strings(text, stop, expected):
+    pieces, d = _run(text, stop)
+    assert "".join(pieces) == expected
+    assert d.stopped == (expected != text)
+
+
+def test_stop_prefix_is_held_back_until_decided():
+    tok = ByteTokenizer()
+    d = IncrementalDetokenizer(tok, [], ("END",))
+    assert [d.add(t) for t in tok.encode("xE")] == ["x", ""]
+    assert d.add(ord("N")) == ""
+    assert d.add(ord("d")) == "ENd"  # not the stop string after all

@@ -1,0 +1,41 @@
+"""The default model, float32: prompts served together give generate()'s tokens for each alone."""
+import pytest
+import torch
+
+from baton.config import EngineConfig
+from baton.engine import Engine
+from baton.model_loader import encode_prompt, load_model
+from baton.sampling import SamplingParams
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain gravity to a child in two sentences.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", "float32", "cpu")
+
+
+def test_smollm2_batched_equals_generate(smollm2):
+    prompts = [encode_prompt(smollm2.tokenizer, p) for p in PROMPTS]
+    reqs = Engine(smollm2, EngineConfig(max_batch=4)).generate(
+        prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    for p, r in zip(prompts, reqs):
+        ids = torch.tensor([p])
+        ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                     do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert r.output_ids == ref[0, len(p):].tolist(), smollm2.tokenizer.decode(r.output_ids)
+    assert "Paris" in smollm2.tokenizer.decode(reqs[0].output_ids)
+
+
+def test_streamed_text_is_the_decoded_output(smollm2):
+    from baton.engine_loop import EngineLoop
+    from baton.request import Request
+    loop = EngineLoop(Engine(smollm2, EngineConfig(max_batch=2))).start()
+    try:
+        req = Request("r", encode_prompt(smollm2.tokenizer, "Say hello in French and Japanese."),
+                      SamplingParams(max_new_tokens=24))
+        text = "".join(ev.text for ev in loop.submit(req))
+    finally:
+        loop.stop()
+    assert text == smollm2.tokenizer.decode(req.output_ids, skip_special_tokens=True)
