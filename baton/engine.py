@@ -153,7 +153,7 @@ class Engine:
     def _admit_waiting(self) -> list[TokenEvent]:
         events, budget = [], self.config.prefill_token_budget
         while self.prefilled and not self.batch.full:
-            req, pre = self.prefilled.popitem(last=False)
+            _, (req, pre) = self.prefilled.popitem(last=False)
             events += self.batch.admit(req, pre)
         while self.waiting and not self.batch.full:
             req = next(iter(self.waiting.values()))

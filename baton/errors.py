@@ -32,3 +32,7 @@ class DeadlineExceeded(BatonError):
 
 class Unauthenticated(BatonError):
     code_name = "UNAUTHENTICATED"
+
+
+class Cancelled(BatonError):
+    code_name = "CANCELLED"

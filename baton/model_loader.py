@@ -85,7 +85,8 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "aut
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # loading a safetensors copy is quick; the conversion keeps its bar
-    tok = AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None  # tiny test models have none
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device)).eval()
     return LoadedModel(name=name, model=model, tokenizer=tok, eos_ids=eos_ids_of(model, tok))
 

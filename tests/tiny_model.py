@@ -27,3 +27,10 @@ def reference_greedy(model: LoadedModel, prompt: list[int], max_new_tokens: int,
         kwargs["eos_token_id"] = None
     out = model.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     return out[0, len(prompt):].tolist()
+
+
+def save_tiny(path, seed: int = 0, layers: int = 2) -> str:
+    """A tiny random Llama as a Hugging Face directory (no tokenizer), for worker processes."""
+    m = tiny_llama(seed, layers=layers)
+    m.model.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,135 @@
+"""Shared gRPC plumbing: servers and channels, bearer-token auth, health, errors -> status codes."""
+from __future__ import annotations
+
+import functools
+import hmac
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from baton.errors import BatonError
+from baton.kv_codec import KVCodecError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Health and reflection stay open without a token: probes and grpcurl must reach them.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Answers UNAUTHENTICATED before any handler runs unless `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong authorization bearer token")
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+        }
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_SERVICES):
+            return continuation(details)
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected):
+            return continuation(details)
+        handler = continuation(details)
+        kind = (handler.request_streaming, handler.response_streaming) if handler else (False, False)
+        return self._deny[kind]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 64,
+                auth_token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to host:port (0 = a free port); returns it and the bound port."""
+    interceptors = [AuthInterceptor(auth_token)] if auth_token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=server_options(max_message_bytes))
+    if tls_cert and tls_key:
+        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    return server, bound
+
+
+def make_channel(address: str, *, tls_root_cert: str | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    opts = [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+    if tls_root_cert:
+        with open(tls_root_cert, "rb") as f:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options=opts)
+    return grpc.insecure_channel(address, options=opts)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
+    """Health starts NOT_SERVING for every service and overall ('')."""
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *service_names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+def set_health(servicer: health.HealthServicer, service_names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        servicer.set(name, status)
+
+
+def _abort(context: grpc.ServicerContext, e: Exception, method: str):
+    if isinstance(e, BatonError):
+        context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
+    if isinstance(e, KVCodecError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):  # a downstream call failed: pass its code on
+        context.abort(e.code(), f"upstream: {e.details()}")
+    log.exception("internal error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+
+
+def rpc(fn: Callable) -> Callable:
+    """Handler decorator: BatonError -> its status code, anything else -> INTERNAL (logged, no stack
+    trace sent). Handlers raise BatonError; they never call context.abort themselves."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from fn(self, request, context)
+            except Exception as e:
+                if context.is_active():
+                    _abort(context, e, fn.__name__)
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except Exception as e:
+            _abort(context, e, fn.__name__)
+    return wrapper

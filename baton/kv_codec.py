@@ -1,0 +1,65 @@
+"""K/V on the wire: raw tensor bytes in chunks under the gRPC message limit, never pickle.
+
+The sender gives a header (dtype name, shape, nbytes) and then the bytes in order; the
+receiver checks every field against its limits before it allocates, and fills one buffer.
+bfloat16 has no numpy dtype, so tensors travel as their bytes and are viewed back.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CHUNK_BYTES = 1 << 20   # 1 MiB: well under gRPC's 4 MiB default message limit
+
+
+class KVCodecError(ValueError):
+    pass
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise KVCodecError(f"dtype {dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def encode(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    """The tensor's bytes (C order) in chunks of at most chunk_bytes; one copy at most (to CPU)."""
+    dtype_name(tensor.dtype)
+    flat = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+    data = memoryview(flat.numpy())
+    for off in range(0, len(data), chunk_bytes):
+        yield data[off:off + chunk_bytes]
+
+
+class KVAssembler:
+    """Receives the chunks of one tensor and checks them; `tensor()` once all bytes are in."""
+
+    def __init__(self, dtype: str, shape: list[int] | tuple[int, ...], nbytes: int, max_bytes: int):
+        if dtype not in DTYPES:
+            raise KVCodecError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not shape or any(d <= 0 for d in shape):
+            raise KVCodecError(f"shape must be non-empty with positive dimensions, got {list(shape)}")
+        self.dtype, self.shape = DTYPES[dtype], tuple(int(d) for d in shape)
+        expected = math.prod(self.shape) * self.dtype.itemsize
+        if nbytes != expected:
+            raise KVCodecError(f"nbytes {nbytes} does not match shape {list(shape)} of {dtype} ({expected} bytes)")
+        if nbytes > max_bytes:
+            raise KVCodecError(f"K/V of {nbytes} bytes is over the limit of {max_bytes}")
+        self.buf = bytearray(nbytes)
+        self.filled = 0
+
+    def add(self, data: bytes) -> None:
+        end = self.filled + len(data)
+        if end > len(self.buf):
+            raise KVCodecError(f"more K/V bytes than the header's {len(self.buf)}")
+        self.buf[self.filled:end] = data
+        self.filled = end
+
+    def tensor(self) -> torch.Tensor:
+        if self.filled != len(self.buf):
+            raise KVCodecError(f"K/V truncated: got {self.filled} of {len(self.buf)} bytes")
+        return torch.frombuffer(self.buf, dtype=torch.uint8).view(self.dtype).view(self.shape)

@@ -1,0 +1,1 @@
+"""Decode worker: a gRPC server over BATON's running batch."""

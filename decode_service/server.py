@@ -1,0 +1,124 @@
+"""The Decode gRPC service: K/V in (TransferKV), tokens out (Attach), Abort, Stats, health."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from baton import grpc_util
+from baton.engine import PrefillOutput, QueueFull
+from baton.engine_loop import EngineLoop, StreamClosed
+from baton.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from baton.kv_codec import DTYPES, KVAssembler
+from baton.request import Request
+from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
+from baton.wire import event_to_pb, params_from_pb
+from decode_service.worker import DecodeWorker
+
+log = logging.getLogger(__name__)
+SERVICE = "baton.v1.Decode"
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0):
+        self.worker, self.loop = worker, worker.loop
+        self.attach_timeout_s = attach_timeout_s
+        runner = self.loop.engine.runner
+        self.max_kv_bytes = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim * \
+            runner.dtype.itemsize * self.loop.engine.model.max_len
+
+    @grpc_util.rpc
+    def TransferKV(self, request_iterator, context):
+        t0 = time.monotonic()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("a K/V transfer must start with a header")
+        h = first.header
+        if h.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {h.dtype!r}")
+        params = params_from_pb(h.params)
+        num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
+        self.worker.check_header(h.request_id, DTYPES[h.dtype], tuple(h.shape), num_tokens, params)
+        asm = KVAssembler(h.dtype, list(h.shape), h.nbytes, self.max_kv_bytes)
+        for chunk in request_iterator:
+            if chunk.WhichOneof("payload") != "data":
+                raise InvalidArgument("only data chunks may follow the header")
+            asm.add(chunk.data)
+        kv = asm.tensor()
+        vocab = self.loop.engine.runner.vocab_size
+        if h.next_token >= vocab:
+            raise InvalidArgument(f"next_token must be in [0, {vocab})")
+        req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids))
+        try:
+            self.worker.admit(req, PrefillOutput(h.next_token, kv), time.monotonic() - t0)
+        except QueueFull as e:
+            raise ResourceExhausted(str(e)) from None
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        return decode_pb2.TransferKVResponse(queue_position=len(self.loop.engine.prefilled))
+
+    @grpc_util.rpc
+    def Attach(self, request, context):
+        stream = self.worker.attach(request.request_id, request.timeout_s or self.attach_timeout_s)
+        # The listener went away (cancel, deadline, router died): free the row now.
+        context.add_callback(lambda: self.worker.release(request.request_id))
+        try:
+            for ev in stream:
+                yield event_to_pb(ev)
+        except StreamClosed as e:
+            raise (Cancelled if "cancel" in str(e) else Unavailable)(str(e)) from None
+        finally:
+            self.worker.release(request.request_id)
+
+    @grpc_util.rpc
+    def Abort(self, request, context):
+        found = request.request_id in self.worker.slots
+        self.worker.abort(request.request_id)
+        return prefill_pb2.AbortResponse(found=found)
+
+    @grpc_util.rpc
+    def Stats(self, request, context):
+        return worker_stats(self.worker)
+
+
+def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
+    s = worker.loop.engine.stats()
+    return prefill_pb2.WorkerStatsResponse(
+        running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
+        completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
+        kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
+        attached=sum(1 for x in list(worker.slots.values()) if x.attached))
+
+
+class Watchdog(threading.Thread):
+    """Health follows the engine: NOT_SERVING when its loop died or stalled with work to do.
+    Also reclaims K/V that nobody attached to within the lease."""
+
+    def __init__(self, worker: DecodeWorker, health, stall_s: float = 15.0, period_s: float = 0.5):
+        super().__init__(name="decode-watchdog", daemon=True)
+        self.worker, self.health, self.stall_s, self.period_s = worker, health, stall_s, period_s
+        self.stopped = threading.Event()
+
+    def healthy(self) -> bool:
+        loop = self.worker.loop
+        stalled = loop.engine.has_work() and time.monotonic() - loop.last_beat > self.stall_s
+        return loop.alive and not stalled
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            grpc_util.set_health(self.health, [SERVICE], self.healthy())
+            self.worker.reap()
+
+
+def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_token=None, tls_cert=None,
+          tls_key=None, lease_s: float = 30.0):
+    """Start the Decode service on a running engine loop; returns (server, port, watchdog)."""
+    worker = DecodeWorker(loop, lease_s=lease_s)
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE])
+    server.start()
+    watchdog = Watchdog(worker, health)
+    watchdog.start()
+    return server, bound, watchdog

@@ -1,0 +1,5 @@
+import sys
+
+from baton.worker_main import main
+
+sys.exit(main("prefill"))

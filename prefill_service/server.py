@@ -1,0 +1,104 @@
+"""The Prefill gRPC service: compute a prompt's K/V, push it to the decode worker named in the request."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+
+from baton import grpc_util
+from baton.engine import PrefillOutput, Prefiller
+from baton.errors import InvalidArgument, Unavailable
+from baton.kv_codec import dtype_name, encode
+from baton.request import Request
+from baton.sampling import SamplingParams
+from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.wire import params_from_pb, params_to_pb
+from prefill_service.worker import PrefillWorker
+
+SERVICE = "baton.v1.Prefill"
+
+
+class KVPusher:
+    """Sends K/V to decode workers over one cached channel per address."""
+
+    def __init__(self, auth_token: str | None = None, tls_root_cert: str | None = None):
+        self.auth = grpc_util.auth_metadata(auth_token)
+        self.tls_root_cert = tls_root_cert
+        self.stubs: dict[str, decode_pb2_grpc.DecodeStub] = {}
+        self.lock = threading.Lock()
+
+    def _stub(self, address: str) -> decode_pb2_grpc.DecodeStub:
+        with self.lock:
+            if address not in self.stubs:
+                self.stubs[address] = decode_pb2_grpc.DecodeStub(
+                    grpc_util.make_channel(address, tls_root_cert=self.tls_root_cert))
+            return self.stubs[address]
+
+    def __call__(self, address: str, req: Request, pre: PrefillOutput, deadline_s: float) -> float:
+        kv = pre.kv
+        header = decode_pb2.KVHeader(
+            request_id=req.request_id, prompt_token_ids=req.prompt_ids, generated_token_ids=req.output_ids,
+            next_token=pre.token_id, params=params_to_pb(req.params), dtype=dtype_name(kv.dtype),
+            shape=list(kv.shape), nbytes=kv.numel() * kv.element_size())
+
+        def chunks():
+            yield decode_pb2.KVChunk(header=header)
+            for data in encode(kv):
+                yield decode_pb2.KVChunk(data=bytes(data))
+        t = time.monotonic()
+        self._stub(address).TransferKV(chunks(), timeout=deadline_s, metadata=self.auth)
+        return time.monotonic() - t
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: PrefillWorker):
+        self.worker = worker
+
+    @grpc_util.rpc
+    def Prefill(self, request, context):
+        if not request.decode_address:
+            raise InvalidArgument("decode_address must name the decode worker (host:port)")
+        params = params_from_pb(request.params)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        req = Request(request.request_id, list(request.prompt_token_ids), params,
+                      output_ids=list(request.generated_token_ids))
+        try:
+            r = self.worker.prefill(req, request.decode_address)
+        except grpc.RpcError as e:  # the decode side refused or failed: say which side
+            code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNAVAILABLE
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"decode worker {request.decode_address} unreachable: {code.name}") from None
+            raise
+        return prefill_pb2.PrefillResponse(first_token=r.first_token, num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
+                                           compute_s=r.compute_s, transfer_s=r.transfer_s)
+
+    @grpc_util.rpc
+    def Abort(self, request, context):
+        found = request.request_id in self.worker.active
+        self.worker.abort(request.request_id)
+        return prefill_pb2.AbortResponse(found=found)
+
+    @grpc_util.rpc
+    def Stats(self, request, context):
+        s = self.worker.stats
+        return prefill_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
+                                               kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
+                                               completed=s["prefills"], pid=os.getpid())
+
+
+def serve(prefiller: Prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, auth_token=None,
+          tls_cert=None, tls_key=None, tls_root_cert=None, transfer_timeout_s: float = 30.0):
+    """Warm up, start the Prefill service; returns (server, port)."""
+    prefiller.prefill([1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
+    worker = PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert), transfer_timeout_s)
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE])
+    server.start()
+    grpc_util.set_health(health, [SERVICE], True)
+    return server, bound

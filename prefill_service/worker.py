@@ -1,0 +1,76 @@
+"""The prefill worker's logic, independent of the transport: compute, then push to a decode worker.
+
+The K/V lives here only between its computation and the end of its transfer, which has a
+deadline; an abort before or during either drops it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from baton.engine import PrefillOutput, Prefiller
+from baton.errors import InvalidArgument, NotFound
+from baton.request import Request
+
+# send(decode_address, request, prefill_output, deadline_s) -> seconds the transfer took
+KVSender = Callable[[str, Request, PrefillOutput, float], float]
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    num_tokens: int
+    kv_bytes: int
+    compute_s: float
+    transfer_s: float
+
+
+class PrefillWorker:
+    def __init__(self, prefiller: Prefiller, max_len: int, send: KVSender, transfer_timeout_s: float = 30.0):
+        self.prefiller, self.max_len, self.send = prefiller, max_len, send
+        self.transfer_timeout_s = transfer_timeout_s
+        self.lock = threading.Lock()          # one prefill at a time on this device
+        self.aborted: dict[str, float] = {}
+        self.active: set[str] = set()
+        self.stats = {"prefills": 0, "tokens": 0, "kv_bytes": 0, "transfer_s": 0.0, "compute_s": 0.0}
+
+    @property
+    def load(self) -> int:
+        return len(self.active)
+
+    def prefill(self, req: Request, decode_address: str) -> PrefillResult:
+        ids = req.all_ids
+        if not ids:
+            raise InvalidArgument("prompt_token_ids must not be empty")
+        if len(ids) >= self.max_len:
+            raise InvalidArgument(f"{len(ids)} tokens do not fit the model context of {self.max_len}")
+        if any(t < 0 or t >= self.prefiller.runner.vocab_size for t in ids):
+            raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})")
+        self.active.add(req.request_id)
+        try:
+            with self.lock:
+                self._check_alive(req.request_id)
+                t = time.monotonic()
+                pre = self.prefiller.prefill(req.prompt_ids, req.params, req.output_ids)
+                compute_s = time.monotonic() - t
+            self._check_alive(req.request_id)
+            transfer_s = self.send(decode_address, req, pre, self.transfer_timeout_s)
+        finally:
+            self.active.discard(req.request_id)
+        kv_bytes = pre.kv.numel() * pre.kv.element_size()
+        for k, v in (("prefills", 1), ("tokens", len(ids)), ("kv_bytes", kv_bytes),
+                     ("transfer_s", transfer_s), ("compute_s", compute_s)):
+            self.stats[k] += v
+        return PrefillResult(pre.token_id, len(ids), kv_bytes, compute_s, transfer_s)
+
+    def abort(self, request_id: str) -> None:
+        now = time.monotonic()
+        self.aborted[request_id] = now
+        for rid in [r for r, t in self.aborted.items() if now - t > 300]:
+            del self.aborted[rid]
+
+    def _check_alive(self, request_id: str) -> None:
+        if request_id in self.aborted:
+            raise NotFound(f"request {request_id!r} was aborted")

@@ -1,0 +1,55 @@
+"""Request limits and validation at the router: every field checked, every message names
+the field and its allowed range."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from baton.errors import InvalidArgument
+from baton.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 4096        # never more than the model's context minus max_new_tokens
+    max_new_tokens: int = 2048
+    max_stop_strings: int = 8
+    max_stop_length: int = 64
+    max_prompt_chars: int = 64 * 1024
+    max_request_id_length: int = 128
+
+
+def validate_sampling(limits: Limits, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                      seed: int | None, stop: list[str], ignore_eos: bool) -> SamplingParams:
+    if not 1 <= max_new_tokens <= limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new_tokens}")
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
+        raise InvalidArgument(f"temperature must be in [0, 100] (0 = greedy), got {temperature}")
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_k <= 1_000_000:
+        raise InvalidArgument(f"top_k must be in [0, 1000000] (0 = off), got {top_k}")
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
+    for s in stop:
+        if not 1 <= len(s) <= limits.max_stop_length:
+            raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}")
+    kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+              stop=tuple(stop), ignore_eos=ignore_eos)
+    if seed is not None:
+        kw["seed"] = seed
+    return SamplingParams(**kw)
+
+
+def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: int) -> None:
+    if num_tokens == 0:
+        raise InvalidArgument("prompt must not be empty")
+    allowed = min(limits.max_prompt_tokens, context - max_new_tokens)
+    if num_tokens > allowed:
+        raise InvalidArgument(f"prompt has {num_tokens} tokens; at most {allowed} allowed "
+                              f"(context {context} minus max_new_tokens {max_new_tokens}, cap {limits.max_prompt_tokens})")
+
+
+def check_request_id(limits: Limits, request_id: str) -> None:
+    if len(request_id) > limits.max_request_id_length or not request_id.isprintable():
+        raise InvalidArgument(f"request_id must be printable and at most {limits.max_request_id_length} characters")

@@ -1,0 +1,82 @@
+"""Run the router as its own process (no Ray needed):
+
+    python -m router --port 50051 --model smollm2
+
+Workers register with it (`python -m prefill_service --router 127.0.0.1:50051`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from baton import grpc_util
+from router.health import RouterHealth
+from router.limits import Limits
+from router.registry import Registry
+from router.server import SERVICE, RouterConfig, RouterServicer
+
+
+def load_tokenizer(model: str):
+    """The tokenizer and context length, without loading weights. (None, ctx) when the model has none."""
+    from transformers import AutoTokenizer
+    from baton.model_loader import smollm2_dir
+    path = smollm2_dir() if model == "smollm2" else Path(model)
+    cfg = json.loads((path / "config.json").read_text())
+    context = int(cfg.get("max_position_embeddings", 2048))
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    return tok, context
+
+
+def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, config: RouterConfig = RouterConfig(),
+                 limits: Limits = Limits(), tls_cert=None, tls_key=None, tls_root_cert=None, scaler=None,
+                 health_period_s: float = 1.0):
+    """Start the Router service; returns (server, bound_port, servicer, health_thread)."""
+    tokenizer, context = load_tokenizer(model)
+    registry = Registry(tls_root_cert=tls_root_cert)
+    servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
+    server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,
+                                          tls_key=tls_key, max_workers=config.max_running + 32)
+    from baton.v1 import router_pb2_grpc
+    router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE])
+    server.start()
+    watcher = RouterHealth(servicer, health, SERVICE, health_period_s)
+    watcher.start()
+    return server, bound, servicer, watcher
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="router", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-root-cert")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
+    server, port, _, watcher = start_router(a.model, a.host, a.port, config=RouterConfig(max_queue=a.max_queue,
+                                            auth_token=a.auth_token), tls_cert=a.tls_cert, tls_key=a.tls_key,
+                                            tls_root_cert=a.tls_root_cert)
+    print(f"BATON_READY role=router address={a.host}:{port} pid={os.getpid()}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    watcher.stopped.set()
+    server.stop(3).wait(4)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

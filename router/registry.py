@@ -1,0 +1,113 @@
+"""The router's view of the workers: who they are, whether they are alive, their load."""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from baton import grpc_util
+from baton.errors import Unavailable
+from baton.v1 import decode_pb2_grpc, prefill_pb2_grpc, router_pb2
+
+log = logging.getLogger(__name__)
+ROLES = ("prefill", "decode")
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    role: str
+    worker_id: str
+    pid: int
+    node: str
+    address: str
+    channel: grpc.Channel
+    stub: object
+    health: health_pb2_grpc.HealthStub
+    alive: bool = True
+    draining: bool = False
+    load: int = 0                     # dispatched and not yet finished, counted at dispatch time
+    stats: dict = field(default_factory=dict)
+
+    def to_pb(self) -> router_pb2.WorkerInfo:
+        s = self.stats
+        return router_pb2.WorkerInfo(
+            role=self.role, worker_id=self.worker_id, pid=self.pid, node=self.node, address=self.address,
+            alive=self.alive, load=self.load, draining=self.draining, running=s.get("running", 0),
+            waiting=s.get("waiting", 0), batch_width=s.get("batch_width", 0), kv_cache_bytes=s.get("kv_cache_bytes", 0))
+
+
+class Registry:
+    def __init__(self, tls_root_cert: str | None = None):
+        self.tls_root_cert = tls_root_cert
+        self.workers: dict[str, WorkerHandle] = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+
+    def register(self, info: router_pb2.WorkerInfo) -> WorkerHandle:
+        if info.role not in ROLES:
+            from baton.errors import InvalidArgument
+            raise InvalidArgument(f"role must be one of {ROLES}, got {info.role!r}")
+        channel = grpc_util.make_channel(info.address, tls_root_cert=self.tls_root_cert)
+        stub_cls = decode_pb2_grpc.DecodeStub if info.role == "decode" else prefill_pb2_grpc.PrefillStub
+        w = WorkerHandle(info.role, info.worker_id, info.pid, info.node, info.address, channel,
+                         stub_cls(channel), health_pb2_grpc.HealthStub(channel))
+        with self.lock:
+            old = self.workers.pop(info.worker_id, None)
+            self.workers[info.worker_id] = w
+            self.changed.notify_all()
+        if old is not None:
+            old.channel.close()
+        log.info("registered %s worker %s at %s (pid %d)", w.role, w.worker_id, w.address, w.pid)
+        return w
+
+    def deregister(self, worker_id: str) -> None:
+        with self.lock:
+            w = self.workers.pop(worker_id, None)
+            self.changed.notify_all()
+        if w is not None:
+            log.info("deregistered %s worker %s", w.role, worker_id)
+
+    def live(self, role: str) -> list[WorkerHandle]:
+        with self.lock:
+            return [w for w in self.workers.values() if w.role == role and w.alive and not w.draining]
+
+    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerHandle:
+        """The least-loaded live worker of a role; its load is counted now (call release())."""
+        with self.lock:
+            cands = [w for w in self.workers.values()
+                     if w.role == role and w.alive and not w.draining and w.worker_id not in exclude]
+            if not cands:
+                raise Unavailable(f"no live {role} worker")
+            w = min(cands, key=lambda w: w.load)
+            w.load += 1
+            return w
+
+    def release(self, w: WorkerHandle) -> None:
+        with self.lock:
+            w.load = max(0, w.load - 1)
+
+    def mark_dead(self, w: WorkerHandle, why: str) -> None:
+        if w.alive:
+            log.warning("%s worker %s (%s) marked dead: %s", w.role, w.worker_id, w.address, why)
+        w.alive = False
+
+    def poll_health(self, timeout_s: float = 1.0) -> None:
+        """Ask every worker's grpc.health.v1; alive == SERVING. A worker that comes back is used again."""
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            try:
+                resp = w.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+                ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as e:
+                ok, why = False, e.code().name
+            else:
+                why = "NOT_SERVING"
+            if ok and not w.alive:
+                log.info("%s worker %s is serving again", w.role, w.worker_id)
+            if not ok:
+                self.mark_dead(w, why)
+            w.alive = ok

@@ -1,0 +1,74 @@
+"""Start baton processes for tests: loopback only, free ports, bounded waits, cleaned up by pid."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict | None = None, ready_timeout: float = 120.0):
+        self.args = args
+        self.p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                                  start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.address = self._wait_ready(ready_timeout)
+
+    def _pump(self) -> None:
+        for line in self.p.stdout:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def _wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.p.poll() is not None:
+                    break
+                continue
+            if line.startswith("BATON_READY"):
+                return dict(kv.split("=", 1) for kv in line.split()[1:])["address"]
+        self.kill()
+        raise RuntimeError(f"{self.args[0]} did not start:\n" + "".join(self.log[-40:]))
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def signal(self, sig: int) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGKILL)
+            self.p.wait(10)
+
+
+def wait_for(pred, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,147 @@
+"""The disaggregated services over loopback: a router, 2 prefill processes, 1 decode process."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+
+import grpc
+import pytest
+import torch
+
+from procs import Proc, wait_for
+from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    procs = []
+    try:
+        router = Proc(["router", "--port", "0", "--model", model_dir, "--max-queue", "64"])
+        procs.append(router)
+        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
+                  "--threads", "1", "--max-batch", "8"]
+        procs += [Proc(["prefill_service", *common]), Proc(["prefill_service", *common]),
+                  Proc(["decode_service", *common])]
+        from router.client import RouterClient
+        client = RouterClient(router.address)
+        wait_for(lambda: _serving(router.address), 60, what="router SERVING")
+        yield {"router": router, "prefill": procs[1:3], "decode": procs[3], "client": client, "model_dir": model_dir}
+        client.close()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _serving(address):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return tiny_llama()
+
+
+def _prompt(rng, n):
+    return [rng.randrange(1, EOS) for _ in range(n)]
+
+
+def test_greedy_over_grpc_equals_generate_and_engine(cluster, ref_model):
+    from baton.engine import Engine
+    from baton.sampling import SamplingParams
+    rng = random.Random(5)
+    prompts = [_prompt(rng, n) for n in (1, 17, 120)]
+    local = Engine(ref_model).generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for p, loc in zip(prompts, local):
+        text, ids, last = cluster["client"].complete(p, max_new_tokens=12, ignore_eos=True)
+        assert ids == reference_greedy(ref_model, p, 12, ignore_eos=True) == loc.output_ids
+        assert last.finish_reason == 1 and last.usage.completion_tokens == 12 and last.usage.prompt_tokens == len(p)
+        assert last.kv_bytes == 2 * 2 * 2 * len(p) * 16 * 8  # layers * (K,V) * kv_heads * P * head_dim * 8 bytes
+        assert last.ttft_s > 0
+
+
+def test_16_concurrent_streams_then_cancel_half(cluster, ref_model):
+    rng = random.Random(9)
+    client = cluster["client"]
+    prompts = [_prompt(rng, rng.randint(1, 60)) for _ in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: client.complete(p, max_new_tokens=10, ignore_eos=True)[1], prompts))
+    for p, ids in zip(prompts, results):
+        assert ids == reference_greedy(ref_model, p, 10, ignore_eos=True)
+
+    before = client.stats()
+    doomed = [client.generate_stream(_prompt(rng, 30), max_new_tokens=900, ignore_eos=True) for _ in range(8)]
+    kept = [client.generate_stream(_prompt(rng, 30), max_new_tokens=100, ignore_eos=True) for _ in range(8)]
+    for c in doomed:
+        next(c)                   # streaming has begun
+        c.cancel()
+    for c in kept:
+        assert sum(len(r.token_ids) for r in c) == 100
+    wait_for(lambda: (s := client.stats()).running == 0 and s.waiting == 0, 20, what="running == waiting == 0")
+    status = client.status()
+    decode = [w for w in status.workers if w.role == "decode"][0]
+    assert decode.running == 0 and decode.waiting == 0
+    after = client.stats()
+    assert after.cancelled - before.cancelled == 8 and after.failed == before.failed
+    assert after.completed - before.completed == 8
+    assert client.complete([3, 4, 5], max_new_tokens=2)[1]  # still serves
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(prompt=""), "prompt must not be empty"),
+    (dict(prompt="   "), "prompt must not be empty"),
+    (dict(prompt_token_ids=[1] * 2000, max_new_tokens=4), "at most"),
+    (dict(prompt_token_ids=[1], max_new_tokens=100000), "max_new_tokens must be in [1,"),
+    (dict(prompt_token_ids=[1], temperature=-1.0), "temperature must be in [0, 100]"),
+    (dict(prompt_token_ids=[1], top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(prompt_token_ids=[1], stop=[""]), "stop string"),
+    (dict(prompt_token_ids=[1], stop=["x"] * 20), "at most 8 stop strings"),
+    (dict(prompt="hello"), "no tokenizer"),
+])
+def test_bad_input_is_invalid_argument(cluster, fields, needle):
+    from baton.v1 import router_pb2
+    with pytest.raises(grpc.RpcError) as e:
+        list(cluster["client"].stub.Generate(router_pb2.GenerateRequest(**fields), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+
+
+def test_malformed_kv_transfer_is_rejected_and_batch_goes_on(cluster, ref_model):
+    from baton.v1 import decode_pb2, decode_pb2_grpc, common_pb2
+    client = cluster["client"]
+    running = client.generate_stream([5, 6, 7], max_new_tokens=300, ignore_eos=True)
+    next(running)
+    stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(cluster["decode"].address))
+    params = common_pb2.SamplingParams(max_new_tokens=4)
+
+    def transfer(shape, dtype="float64", nbytes=None, data=None, tokens=3, rid="bad"):
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * 8 if nbytes is None else nbytes
+        header = decode_pb2.KVHeader(request_id=rid, prompt_token_ids=list(range(1, tokens + 1)), next_token=1,
+                                     params=params, dtype=dtype, shape=shape, nbytes=nbytes)
+        chunks = [decode_pb2.KVChunk(header=header)] + [decode_pb2.KVChunk(data=d) for d in (data or [b"\0" * nbytes])]
+        return stub.TransferKV(iter(chunks), timeout=10)
+
+    cases = [([3, 2, 2, 3, 16], {}, "shape"),                       # wrong layer count
+             ([2, 2, 2, 3, 8], {}, "shape"),                        # wrong head_dim
+             ([2, 2, 2, 3, 16], {"dtype": "float32", "nbytes": 2 * 2 * 2 * 3 * 16 * 4}, "dtype"),
+             ([2, 2, 2, 4, 16], {}, "tokens"),                      # K/V length != prompt length
+             ([2, 2, 2, 3, 16], {"data": [b"\0" * 10]}, "truncated"),
+             ([2, 2, 2, 3, 16], {"data": [b"\0" * (2 * 2 * 2 * 3 * 16 * 8 + 1)]}, "more"),
+             ([2, 2, 2, 3, 16], {"dtype": "int8"}, "dtype"),
+             ([2, 2, 2, 3, 16], {"rid": ""}, "request_id")]
+    for shape, kw, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            transfer(shape, **kw)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, kw, e.value.details())
+        assert needle in e.value.details()
+    assert sum(len(r.token_ids) for r in running) == 299  # the running batch went on untouched
