@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import uuid
 
@@ -39,7 +40,75 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("up", help="serve: router + prefill and decode workers on Ray")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=50051)
+    _add_model_args(u)
+    u.add_argument("--prefill-workers", type=int, default=1)
+    u.add_argument("--decode-workers", type=int, default=1)
+    u.add_argument("--max-batch", type=int, default=32)
+    u.add_argument("--max-queue", type=int, default=256)
+    u.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
+    u.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible HTTP API")
+    u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
+    u.add_argument("--tls-cert")
+    u.add_argument("--tls-key")
+    u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates")
+    u.set_defaults(func=cmd_up)
+
+    for name, helptext in (("status", "workers, queue and batch sizes"), ("scale", "resize a worker pool")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--router", default="127.0.0.1:50051")
+        c.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+            c.set_defaults(func=cmd_status)
+        else:
+            c.add_argument("role", choices=["prefill", "decode"])
+            c.add_argument("count", type=int)
+            c.set_defaults(func=cmd_scale)
     return parser
+
+
+def cmd_up(args) -> int:
+    from deploy.up import up
+    return up(args)
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from router.client import RouterClient
+    with RouterClient(args.router, auth_token=args.auth_token) as c:
+        st = c.status()
+    if args.json:
+        print(json.dumps(MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
+        return 0
+    s = st.stats
+    print(f"model {st.model}: {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}); "
+          f"completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
+    print(f"{'role':8} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5}")
+    for w in st.workers:
+        print(f"{w.role:8} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
+              f"{w.running:>5} {w.batch_width:>5}")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    import grpc
+
+    from router.client import RouterClient
+    try:
+        with RouterClient(args.router, auth_token=args.auth_token) as c:
+            print(f"{args.role} workers: {c.scale(args.role, args.count)}")
+        return 0
+    except grpc.RpcError as e:
+        print(f"baton: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
 
 
 def _sampling(args):

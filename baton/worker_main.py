@@ -97,8 +97,9 @@ class Worker:
             except Exception:
                 pass  # the router may be gone already
 
-    def stop(self, grace: float = 3.0) -> None:
-        self.deregister()
+    def stop(self, grace: float = 3.0, deregister: bool = True) -> None:
+        if deregister:
+            self.deregister()
         self.server.stop(grace).wait(grace + 1)
         if self.loop is not None:
             self.loop.stop()

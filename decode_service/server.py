@@ -119,6 +119,7 @@ def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_toke
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
     server.start()
+    grpc_util.set_health(health, [SERVICE], loop.alive)
     watchdog = Watchdog(worker, health)
     watchdog.start()
     return server, bound, watchdog

@@ -212,6 +212,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             except grpc.RpcError as e:
                 if not context.is_active():
                     raise Cancelled("client went away") from None
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS and tried:
+                    return prefill_pb2.PrefillResponse()  # a failed worker's transfer had landed after all
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION or e.code() not in WORKER_FAILURE:
                     raise  # the decode side refused it, or a bad request: not this prefill worker's fault
                 if "decode worker" in (e.details() or ""):

@@ -1,0 +1,1 @@
+"""Ray deployment: workers as actors on a local or existing cluster, scaled per role."""

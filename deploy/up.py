@@ -1,0 +1,71 @@
+"""`baton up`: start (or join) Ray, the router, and the worker pools; stop them all on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+def _init_ray(address: str | None, workers: int) -> None:
+    import ray
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs: one per worker actor; each worker sets its own torch threads.
+        ray.init(num_cpus=max(workers + 2, os.cpu_count() or 2), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
+def up(args) -> int:
+    import ray
+
+    from deploy.cluster import Deployment
+    from router.main import start_router
+    from router.server import RouterConfig
+
+    t0 = time.monotonic()
+    print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
+    _init_ray(args.address, args.prefill_workers + args.decode_workers)
+    holder = {}
+    config = RouterConfig(max_queue=args.max_queue, auth_token=args.auth_token)
+    server, port, servicer, watcher = start_router(
+        args.model, args.host, args.port, config=config, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_root_cert=args.tls_root_cert, scaler=lambda role, n: holder["deployment"].scale(role, n))
+    router_address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
+    deployment = holder["deployment"] = Deployment(args, router_address, servicer.registry)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    gateway = None
+    try:
+        print(f"baton: starting {args.prefill_workers} prefill and {args.decode_workers} decode workers "
+              f"({'GPU' if deployment.gpus else 'CPU'})...", file=sys.stderr, flush=True)
+        deployment.scale("prefill", args.prefill_workers)
+        deployment.scale("decode", args.decode_workers)
+        while not watcher.serving and not done.wait(0.2):
+            pass
+        if args.http_port:
+            from router.http_gateway import start_gateway
+            gateway = start_gateway(router_address, args.host, args.http_port, auth_token=args.auth_token)
+        if not done.is_set():
+            print(f"baton: serving {args.model} on {args.host}:{port} "
+                  f"(ready in {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+            print(f"BATON_READY role=up address={args.host}:{port} pid={os.getpid()}", flush=True)
+        done.wait()
+    finally:
+        t = time.monotonic()
+        print("baton: shutting down...", file=sys.stderr, flush=True)
+        watcher.stopped.set()
+        stopped = server.stop(1)  # in-flight streams get 1 s, then fail
+        if gateway is not None:
+            gateway.stop()
+        deployment.shutdown()
+        ray.shutdown()
+        stopped.wait(1)
+        print(f"baton: stopped in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    return 0
