@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from procs import Proc, wait_for
+from baton.procs import Proc, wait_for
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 

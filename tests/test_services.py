@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from procs import Proc, wait_for
+from baton.procs import Proc, wait_for
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 

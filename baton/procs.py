@@ -1,4 +1,4 @@
-"""Start baton processes for tests: loopback only, free ports, bounded waits, cleaned up by pid."""
+"""Start baton processes (tests, benchmark): loopback only, free ports, bounded waits, cleaned up by pid."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,75 @@
+"""`baton_grpc`: the workload through a router and separate prefill and decode worker
+processes over gRPC (loopback), each query a client stream opened at its arrival time."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from baton.bench.systems import RunResult
+from baton.procs import Proc, wait_for
+
+
+class BatonGrpcSystem:
+    name = "baton_grpc"
+
+    def __init__(self, model_name: str, dtype: str, max_batch: int, prefill_threads: int = 1,
+                 decode_threads: int | None = None):
+        self.model_name, self.dtype, self.max_batch = model_name, dtype, max_batch
+        self.prefill_threads = prefill_threads
+        self.decode_threads = decode_threads or max(1, (os.cpu_count() or 2))
+
+    def run(self, queries, progress=None) -> RunResult:
+        from router.client import RouterClient
+        procs = []
+        try:
+            router = Proc(["router", "--port", "0", "--model", self.model_name, "--max-queue", "100000",
+                           "--log-level", "WARNING"])
+            procs.append(router)
+            common = ["--port", "0", "--model", self.model_name, "--dtype", self.dtype, "--router", router.address,
+                      "--max-batch", str(self.max_batch), "--max-queue", "100000", "--log-level", "WARNING"]
+            procs.append(Proc(["prefill_service", *common, "--threads", str(self.prefill_threads)]))
+            procs.append(Proc(["decode_service", *common, "--threads", str(self.decode_threads)]))
+            client = RouterClient(router.address)
+            wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 60, what="workers")
+            client.complete([1, 2, 3], max_new_tokens=2)  # warm: the first request pays for lazy set-up
+            return self._replay(client, queries, progress)
+        finally:
+            for p in procs:
+                p.stop()
+
+    def _replay(self, client, queries, progress) -> RunResult:
+        times: dict[int, list[float]] = {q.index: [] for q in queries}
+        kv = {"bytes": 0, "seconds": 0.0}
+        errors: list[str] = []
+        done = [0]
+        lock = threading.Lock()
+        start = time.monotonic()
+
+        def one(q):
+            delay = q.arrival_s - (time.monotonic() - start)
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                for r in client.generate(list(q.prompt_ids), max_new_tokens=q.max_new_tokens, ignore_eos=True,
+                                         seed=q.index, timeout=3600):
+                    now = time.monotonic()
+                    times[q.index].extend([now] * len(r.token_ids))
+                    if r.finish_reason:
+                        with lock:
+                            kv["bytes"] += r.kv_bytes
+                            kv["seconds"] += r.kv_transfer_s
+            except Exception as e:
+                errors.append(repr(e))
+            with lock:
+                done[0] += 1
+                if progress:
+                    progress(self.name, done[0], len(queries))
+        threads = [threading.Thread(target=one, args=(q,), daemon=True) for q in queries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"{len(errors)} baton_grpc requests failed, e.g. {errors[0]}")
+        return RunResult(times, start, 0.0, {"kv_transfer_bytes": kv["bytes"], "kv_transfer_s": kv["seconds"]})
