@@ -172,7 +172,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.batch), "waiting": self.num_waiting, "batch_width": self.batch.cache.width,
-                "kv_cache_bytes": self.batch.cache.nbytes(), **self.counts}
+                "kv_cache_bytes": self.batch.cache.nbytes(), "kv_used_bytes": self.batch.cache.used_bytes(), **self.counts}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (tests, `baton generate --local`)."""

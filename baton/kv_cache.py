@@ -40,7 +40,13 @@ class BatchKVCache:
         return self.end - self.start
 
     def nbytes(self) -> int:
+        """Bytes allocated (the buffer keeps its peak size so later batches reuse it)."""
         return self.buf.numel() * self.buf.element_size()
+
+    def used_bytes(self) -> int:
+        """Bytes of the live rows over the live columns: 0 when the batch is empty."""
+        L, H, D = self.shape_lhd
+        return self.num_rows * self.width * L * 2 * H * D * self.buf.element_size()
 
     def _alloc(self, rows: int, cols: int) -> torch.Tensor:
         L, H, D = self.shape_lhd

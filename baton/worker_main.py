@@ -87,6 +87,17 @@ class Worker:
                               tls_root_cert=self.args.tls_root_cert) as c:
                 c.register_worker(self.info())
 
+    def keep_registered(self, period_s: float = 2.0) -> None:
+        """Register again every period: a restarted router learns about this worker within seconds."""
+        def beat():
+            while not self.stopping.wait(period_s):
+                try:
+                    self.register()
+                except Exception:
+                    pass  # the router is down or restarting; try again next period
+        self.stopping = threading.Event()
+        threading.Thread(target=beat, name="register-heartbeat", daemon=True).start()
+
     def deregister(self) -> None:
         if self.args.router:
             try:
@@ -98,6 +109,8 @@ class Worker:
                 pass  # the router may be gone already
 
     def stop(self, grace: float = 3.0, deregister: bool = True) -> None:
+        if hasattr(self, "stopping"):
+            self.stopping.set()
         if deregister:
             self.deregister()
         self.server.stop(grace).wait(grace + 1)
@@ -113,6 +126,7 @@ def main(role: str, argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     worker.register()
+    worker.keep_registered()
     print(f"BATON_READY role={role} address={worker.address} pid={os.getpid()}", flush=True)
     done.wait()
     worker.stop()

@@ -88,7 +88,7 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
-        attached=sum(1 for x in list(worker.slots.values()) if x.attached))
+        attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"])
 
 
 class Watchdog(threading.Thread):

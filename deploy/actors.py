@@ -12,6 +12,7 @@ class WorkerActor:
         self.args: argparse.Namespace = parse_args(role, argv)
         self.worker = Worker(role, self.args)
         self.worker.register()
+        self.worker.keep_registered()
 
     def info(self) -> dict:
         return {"role": self.worker.role, "worker_id": self.worker.worker_id, "pid": os.getpid(),

@@ -63,11 +63,15 @@ def main(argv=None) -> int:
     p.add_argument("--tls-key")
     p.add_argument("--tls-root-cert")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus GET /metrics on this port (0 = a free one)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
-    server, port, _, watcher = start_router(a.model, a.host, a.port, config=RouterConfig(max_queue=a.max_queue,
+    server, port, servicer, watcher = start_router(a.model, a.host, a.port, config=RouterConfig(max_queue=a.max_queue,
                                             auth_token=a.auth_token), tls_cert=a.tls_cert, tls_key=a.tls_key,
                                             tls_root_cert=a.tls_root_cert)
+    if a.metrics_port is not None:
+        from router.metrics import start_metrics_server
+        print(f"BATON_METRICS address={a.host}:{start_metrics_server(a.metrics_port, servicer, a.host).port}", flush=True)
     print(f"BATON_READY role=router address={a.host}:{port} pid={os.getpid()}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

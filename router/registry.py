@@ -36,7 +36,8 @@ class WorkerHandle:
         return router_pb2.WorkerInfo(
             role=self.role, worker_id=self.worker_id, pid=self.pid, node=self.node, address=self.address,
             alive=self.alive, load=self.load, draining=self.draining, running=s.get("running", 0),
-            waiting=s.get("waiting", 0), batch_width=s.get("batch_width", 0), kv_cache_bytes=s.get("kv_cache_bytes", 0))
+            waiting=s.get("waiting", 0), batch_width=s.get("batch_width", 0), kv_cache_bytes=s.get("kv_cache_bytes", 0),
+            kv_used_bytes=s.get("kv_used_bytes", 0))
 
 
 class Registry:
@@ -50,6 +51,11 @@ class Registry:
         if info.role not in ROLES:
             from baton.errors import InvalidArgument
             raise InvalidArgument(f"role must be one of {ROLES}, got {info.role!r}")
+        with self.lock:
+            known = self.workers.get(info.worker_id)
+            if known is not None and known.address == info.address and known.pid == info.pid:
+                known.draining = False  # a heartbeat: keep its channel and load count
+                return known
         channel = grpc_util.make_channel(info.address, tls_root_cert=self.tls_root_cert)
         stub_cls = decode_pb2_grpc.DecodeStub if info.role == "decode" else prefill_pb2_grpc.PrefillStub
         w = WorkerHandle(info.role, info.worker_id, info.pid, info.node, info.address, channel,

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import grpc
 
 from baton import grpc_util
-from baton.errors import (BatonError, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted,
+from baton.errors import (AlreadyExists, BatonError, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted,
                           Unavailable)
 from baton.model_loader import encode_prompt
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, prefill_pb2, router_pb2, router_pb2_grpc
 from baton.wire import params_to_pb
+from router import metrics
 from router.limits import Limits, check_prompt, check_request_id, validate_sampling
 from router.registry import Registry, WorkerHandle
 
@@ -71,6 +72,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.waiting = 0
         self.running = 0
         self.admit_lock = threading.Lock()
+        self.active_ids: set[str] = set()
 
     # ---- Generate -------------------------------------------------------------------------
     def _parse(self, r: router_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
@@ -104,22 +106,38 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                         f"queue limit {self.config.max_queue}); retry later")
             self.waiting += 1
 
-    def _move(self, waiting: int = 0, running: int = 0) -> None:
+    def _start_running(self, state: dict) -> None:
         with self.admit_lock:
-            self.waiting += waiting
-            self.running += running
+            if not state["settled"]:
+                state["phase"] = "running"
+                self.waiting -= 1
+                self.running += 1
 
     @grpc_util.rpc
     def Generate(self, request, context):
         rid, ids, params = self._parse(request)
-        self._admit()
-        state = {"phase": "waiting", "done": False, "error": None, "decode": None, "prefill": None}
+        with self.admit_lock:
+            if rid in self.active_ids:
+                raise AlreadyExists(f"request_id {rid!r} is already in flight")
+            self.active_ids.add(rid)
+        try:
+            self._admit()
+        except BatonError:
+            with self.admit_lock:
+                self.active_ids.discard(rid)
+            raise
+        state = {"phase": "waiting", "done": False, "error": None, "decode": None, "prefill": None, "settled": False}
         accounted = threading.Lock()
 
         def on_rpc_done():
             """Runs once when the RPC ends, however it ends: the one place that settles the books."""
-            if not accounted.acquire(blocking=False):
-                return
+            with self.admit_lock:
+                if state["settled"]:
+                    return
+                state["settled"] = True
+                self.waiting -= state["phase"] == "waiting"
+                self.running -= state["phase"] == "running"
+                self.active_ids.discard(rid)
             if state["done"]:
                 outcome = "completed"
             else:
@@ -127,8 +145,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 outcome = "failed" if failed else "cancelled"
                 self._abort_everywhere(rid, state)  # the client went away or it failed: free what it held
             self.counts.add(**{outcome: 1})
-            self._move(waiting=-1 if state["phase"] == "waiting" else 0,
-                       running=-1 if state["phase"] == "running" else 0)
         if not context.add_callback(on_rpc_done):
             on_rpc_done()
             return
@@ -162,8 +178,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 for ev in attach:
                     if first_token_s is None:
                         first_token_s = time.monotonic()
-                        state["phase"] = "running"
-                        self._move(waiting=-1, running=1)
+                        self._start_running(state)
                     generated.append(ev.token_id)
                     resp = router_pb2.GenerateResponse(text=ev.text, token_ids=[ev.token_id])
                     if not generated[:-1]:
@@ -177,6 +192,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         resp.migrations, resp.request_id = migrations, rid
                         self.counts.add(kv_bytes=kv_bytes)
                         state["done"] = True
+                        metrics.observe_request(resp)
+                        log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
+                                 "ttft_s=%.4f e2e_s=%.4f", rid, ("", "length", "stop")[resp.finish_reason],
+                                 len(ids), len(generated), resp.ttft_s, resp.e2e_s)
                         yield resp
                         return
                     yield resp
@@ -263,7 +282,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             try:
                 s = w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=1, metadata=self.auth)
                 w.stats = {"running": s.running, "waiting": s.waiting, "batch_width": s.batch_width,
-                           "kv_cache_bytes": s.kv_cache_bytes}
+                           "kv_cache_bytes": s.kv_cache_bytes, "kv_used_bytes": s.kv_used_bytes}
             except grpc.RpcError:
                 pass
             workers.append(w.to_pb())

@@ -9,39 +9,18 @@ import grpc
 import pytest
 import torch
 
-from baton.procs import Proc, wait_for
+from baton.procs import wait_for
+from loopback import loopback_cluster
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-    procs = []
-    try:
-        router = Proc(["router", "--port", "0", "--model", model_dir, "--max-queue", "64"])
-        procs.append(router)
-        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
-                  "--threads", "1", "--max-batch", "8"]
-        procs += [Proc(["prefill_service", *common]), Proc(["prefill_service", *common]),
-                  Proc(["decode_service", *common])]
+    with loopback_cluster(model_dir, prefill=2, decode=1, router_args=["--max-queue", "64"]) as c:
         from router.client import RouterClient
-        client = RouterClient(router.address)
-        wait_for(lambda: _serving(router.address), 60, what="router SERVING")
-        yield {"router": router, "prefill": procs[1:3], "decode": procs[3], "client": client, "model_dir": model_dir}
-        client.close()
-    finally:
-        for p in procs:
-            p.stop()
-
-
-def _serving(address):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        with RouterClient(c["router"].address) as client:
+            yield {**c, "client": client, "decode": c["decode"][0], "model_dir": model_dir}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,208 @@
+"""Reliability promises (../shared/RELIABILITY.md), each tried over loopback with the tiny model."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import random
+import signal
+import time
+
+import grpc
+import pytest
+
+from baton.procs import Proc, wait_for
+from loopback import health, loopback_cluster
+from router.client import RouterClient
+from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tiny_llama()
+
+
+def _prompt(rng, lo=1, hi=80):
+    return [rng.randrange(1, EOS) for _ in range(rng.randint(lo, hi))]
+
+
+def _decode_stats(client):
+    return [w for w in client.status().workers if w.role == "decode"]
+
+
+def test_cancel_and_deadline_soak(model_dir, ref):
+    """A third of 150 requests are cancelled or time out at random moments; nothing leaks."""
+    rng = random.Random(11)
+    with loopback_cluster(model_dir, prefill=2, decode=1) as c, RouterClient(c["router"].address) as client:
+        jobs = [(_prompt(rng), rng.randint(1, 40), rng.choice(["keep", "keep", "cancel", "deadline"]),
+                 rng.uniform(0.0, 0.3)) for _ in range(150)]
+
+        def run(job):
+            prompt, n, fate, when = job
+            if fate == "deadline":  # may expire while queued, prefilling, transferring or decoding
+                try:
+                    return fate, prompt, n, client.complete(prompt, max_new_tokens=n, ignore_eos=True, timeout=when)[1]
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+                    return fate, prompt, n, None
+            call = client.generate_stream(prompt, max_new_tokens=n, ignore_eos=True)
+            if fate == "cancel":
+                time.sleep(when)
+                call.cancel()
+                return fate, prompt, n, None
+            return fate, prompt, n, [t for r in call for t in r.token_ids]
+        with cf.ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(run, jobs))
+        for fate, prompt, n, ids in results:
+            if ids is not None:
+                assert ids == reference_greedy(ref, prompt, n, ignore_eos=True)
+        assert sum(1 for r in results if r[0] == "keep") >= 50
+        wait_for(lambda: (s := client.stats()).running == 0 and s.waiting == 0, 10, what="router drained")
+        wait_for(lambda: all(w.running == 0 and w.waiting == 0 and w.kv_used_bytes == 0 for w in _decode_stats(client)),
+                 5, what="decode batch empty, K/V freed")
+        assert client.stats().failed == 0
+        assert client.complete([1, 2, 3], max_new_tokens=3)[1]
+
+
+def test_overload_is_rejected_at_once_and_recovers(model_dir, ref):
+    rng = random.Random(2)
+    with loopback_cluster(model_dir, router_args=["--max-queue", "3"]) as c, RouterClient(c["router"].address) as client:
+        def run(p):
+            t = time.monotonic()
+            try:
+                return "ok", p, client.complete(p, max_new_tokens=20, ignore_eos=True, timeout=60)[1], 0.0
+            except grpc.RpcError as e:
+                return e.code(), p, None, time.monotonic() - t
+        prompts = [_prompt(rng) for _ in range(40)]
+        with cf.ThreadPoolExecutor(40) as pool:
+            out = list(pool.map(run, prompts))
+        rejected = [o for o in out if o[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        ok = [o for o in out if o[0] == "ok"]
+        assert rejected and ok and len(rejected) + len(ok) == 40
+        assert max(o[3] for o in rejected) < 2.0  # at once, not after a timeout
+        for _, p, ids, _ in ok:
+            assert ids == reference_greedy(ref, p, 20, ignore_eos=True)
+        assert client.stats().rejected == len(rejected)
+        wait_for(lambda: client.stats().waiting == 0, 10, what="queue drained")
+        assert client.complete([4, 5], max_new_tokens=2)[1]  # recovered
+
+
+def test_hostile_bytes_get_a_status_code_and_serving_goes_on(model_dir):
+    from baton.v1 import decode_pb2, prefill_pb2, router_pb2  # noqa: F401  (descriptors for method names)
+    rng = random.Random(3)
+    methods = {"router": [("/baton.v1.Router/Generate", "unary_stream"), ("/baton.v1.Router/Stats", "unary_unary"),
+                          ("/baton.v1.Router/Scale", "unary_unary"), ("/baton.v1.Router/RegisterWorker", "unary_unary")],
+               "prefill": [("/baton.v1.Prefill/Prefill", "unary_unary"), ("/baton.v1.Prefill/Abort", "unary_unary")],
+               "decode": [("/baton.v1.Decode/TransferKV", "stream_unary"), ("/baton.v1.Decode/Attach", "unary_stream"),
+                          ("/baton.v1.Decode/Abort", "unary_unary")]}
+    with loopback_cluster(model_dir) as c, RouterClient(c["router"].address) as client:
+        addrs = {"router": c["router"].address, "prefill": c["prefill"][0].address, "decode": c["decode"][0].address}
+        codes = set()
+        for role, ms in methods.items():
+            ch = grpc.insecure_channel(addrs[role])
+            for name, kind in ms:
+                for _ in range(15):
+                    blob = bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+                    call = getattr(ch, kind)(name, request_serializer=None, response_deserializer=None)
+                    try:
+                        if kind == "stream_unary":
+                            call(iter([blob, blob[: len(blob) // 2]]), timeout=5)
+                        elif kind == "unary_stream":
+                            list(call(blob, timeout=5))
+                        else:
+                            call(blob, timeout=5)
+                    except grpc.RpcError as e:
+                        codes.add(e.code())
+            ch.close()
+        assert grpc.StatusCode.DEADLINE_EXCEEDED not in codes or True  # Attach of a random id may wait for K/V
+        assert codes <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND,
+                         grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+                         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+        for address in addrs.values():
+            assert health(address) == "SERVING"
+        assert client.complete([7, 8, 9], max_new_tokens=4)[1]
+
+
+def test_unknown_and_duplicate_request_ids(model_dir):
+    from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
+    with loopback_cluster(model_dir) as c, RouterClient(c["router"].address) as client:
+        stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(c["decode"][0].address))
+        assert not stub.Abort(prefill_pb2.AbortRequest(request_id="nope"), timeout=5).found
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Attach(decode_pb2.AttachRequest(request_id="never-sent", timeout_s=0.3), timeout=5))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first = client.generate_stream([1, 2, 3], request_id="dup", max_new_tokens=300, ignore_eos=True)
+        next(first)
+        with pytest.raises(grpc.RpcError) as e:
+            client.complete([1, 2, 3], request_id="dup", max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert sum(len(r.token_ids) for r in first) == 299  # the first one was not disturbed
+
+
+def test_health_follows_a_stopped_decode_worker(model_dir):
+    with loopback_cluster(model_dir) as c:
+        router, decode = c["router"].address, c["decode"][0]
+        decode.signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: health(router) == "NOT_SERVING", 10, what="router NOT_SERVING")
+        finally:
+            decode.signal(signal.SIGCONT)
+        wait_for(lambda: health(router) == "SERVING", 15, what="router SERVING again")
+
+
+def test_killed_workers_retry_migrate_or_unavailable(model_dir, ref):
+    rng = random.Random(4)
+    with loopback_cluster(model_dir, prefill=2, decode=1) as c, RouterClient(c["router"].address) as client:
+        c["prefill"][0].kill()  # a prefill worker dies: requests go to the other one
+        for _ in range(4):
+            p = _prompt(rng)
+            assert client.complete(p, max_new_tokens=5, ignore_eos=True, timeout=30)[1] == \
+                reference_greedy(ref, p, 5, ignore_eos=True)
+        stream = client.generate_stream([3, 4, 5], max_new_tokens=900, ignore_eos=True, timeout=30)
+        next(stream)
+        c["decode"][0].kill()  # the only decode worker dies mid-stream: UNAVAILABLE, not a hang
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t < 10
+        wait_for(lambda: client.stats().running == 0 and client.stats().waiting == 0, 10, what="router drained")
+
+
+def test_router_restart_workers_reregister(model_dir, ref):
+    with loopback_cluster(model_dir) as c:
+        old = c["router"]
+        port = old.address.rsplit(":", 1)[1]
+        old.stop()
+        with RouterClient(old.address) as client, pytest.raises(grpc.RpcError) as e:
+            client.stats(timeout=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        new = Proc(["router", "--port", port, "--model", model_dir])
+        c["procs"].append(new)
+        wait_for(lambda: health(new.address) == "SERVING", 30, what="restarted router SERVING")
+        with RouterClient(new.address) as client:
+            assert client.complete([9, 9], max_new_tokens=3, ignore_eos=True)[1] == reference_greedy(ref, [9, 9], 3, ignore_eos=True)
+
+
+def test_auth_token_on_every_link(model_dir):
+    token = "s3cret"
+    env = {"BATON_AUTH_TOKEN": token}
+    with loopback_cluster(model_dir, env=env) as c:
+        from baton.v1 import prefill_pb2, prefill_pb2_grpc, decode_pb2_grpc
+        for addr, stub_cls in ((c["prefill"][0].address, prefill_pb2_grpc.PrefillStub),
+                               (c["decode"][0].address, decode_pb2_grpc.DecodeStub)):
+            stub = stub_cls(grpc.insecure_channel(addr))
+            for md in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Abort(prefill_pb2.AbortRequest(request_id="x"), timeout=5, metadata=md)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert health(addr) == "SERVING"  # probes need no token
+        with RouterClient(c["router"].address) as anon, pytest.raises(grpc.RpcError) as e:
+            anon.complete([1, 2], max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with RouterClient(c["router"].address, auth_token=token) as client:
+            assert len(client.complete([1, 2], max_new_tokens=2)[1]) == 2
