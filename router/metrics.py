@@ -15,6 +15,7 @@ scrape time from a live source:
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -46,22 +47,33 @@ GENERATED = Counter("baton_generated_tokens", "Completion tokens of finished req
 FINISHED = Counter("baton_finished_requests", "Finished requests by finish reason (length, stop).",
                    ["finish_reason"], registry=REGISTRY)
 
+HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
+                        ["endpoint", "code"], registry=REGISTRY)
+
 _FINISH = {1: "length", 2: "stop"}
 _lock = threading.Lock()
-_router_in_process = False
+_seen_by_router: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent request ids
+_SEEN_MAX = 8192
 
 
 def observe_request(last, source: str = "router") -> None:
     """Record one finished request from its last GenerateResponse (usage, ttft_s, e2e_s, kv_*).
 
     The router calls it in-process just before it sends that response. The HTTP gateway calls it
-    with source="gateway" for the responses it relays; that is ignored when a router in this
-    same process already observes (it always observes first), so nothing is counted twice."""
-    global _router_in_process
-    if source == "router":
-        _router_in_process = True
-    elif _router_in_process:
-        return
+    with source="gateway" for each last response it relays; that is skipped when a router in this
+    same process has already observed that request id (it always observes first), so a gateway
+    and a router sharing a process (`baton up --http-port`) count each request once, and a gateway
+    in a process of its own still fills the histograms."""
+    rid = getattr(last, "request_id", "")
+    with _lock:
+        if source == "router":
+            if rid:
+                _seen_by_router[rid] = None
+                while len(_seen_by_router) > _SEEN_MAX:
+                    _seen_by_router.popitem(last=False)
+        elif rid and rid in _seen_by_router:
+            del _seen_by_router[rid]
+            return
     try:
         completion = int(last.usage.completion_tokens)
         ttft, e2e = float(last.ttft_s), float(last.e2e_s)
