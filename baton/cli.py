@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates")
     u.set_defaults(func=cmd_up)
 
+    sub.add_parser("bench", help="the benchmark (see baton bench --help)", add_help=False)
+
     for name, helptext in (("status", "workers, queue and batch sizes"), ("scale", "resize a worker pool")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--router", default="127.0.0.1:50051")
@@ -150,6 +152,10 @@ def cmd_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: many options
+        from baton.bench.run import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args) or 0

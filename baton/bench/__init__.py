@@ -1,0 +1,1 @@
+"""`baton bench`: one workload through seven batching systems, side by side."""
