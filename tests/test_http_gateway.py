@@ -84,6 +84,25 @@ def test_completions_greedy_equals_grpc_and_generate(env, ref_model):
     assert r.usage.prompt_tokens == 23 and r.usage.completion_tokens == 11
 
 
+def test_concurrent_requests_each_equal_generate(env, ref_model):
+    import concurrent.futures as cf
+    rng = random.Random(8)
+    prompts = [[rng.randrange(3, EOS) for _ in range(rng.randint(1, 40))] for _ in range(12)]
+
+    def one(i):
+        p = prompts[i]
+        body = dict(model="model", prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True,
+                                                                                         "return_token_ids": True})
+        if i % 2:   # half of them streamed
+            chunks = list(env["oa"].completions.create(stream=True, **body))
+            return [t for c in chunks for t in (c.choices[0].model_extra.get("token_ids") or [])]
+        return env["oa"].completions.create(**body).choices[0].model_extra["token_ids"]
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    for p, ids in zip(prompts, results):
+        assert ids == reference_greedy(ref_model, p, 8, ignore_eos=True)
+
+
 def test_completions_stream(env):
     oa, prompt = env["oa"], _words(random.Random(4), 5)
     full = oa.completions.create(model="model", prompt=prompt, max_tokens=12, temperature=0,
