@@ -1,0 +1,49 @@
+"""TLS on every link: router, prefill and decode serve TLS; every client verifies with the CA."""
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from baton.procs import Proc, wait_for
+from router.client import RouterClient
+from tiny_model import reference_greedy, save_tiny, tiny_llama
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+def _self_signed(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_tls_everywhere(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    model_dir = save_tiny(tmp_path / "model")
+    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-root-cert", cert]
+    procs = []
+    try:
+        router = Proc(["router", "--port", "0", "--model", model_dir, *tls])
+        procs.append(router)
+        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address, "--threads", "1", *tls]
+        procs += [Proc(["prefill_service", *common]), Proc(["decode_service", *common])]
+        with RouterClient(router.address, tls_root_cert=cert) as client:
+            wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 30, what="workers")
+            ids = wait_for(lambda: _try(client), 30, what="a generation over TLS")
+            assert ids == reference_greedy(tiny_llama(), [4, 5, 6], 6, ignore_eos=True)
+        with RouterClient(router.address) as plaintext, pytest.raises(grpc.RpcError) as e:
+            plaintext.stats(timeout=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext side door
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _try(client):
+    try:
+        return client.complete([4, 5, 6], max_new_tokens=6, ignore_eos=True, timeout=10)[1]
+    except grpc.RpcError:
+        return None
