@@ -29,7 +29,7 @@ def _drive(tiny, make_step, remove, max_rows=4, n=10, seed=0):
 
 
 def test_padded_prefill_equals_generate(tiny):
-    pr = PaddedPrefillRunner(ModelRunner(tiny.model), max_rows=4, max_cols=2048)
+    pr = PaddedPrefillRunner(ModelRunner(tiny.model), max_rows=4, cols=16)  # small: growth is exercised
 
     def step(rows, newcomers, queries, out):
         return pr.step([[out[q][-1]] for q in rows] + [queries[q][0] for q in newcomers])

@@ -19,10 +19,10 @@ from baton.model_runner import ModelRunner
 class PaddedPrefillRunner:
     """One left-padded batch with a per-column validity mask (rows may have holes)."""
 
-    def __init__(self, runner: ModelRunner, max_rows: int, max_cols: int):
+    def __init__(self, runner: ModelRunner, max_rows: int, cols: int = 256):
         r = self.r = runner
-        self.kv = torch.zeros(r.num_layers, 2, max_rows, r.num_kv_heads, max_cols, r.head_dim, dtype=r.dtype, device=r.device)
-        self.valid = torch.zeros(max_rows, max_cols, dtype=torch.bool, device=r.device)
+        self.kv = torch.zeros(r.num_layers, 2, max_rows, r.num_kv_heads, cols, r.head_dim, dtype=r.dtype, device=r.device)
+        self.valid = torch.zeros(max_rows, cols, dtype=torch.bool, device=r.device)
         self.lens: list[int] = []      # real tokens per row
         self.cols = 0                  # columns in use
         self.computed = self.useful = 0  # token slots computed vs real (idle fraction)
@@ -45,6 +45,14 @@ class PaddedPrefillRunner:
             self.cols = 0
         return moved
 
+    def _grow(self, cols: int) -> None:
+        """Geometric growth (amortised O(1) per column), as the BATON cache does."""
+        kv = torch.zeros(*self.kv.shape[:4], cols, self.kv.shape[5], dtype=self.kv.dtype, device=self.kv.device)
+        kv[..., :self.cols, :] = self.kv[..., :self.cols, :]
+        valid = torch.zeros(self.valid.shape[0], cols, dtype=torch.bool, device=self.valid.device)
+        valid[:, :self.cols] = self.valid[:, :self.cols]
+        self.kv, self.valid = kv, valid
+
     @torch.no_grad()
     def step(self, chunks: list[list[int]]) -> torch.Tensor:
         """chunks[r]: the new tokens of row r (existing rows first, then newcomers).
@@ -54,7 +62,7 @@ class PaddedPrefillRunner:
         while self.num_rows < n:
             self.lens.append(0)
         if self.cols + T > self.valid.shape[1]:
-            raise RuntimeError("padded baseline ran out of columns; raise max_cols")
+            self._grow(2 * (self.cols + T))
         ids = torch.zeros(n, T, dtype=torch.long, device=r.device)
         new_valid = torch.zeros(n, T, dtype=torch.bool, device=r.device)
         pos = torch.zeros(n, T, dtype=torch.long, device=r.device)
@@ -91,8 +99,15 @@ class SelectiveRunner:
 
     def __init__(self, runner: ModelRunner, max_len: int):
         self.r, self.max_len = runner, max_len
-        self.caches: dict[str, torch.Tensor] = {}   # id -> (L, 2, Hkv, max_len, D)
+        self.caches: dict[str, torch.Tensor] = {}   # id -> (L, 2, Hkv, capacity, D)
         self.lens: dict[str, int] = {}
+
+    def reserve(self, rid, tokens: int) -> None:
+        """A request's own cache, sized to its prompt + output (attention never reads past what is written)."""
+        r = self.r
+        self.caches[rid] = torch.empty(r.num_layers, 2, r.num_kv_heads, min(tokens, self.max_len), r.head_dim,
+                                       dtype=r.dtype, device=r.device)
+        self.lens[rid] = 0
 
     def remove(self, rid: str) -> None:
         self.caches.pop(rid, None)
@@ -105,9 +120,7 @@ class SelectiveRunner:
         r = self.r
         for rid, _ in work:
             if rid not in self.caches:
-                self.caches[rid] = torch.zeros(r.num_layers, 2, r.num_kv_heads, self.max_len, r.head_dim,
-                                               dtype=r.dtype, device=r.device)
-                self.lens[rid] = 0
+                self.reserve(rid, self.max_len)
         flat = [t for _, toks in work for t in toks]
         pos = torch.tensor([p for rid, toks in work for p in range(self.lens[rid], self.lens[rid] + len(toks))],
                            device=r.device)[None]                                   # (1, N)

@@ -69,9 +69,9 @@ def main(argv=None) -> int:
         print(f"baton bench: unknown systems {sorted(unknown)}; choose from {ALL}", file=sys.stderr)
         return 2
     model = load_model(args.model, args.dtype, "auto")
-    scale = 0.25 if args.quick else 1.0
-    cfg = WorkloadConfig(num_queries=args.queries or (24 if args.quick else 64),
-                         rate_qps=None if args.burst else (args.rate or (2.0 if args.quick else 1.0)),
+    scale = 0.25 if args.quick else 0.5
+    cfg = WorkloadConfig(num_queries=args.queries or (24 if args.quick else 48),
+                         rate_qps=None if args.burst else (args.rate or (8.0 if args.quick else 4.0)),
                          seed=args.seed, scale=scale)
     queries = make_workload(cfg, model.tokenizer, model.model.config.vocab_size)
     print(f"workload: {len(queries)} queries, {sum(q.max_new_tokens for q in queries)} output tokens, "

@@ -177,9 +177,9 @@ class _IterationLevel(IterationSystem):
 class PaddedPrefillSystem(_IterationLevel):
     name = "padded_prefill"
 
-    def __init__(self, model, max_batch: int, max_cols: int = 8192):
+    def __init__(self, model, max_batch: int):
         super().__init__(model, max_batch)
-        self.pr = PaddedPrefillRunner(self.engine.runner, max_batch, max_cols)
+        self.pr = PaddedPrefillRunner(self.engine.runner, max_batch)
 
     def _forward(self, newcomers):
         chunks = [[self.out[q.index][-1]] for q in self.rows] + [list(q.prompt_ids) for q in newcomers]
@@ -202,6 +202,8 @@ class OrcaSystem(_IterationLevel):
         self.sr = SelectiveRunner(self.engine.runner, model.max_len)
 
     def _forward(self, newcomers):
+        for q in newcomers:
+            self.sr.reserve(q.index, len(q.prompt_ids) + q.max_new_tokens)
         work = [(q.index, [self.out[q.index][-1]]) for q in self.rows] + [(q.index, list(q.prompt_ids)) for q in newcomers]
         n = sum(len(t) for _, t in work)
         self.computed += n
