@@ -38,9 +38,12 @@ class Prefiller:
 
     def prefill(self, prompt_ids: list[int], params: SamplingParams, generated: list[int] = ()) -> PrefillOutput:
         """Prefill the prompt plus any tokens already generated (a migrated request)."""
-        ids = list(prompt_ids) + list(generated)
-        logits, kv = self.runner.prefill(ids)
-        return PrefillOutput(sample_one(logits, params, len(generated)), kv)
+        return self.prefill_many([Request("", list(prompt_ids), params, output_ids=list(generated))])[0]
+
+    def prefill_many(self, reqs: list[Request]) -> list[PrefillOutput]:
+        """Several queries in one pass, each on its own (see ModelRunner.prefill_many)."""
+        outs = self.runner.prefill_many([r.all_ids for r in reqs])
+        return [PrefillOutput(sample_one(logits, r.params, len(r.output_ids)), kv) for r, (logits, kv) in zip(reqs, outs)]
 
 
 class DecodeBatch:
@@ -155,14 +158,18 @@ class Engine:
         while self.prefilled and not self.batch.full:
             _, (req, pre) = self.prefilled.popitem(last=False)
             events += self.batch.admit(req, pre)
-        while self.waiting and not self.batch.full:
+        group: list[Request] = []
+        while self.waiting and len(self.batch) + len(group) < self.config.max_batch:
             req = next(iter(self.waiting.values()))
-            if len(req.prompt_ids) > budget and budget < self.config.prefill_token_budget:
+            if len(req.all_ids) > budget and group:
                 break  # the budget is spent; it goes first next step
-            budget -= len(req.prompt_ids)
+            budget -= len(req.all_ids)
             del self.waiting[req.request_id]
             req.status = Status.PREFILLING
-            events += self.batch.admit(req, self.prefiller.prefill(req.prompt_ids, req.params, req.output_ids))
+            group.append(req)
+        if group:  # newcomers are prefilled together, on their own, then embedded into the batch
+            for req, pre in zip(group, self.prefiller.prefill_many(group)):
+                events += self.batch.admit(req, pre)
         return events
 
     def step(self) -> list[TokenEvent]:

@@ -58,27 +58,38 @@ class ModelRunner:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.body.norm(h))
 
-    @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one query's prompt alone.
+        """Run one query's prompt alone: its last position's logits (V,) and K/V (L, 2, Hkv, P, D)."""
+        return self.prefill_many([token_ids])[0]
 
-        Returns the last position's logits (V,) and its K/V (L, 2, Hkv, P, D) in the model dtype.
-        """
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, P)
-        P = ids.shape[1]
-        pos = torch.arange(P, device=self.device).unsqueeze(0)                 # (1, P)
-        h = self.body.embed_tokens(ids)                                         # (1, P, hidden)
+    @torch.no_grad()
+    def prefill_many(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill several queries in one pass, each on its own: projections and MLP run on their
+        concatenated tokens (one read of the weights), attention is causal within each query.
+        Returns per query its last logits (V,) and K/V (L, 2, Hkv, P, D) in the model dtype."""
+        lens = [len(p) for p in prompts]
+        N = sum(lens)
+        ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=self.device)  # (1, N)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens]).unsqueeze(0)          # (1, N)
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        kvs = [torch.empty(self.num_layers, 2, self.num_kv_heads, n, self.head_dim, dtype=self.dtype,
+                           device=self.device) for n in lens]
+        h = self.body.embed_tokens(ids)                                                           # (1, N, hidden)
         self._set_rope(h, pos)
-        kv = torch.empty(self.num_layers, 2, self.num_kv_heads, P, self.head_dim,
-                         dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)
-            kv[i, 0], kv[i, 1] = k[0], v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, P, -1))
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)                             # (1, H, N, D)
+            outs = []
+            for kv, a, n in zip(kvs, starts, lens):
+                kv[i, 0], kv[i, 1] = k[0, :, a:a + n], v[0, :, a:a + n]
+                outs.append(F.scaled_dot_product_attention(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n],
+                                                           is_causal=True, scale=self.scale, enable_gqa=self.group > 1))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)                             # (1, Hq, N, D)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, N, -1))
             h = self._mlp_block(layer, h)
-        return self._logits(h[:, -1])[0], kv
+        last = torch.tensor([a + n - 1 for a, n in zip(starts, lens)], device=self.device)
+        logits = self._logits(h[0, last])                                                         # (n, V)
+        return [(logits[j], kvs[j]) for j in range(len(prompts))]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
