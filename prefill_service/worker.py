@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from baton.engine import PrefillOutput, Prefiller
@@ -28,10 +29,14 @@ class PrefillResult:
 
 
 class PrefillWorker:
-    def __init__(self, prefiller: Prefiller, max_len: int, send: KVSender, transfer_timeout_s: float = 30.0):
+    def __init__(self, prefiller: Prefiller, max_len: int, send: KVSender, transfer_timeout_s: float = 30.0,
+                 token_budget: int = 4096):
         self.prefiller, self.max_len, self.send = prefiller, max_len, send
         self.transfer_timeout_s = transfer_timeout_s
-        self.lock = threading.Lock()          # one prefill at a time on this device
+        self.token_budget = token_budget       # prompt tokens prefilled together in one pass
+        self.pending: list[tuple[Request, Future]] = []
+        self.cond = threading.Condition()
+        self.computing = False
         self.aborted: dict[str, float] = {}
         self.active: set[str] = set()
         self.stats = {"prefills": 0, "tokens": 0, "kv_bytes": 0, "transfer_s": 0.0, "compute_s": 0.0}
@@ -50,11 +55,8 @@ class PrefillWorker:
             raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})")
         self.active.add(req.request_id)
         try:
-            with self.lock:
-                self._check_alive(req.request_id)
-                t = time.monotonic()
-                pre = self.prefiller.prefill(req.prompt_ids, req.params, req.output_ids)
-                compute_s = time.monotonic() - t
+            self._check_alive(req.request_id)
+            pre, compute_s = self._compute(req)
             self._check_alive(req.request_id)
             transfer_s = self.send(decode_address, req, pre, self.transfer_timeout_s)
         finally:
@@ -64,6 +66,38 @@ class PrefillWorker:
                      ("transfer_s", transfer_s), ("compute_s", compute_s)):
             self.stats[k] += v
         return PrefillResult(pre.token_id, len(ids), kv_bytes, compute_s, transfer_s)
+
+    def _compute(self, req: Request) -> tuple[PrefillOutput, float]:
+        """Queue the request; whichever caller finds the device free prefills everything queued
+        (up to the token budget) in one pass. Concurrent requests thus share a read of the weights."""
+        fut: Future = Future()
+        with self.cond:
+            self.pending.append((req, fut))
+        while True:
+            with self.cond:
+                while not fut.done() and self.computing:
+                    self.cond.wait()
+                if fut.done():
+                    return fut.result()
+                self.computing = True
+                group, budget = [], self.token_budget
+                while self.pending and (not group or len(self.pending[0][0].all_ids) <= budget):
+                    budget -= len(self.pending[0][0].all_ids)
+                    group.append(self.pending.pop(0))
+            try:
+                t = time.monotonic()
+                outs = self.prefiller.prefill_many([r for r, _ in group])
+                took = time.monotonic() - t
+                for (_, f), pre in zip(group, outs):
+                    f.set_result((pre, took))
+            except BaseException as e:
+                for _, f in group:
+                    if not f.done():
+                        f.set_exception(e)
+            finally:
+                with self.cond:
+                    self.computing = False
+                    self.cond.notify_all()
 
     def abort(self, request_id: str) -> None:
         now = time.monotonic()
