@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install
-	$(VENV)/bin/baton bench --out docs/bench $(BENCH_ARGS)
+	$(VENV)/bin/baton bench --sweep 2,4,8 --out docs/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) baton/v1/*_pb2*.py baton/v1/*_pb2*.pyi

@@ -36,3 +36,7 @@ class Unauthenticated(BatonError):
 
 class Cancelled(BatonError):
     code_name = "CANCELLED"
+
+
+class FailedPrecondition(BatonError):
+    code_name = "FAILED_PRECONDITION"

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import grpc
 
 from baton import grpc_util
-from baton.errors import (AlreadyExists, BatonError, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted,
-                          Unavailable)
+from baton.errors import (AlreadyExists, BatonError, Cancelled, FailedPrecondition, InvalidArgument,
+                          ResourceExhausted, Unavailable)
 from baton.model_loader import encode_prompt
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, prefill_pb2, router_pb2, router_pb2_grpc
@@ -84,8 +84,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             seed=r.seed if r.HasField("seed") else None, stop=list(r.stop), ignore_eos=r.ignore_eos)
         if r.prompt_token_ids:
             ids = list(r.prompt_token_ids)
-            vocab = getattr(self.tokenizer, "vocab_size", None) if self.tokenizer else None
-            if vocab and max(ids) >= len(self.tokenizer):
+            # Without a tokenizer the prefill worker checks ids against the model's vocabulary.
+            if self.tokenizer is not None and max(ids) >= len(self.tokenizer):
                 raise InvalidArgument(f"prompt_token_ids must be in [0, {len(self.tokenizer)})")
         else:
             if len(r.prompt) > self.limits.max_prompt_chars:
@@ -296,10 +296,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not 1 <= request.count <= 64:
             raise InvalidArgument(f"count must be in [1, 64], got {request.count}")
         if self.scaler is None:
-            from baton.errors import BatonError as _E
-            err = _E("scaling needs a deployment that can start workers (baton up)")
-            err.code_name = "FAILED_PRECONDITION"
-            raise err
+            raise FailedPrecondition("scaling needs a deployment that can start workers (baton up)")
         return router_pb2.ScaleResponse(count=self.scaler(request.role, request.count))
 
     @grpc_util.rpc
