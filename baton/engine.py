@@ -93,17 +93,22 @@ class DecodeBatch:
             self.rows[row] = last
             self.index[last.request_id] = row
 
-    def step(self) -> list[TokenEvent]:
-        """One decode step for every row; finished rows leave the batch before returning."""
-        if not self.rows:
+    def step(self, newcomers: list[Request] = ()) -> list[TokenEvent]:
+        """One decode step for every row; finished rows leave the batch before returning.
+
+        Newcomers, if any, are prefilled in the same pass over the weights (on their own:
+        attention never mixes them with the batch), then embedded as new rows."""
+        if not self.rows and not newcomers:
             return []
-        last = torch.tensor([r.output_ids[-1] for r in self.rows], dtype=torch.long, device=self.runner.device)
-        logits = self.runner.decode(last, self.cache)                               # (n, V)
+        last = [r.output_ids[-1] for r in self.rows]
+        logits, prefills = self.runner.forward(last, self.cache if last else None, [r.all_ids for r in newcomers])
         tokens = sample_batch(logits, [r.params for r in self.rows], [len(r.output_ids) for r in self.rows])
         events = [r.append_token(t, self.eos_ids, self.max_len) for r, t in zip(self.rows, tokens)]
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
+        for req, (lg, kv) in zip(newcomers, prefills):
+            events += self.admit(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), kv))
         return events
 
 
@@ -153,13 +158,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.num_waiting > 0 or len(self.batch) > 0
 
-    def _admit_waiting(self) -> list[TokenEvent]:
+    def _admit_waiting(self) -> tuple[list[TokenEvent], list[Request]]:
+        """Admit K/V prefilled elsewhere; pick the newcomers to prefill in this step's pass."""
         events, budget = [], self.config.prefill_token_budget
         while self.prefilled and not self.batch.full:
             _, (req, pre) = self.prefilled.popitem(last=False)
             events += self.batch.admit(req, pre)
         group: list[Request] = []
-        while self.waiting and len(self.batch) + len(group) < self.config.max_batch:
+        while self.waiting and len(self.batch) + len(group) < self.batch.cache.max_rows:
             req = next(iter(self.waiting.values()))
             if len(req.all_ids) > budget and group:
                 break  # the budget is spent; it goes first next step
@@ -167,13 +173,11 @@ class Engine:
             del self.waiting[req.request_id]
             req.status = Status.PREFILLING
             group.append(req)
-        if group:  # newcomers are prefilled together, on their own, then embedded into the batch
-            for req, pre in zip(group, self.prefiller.prefill_many(group)):
-                events += self.batch.admit(req, pre)
-        return events
+        return events, group
 
     def step(self) -> list[TokenEvent]:
-        events = self._admit_waiting() + self.batch.step()
+        events, newcomers = self._admit_waiting()
+        events += self.batch.step(newcomers)
         self.counts["completed"] += sum(1 for e in events if e.finish_reason is not None)
         return events
 

@@ -62,61 +62,60 @@ class ModelRunner:
         """Run one query's prompt alone: its last position's logits (V,) and K/V (L, 2, Hkv, P, D)."""
         return self.prefill_many([token_ids])[0]
 
-    @torch.no_grad()
     def prefill_many(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Prefill several queries in one pass, each on its own: projections and MLP run on their
-        concatenated tokens (one read of the weights), attention is causal within each query.
-        Returns per query its last logits (V,) and K/V (L, 2, Hkv, P, D) in the model dtype."""
-        lens = [len(p) for p in prompts]
-        N = sum(lens)
-        ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=self.device)  # (1, N)
-        pos = torch.cat([torch.arange(n, device=self.device) for n in lens]).unsqueeze(0)          # (1, N)
-        starts = [sum(lens[:i]) for i in range(len(lens))]
-        kvs = [torch.empty(self.num_layers, 2, self.num_kv_heads, n, self.head_dim, dtype=self.dtype,
-                           device=self.device) for n in lens]
-        h = self.body.embed_tokens(ids)                                                           # (1, N, hidden)
-        self._set_rope(h, pos)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)                             # (1, H, N, D)
-            outs = []
-            for kv, a, n in zip(kvs, starts, lens):
-                kv[i, 0], kv[i, 1] = k[0, :, a:a + n], v[0, :, a:a + n]
-                outs.append(F.scaled_dot_product_attention(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n],
-                                                           is_causal=True, scale=self.scale, enable_gqa=self.group > 1))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)                             # (1, Hq, N, D)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, N, -1))
-            h = self._mlp_block(layer, h)
-        last = torch.tensor([a + n - 1 for a, n in zip(starts, lens)], device=self.device)
-        logits = self._logits(h[0, last])                                                         # (n, V)
-        return [(logits[j], kvs[j]) for j in range(len(prompts))]
+        """Several prompts in one pass, each on its own."""
+        return self.forward([], None, prompts)[1]
+
+    def decode(self, tokens: list[int], cache: BatchKVCache) -> torch.Tensor:
+        """One decode step for the cache's rows: tokens[r] is row r's newest token -> logits (n, V)."""
+        return self.forward(tokens, cache, [])[0]
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
-        """One decode step for the cache's n rows: tokens (n,) -> logits (n, V).
+    def forward(self, tokens: list[int], cache: BatchKVCache | None, prompts: list[list[int]]):
+        """One pass over the weights for a decode step of the batch and the prefill of new prompts.
 
-        Writes each row's new K/V into the next free column of the cache (no copy of the
-        rest), then attends over the columns that hold some row's tokens.
+        Projections and MLP run on all tokens together; attention does not mix them: the
+        batch's rows attend over the shared cache (their new K/V written into its next
+        column, no copy of the rest), each prompt attends causally to itself only. The
+        prompts' K/V are returned, to be embedded into the batch afterwards.
+        Returns decode logits (n, V) and per prompt (last logits (V,), K/V (L, 2, Hkv, P, D)).
         """
-        n = tokens.shape[0]
-        pos = cache.positions().unsqueeze(1)                        # (n, 1)
-        col = cache.append_column()                                 # column for this step's K/V
-        mask = cache.attention_mask()                               # (n, 1, 1, T) bool
-        h = self.body.embed_tokens(tokens.unsqueeze(1))             # (n, 1, hidden)
+        n, lens = len(tokens), [len(p) for p in prompts]
+        dev = self.device
+        ids = torch.tensor([list(tokens) + [t for p in prompts for t in p]], dtype=torch.long, device=dev)  # (1, M)
+        pos = torch.cat(([cache.positions()] if n else []) + [torch.arange(m, device=dev) for m in lens])[None]
+        starts = [n + sum(lens[:j]) for j in range(len(lens))]
+        kvs = [torch.empty(self.num_layers, 2, self.num_kv_heads, m, self.head_dim, dtype=self.dtype, device=dev)
+               for m in lens]
+        if n:
+            col = cache.append_column() - cache.start                      # this step's column in the views
+            mask = cache.attention_mask()                                  # (n, 1, 1, T) bool
+        h = self.body.embed_tokens(ids)                                    # (1, M, hidden)
         self._set_rope(h, pos)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)
-            keys, values = cache.layer_views(i)                    # (n, Hkv, T, D) views
-            keys[:, :, col - cache.start] = k[:, :, 0]
-            values[:, :, col - cache.start] = v[:, :, 0]
-            # GQA without repeating K/V: the group's query heads act as query positions.
-            q = q.reshape(n, self.num_kv_heads, self.group, self.head_dim)  # (n, Hkv, G, D)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            h = h + attn.o_proj(o.reshape(n, 1, -1))
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)      # (1, H, M, D)
+            outs = []
+            if n:
+                keys, values = cache.layer_views(i)                        # (n, Hkv, T, D) views
+                keys[:, :, col] = k[0, :, :n].transpose(0, 1)
+                values[:, :, col] = v[0, :, :n].transpose(0, 1)
+                # GQA without repeating K/V: the group's query heads act as query positions.
+                qd = q[0, :, :n].transpose(0, 1).reshape(n, self.num_kv_heads, self.group, self.head_dim)
+                od = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=self.scale)
+                outs.append(od.reshape(n, -1))                              # (n, Hq * D)
+            for kv, a, m in zip(kvs, starts, lens):
+                kv[i, 0], kv[i, 1] = k[0, :, a:a + m], v[0, :, a:a + m]
+                o = F.scaled_dot_product_attention(q[:, :, a:a + m], k[:, :, a:a + m], v[:, :, a:a + m],
+                                                   is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
+                outs.append(o[0].transpose(0, 1).reshape(m, -1))           # (m, Hq * D)
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)             # (M, Hq * D)
+            h = h + attn.o_proj(o[None])
             h = self._mlp_block(layer, h)
-        cache.commit_step()
-        return self._logits(h[:, 0])
+        if n:
+            cache.commit_step()
+        logits = self._logits(h[0, list(range(n)) + [a + m - 1 for a, m in zip(starts, lens)]])  # (n + len(prompts), V)
+        return logits[:n], [(logits[n + j], kvs[j]) for j in range(len(prompts))]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
