@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tls-cert")
     u.add_argument("--tls-key")
     u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates")
+    u.add_argument("--tls-mutual", action="store_true",
+                   help="workers demand a client certificate signed by --tls-root-cert (mutual TLS between workers)")
     u.set_defaults(func=cmd_up)
 
     sub.add_parser("bench", help="the benchmark (see baton bench --help)", add_help=False)

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.errors import BatonError
+from baton.errors import BatonError, InvalidArgument
 from baton.kv_codec import KVCodecError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,56 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return self._deny[kind]
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _undecodable_message(method: str, e: Exception) -> str:
+    return f"request bytes are not a valid {method.rsplit('/', 1)[-1]} message: {e}"
+
+
+class DecodeGuardInterceptor(grpc.ServerInterceptor):
+    """Turns undecodable request bytes into INVALID_ARGUMENT (gRPC's own answer is INTERNAL).
+
+    The handler's deserializer is wrapped so it returns a marker instead of raising; unary calls
+    with a marker are refused before the handler runs, streamed ones when the marker is reached."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method, parse = details.method, handler.request_deserializer
+
+        def safe_parse(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # google.protobuf DecodeError and kin
+                return _Undecodable(e)
+
+        if handler.request_streaming:
+            def checked(requests):
+                for r in requests:
+                    if isinstance(r, _Undecodable):
+                        raise InvalidArgument(_undecodable_message(method, r.error))
+                    yield r
+            kind = "stream_stream" if handler.response_streaming else "stream_unary"
+            inner = getattr(handler, kind)
+            return handler._replace(request_deserializer=safe_parse,
+                                    **{kind: lambda requests, context: inner(checked(requests), context)})
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        inner = getattr(handler, kind)
+
+        def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, request.error))
+            return inner(request, context)
+        return handler._replace(request_deserializer=safe_parse, **{kind: guarded})
+
+
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -56,14 +106,19 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 64,
                 auth_token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                tls_client_ca: str | None = None,
                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to host:port (0 = a free port); returns it and the bound port."""
-    interceptors = [AuthInterceptor(auth_token)] if auth_token else []
+    """A gRPC server bound to host:port (0 = a free port); returns it and the bound port.
+    With tls_client_ca, the TLS handshake demands a client certificate signed by that CA (mutual TLS)."""
+    # Auth first: an unauthenticated caller learns nothing, not even that its bytes were bad.
+    interceptors = ([AuthInterceptor(auth_token)] if auth_token else []) + [DecodeGuardInterceptor()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=server_options(max_message_bytes))
     if tls_cert and tls_key:
         with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            client_ca = _read(tls_client_ca)
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())], root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
         bound = server.add_secure_port(f"{host}:{port}", creds)
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -72,13 +127,22 @@ def make_server(host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 64
     return server, bound
 
 
-def make_channel(address: str, *, tls_root_cert: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def make_channel(address: str, *, tls_root_cert: str | None = None, tls_client_cert: str | None = None,
+                 tls_client_key: str | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel; TLS when tls_root_cert is given, presenting tls_client_cert/key when given (mutual TLS)."""
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     if tls_root_cert:
-        with open(tls_root_cert, "rb") as f:
-            return grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options=opts)
+        creds = grpc.ssl_channel_credentials(_read(tls_root_cert), private_key=_read(tls_client_key),
+                                             certificate_chain=_read(tls_client_cert))
+        return grpc.secure_channel(address, creds, options=opts)
     return grpc.insecure_channel(address, options=opts)
 
 

@@ -36,6 +36,8 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-root-cert", default=None, help="CA to verify peers' TLS certificates")
+    p.add_argument("--tls-mutual", action="store_true",
+                   help="demand a client certificate signed by --tls-root-cert from every caller (mutual TLS)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept")
     p.add_argument("--log-level", default="INFO")
@@ -56,7 +58,8 @@ class Worker:
         model = load_model(args.model, args.dtype, args.device)
         cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                            max_batch=args.max_batch, max_queue=args.max_queue)
-        tls = dict(auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        tls = dict(auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   tls_client_ca=args.tls_root_cert if args.tls_mutual else None)
         self.loop = None
         if role == "decode":
             from baton.engine import Engine

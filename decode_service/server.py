@@ -112,10 +112,11 @@ class Watchdog(threading.Thread):
 
 
 def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_token=None, tls_cert=None,
-          tls_key=None, lease_s: float = 30.0):
+          tls_key=None, tls_client_ca=None, lease_s: float = 30.0):
     """Start the Decode service on a running engine loop; returns (server, port, watchdog)."""
     worker = DecodeWorker(loop, lease_s=lease_s)
-    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                                          tls_client_ca=tls_client_ca)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
     server.start()

@@ -38,8 +38,11 @@ class Deployment:
             argv += ["--device", "cpu", "--threads", str(self.cpu_threads)]
         if a.auth_token:
             argv += ["--auth-token", a.auth_token]
-        if a.tls_root_cert:
-            argv += ["--tls-root-cert", a.tls_root_cert]
+        for flag in ("tls_cert", "tls_key", "tls_root_cert"):
+            if getattr(a, flag):
+                argv += ["--" + flag.replace("_", "-"), getattr(a, flag)]
+        if a.tls_mutual:
+            argv.append("--tls-mutual")
         return argv
 
     def _start(self, role: str):

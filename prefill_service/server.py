@@ -23,9 +23,10 @@ SERVICE = "baton.v1.Prefill"
 class KVPusher:
     """Sends K/V to decode workers over one cached channel per address."""
 
-    def __init__(self, auth_token: str | None = None, tls_root_cert: str | None = None):
+    def __init__(self, auth_token: str | None = None, tls_root_cert: str | None = None,
+                 tls_client_cert: str | None = None, tls_client_key: str | None = None):
         self.auth = grpc_util.auth_metadata(auth_token)
-        self.tls_root_cert = tls_root_cert
+        self.tls = dict(tls_root_cert=tls_root_cert, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key)
         self.stubs: dict[str, decode_pb2_grpc.DecodeStub] = {}
         self.lock = threading.Lock()
 
@@ -33,7 +34,7 @@ class KVPusher:
         with self.lock:
             if address not in self.stubs:
                 self.stubs[address] = decode_pb2_grpc.DecodeStub(
-                    grpc_util.make_channel(address, tls_root_cert=self.tls_root_cert))
+                    grpc_util.make_channel(address, **self.tls))
             return self.stubs[address]
 
     def __call__(self, address: str, req: Request, pre: PrefillOutput, deadline_s: float) -> float:
@@ -92,11 +93,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 def serve(prefiller: Prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, auth_token=None,
-          tls_cert=None, tls_key=None, tls_root_cert=None, transfer_timeout_s: float = 30.0):
-    """Warm up, start the Prefill service; returns (server, port)."""
+          tls_cert=None, tls_key=None, tls_root_cert=None, tls_client_ca=None, transfer_timeout_s: float = 30.0):
+    """Warm up, start the Prefill service; returns (server, port). It presents its own certificate
+    to decode workers, which matters when they demand one (mutual TLS)."""
     prefiller.prefill([1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
-    worker = PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert), transfer_timeout_s)
-    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+    worker = PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s)
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                                          tls_client_ca=tls_client_ca)
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
     server.start()

@@ -39,7 +39,7 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
                  health_period_s: float = 1.0):
     """Start the Router service; returns (server, bound_port, servicer, health_thread)."""
     tokenizer, context = load_tokenizer(model)
-    registry = Registry(tls_root_cert=tls_root_cert)
+    registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
     server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,
                                           tls_key=tls_key, max_workers=config.max_running + 32)

@@ -41,8 +41,10 @@ class WorkerHandle:
 
 
 class Registry:
-    def __init__(self, tls_root_cert: str | None = None):
-        self.tls_root_cert = tls_root_cert
+    def __init__(self, tls_root_cert: str | None = None, tls_client_cert: str | None = None,
+                 tls_client_key: str | None = None):
+        # The router presents its own certificate to workers: they may demand one (mutual TLS).
+        self.tls = dict(tls_root_cert=tls_root_cert, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key)
         self.workers: dict[str, WorkerHandle] = {}
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -56,7 +58,7 @@ class Registry:
             if known is not None and known.address == info.address and known.pid == info.pid:
                 known.draining = False  # a heartbeat: keep its channel and load count
                 return known
-        channel = grpc_util.make_channel(info.address, tls_root_cert=self.tls_root_cert)
+        channel = grpc_util.make_channel(info.address, **self.tls)
         stub_cls = decode_pb2_grpc.DecodeStub if info.role == "decode" else prefill_pb2_grpc.PrefillStub
         w = WorkerHandle(info.role, info.worker_id, info.pid, info.node, info.address, channel,
                          stub_cls(channel), health_pb2_grpc.HealthStub(channel))
