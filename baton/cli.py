@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefill-workers", type=int, default=1)
     u.add_argument("--decode-workers", type=int, default=1)
     u.add_argument("--max-batch", type=int, default=32)
-    u.add_argument("--max-queue", type=int, default=256)
+    from router import limits as request_limits
+    request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
     u.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
     u.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible HTTP API")

@@ -25,16 +25,16 @@ def up(args) -> int:
     import ray
 
     from deploy.cluster import Deployment
-    from router.main import start_router
-    from router.server import RouterConfig
+    from router import limits as request_limits
+    from router.main import router_config, start_router
 
     t0 = time.monotonic()
     print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
     _init_ray(args.address, args.prefill_workers + args.decode_workers)
     holder = {}
-    config = RouterConfig(max_queue=args.max_queue, auth_token=args.auth_token)
     server, port, servicer, watcher = start_router(
-        args.model, args.host, args.port, config=config, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        args.model, args.host, args.port, config=router_config(args), limits=request_limits.from_args(args),
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_root_cert=args.tls_root_cert, scaler=lambda role, n: holder["deployment"].scale(role, n))
     router_address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     deployment = holder["deployment"] = Deployment(args, router_address, servicer.registry)

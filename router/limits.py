@@ -19,6 +19,25 @@ class Limits:
     max_request_id_length: int = 128
 
 
+def add_args(p) -> None:
+    """Command-line flags for the limits and the router's capacity (router and `baton up`)."""
+    d = Limits()
+    g = p.add_argument_group("request limits")
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="cap on prompt tokens (never more than the context minus max_new_tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
+    g.add_argument("--max-stop-length", type=int, default=d.max_stop_length, help="characters per stop string")
+    g.add_argument("--max-queue", type=int, default=256, help="accepted requests not yet decoding")
+    g.add_argument("--max-running", type=int, default=1024, help="concurrent streams")
+    g.add_argument("--max-message-bytes", type=int, default=8 * 1024 * 1024, help="largest gRPC message accepted")
+
+
+def from_args(a) -> Limits:
+    return Limits(max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens,
+                  max_stop_strings=a.max_stop_strings, max_stop_length=a.max_stop_length)
+
+
 def validate_sampling(limits: Limits, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                       seed: int | None, stop: list[str], ignore_eos: bool) -> SamplingParams:
     if not 1 <= max_new_tokens <= limits.max_new_tokens:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from baton import grpc_util
 from router.health import RouterHealth
+from router import limits as request_limits
 from router.limits import Limits
 from router.registry import Registry
 from router.server import SERVICE, RouterConfig, RouterServicer
@@ -42,7 +43,8 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
     registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
     server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,
-                                          tls_key=tls_key, max_workers=config.max_running + 32)
+                                          tls_key=tls_key, max_workers=config.max_running + 32,
+                                          max_message_bytes=config.max_message_bytes)
     from baton.v1 import router_pb2_grpc
     router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
@@ -52,12 +54,17 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
     return server, bound, servicer, watcher
 
 
+def router_config(a) -> RouterConfig:
+    return RouterConfig(max_queue=a.max_queue, max_running=a.max_running, auth_token=a.auth_token,
+                        max_message_bytes=a.max_message_bytes)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="router", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--max-queue", type=int, default=256)
+    request_limits.add_args(p)
     p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
@@ -66,9 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus GET /metrics on this port (0 = a free one)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
-    server, port, servicer, watcher = start_router(a.model, a.host, a.port, config=RouterConfig(max_queue=a.max_queue,
-                                            auth_token=a.auth_token), tls_cert=a.tls_cert, tls_key=a.tls_key,
-                                            tls_root_cert=a.tls_root_cert)
+    server, port, servicer, watcher = start_router(a.model, a.host, a.port, config=router_config(a),
+                                                   limits=request_limits.from_args(a), tls_cert=a.tls_cert,
+                                                   tls_key=a.tls_key, tls_root_cert=a.tls_root_cert)
     if a.metrics_port is not None:
         from router.metrics import start_metrics_server
         print(f"BATON_METRICS address={a.host}:{start_metrics_server(a.metrics_port, servicer, a.host).port}", flush=True)

@@ -46,6 +46,7 @@ class RouterConfig:
     max_prefill_attempts: int = 3
     max_migrations: int = 3
     auth_token: str | None = None
+    max_message_bytes: int = 8 * 1024 * 1024
 
 
 class Counters:

@@ -87,6 +87,24 @@ def _resources(pid: int) -> tuple[int, int, int]:
     return p.num_threads(), p.num_fds(), p.memory_info().rss
 
 
+def test_configured_limits_are_enforced_with_clear_messages(model_dir):
+    limits = ["--max-new-tokens", "16", "--max-stop-strings", "1", "--max-stop-length", "4",
+              "--max-prompt-tokens", "20", "--max-message-bytes", str(64 * 1024)]
+    cases = [  # (prompt, fields, code, words the message must hold)
+        ([1, 2], {"max_new_tokens": 17}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be in [1, 16]"),
+        ([1, 2], {"max_new_tokens": 4, "stop": ["a", "b"]}, grpc.StatusCode.INVALID_ARGUMENT, "at most 1 stop"),
+        ([1, 2], {"max_new_tokens": 4, "stop": ["abcde"]}, grpc.StatusCode.INVALID_ARGUMENT, "1 to 4 characters"),
+        (list(range(1, 22)), {"max_new_tokens": 4}, grpc.StatusCode.INVALID_ARGUMENT, "at most 20 allowed"),
+        (list(range(1, 30000)), {"max_new_tokens": 4}, grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max"),
+    ]
+    with loopback_cluster(model_dir, router_args=limits) as c, RouterClient(c["router"].address) as client:
+        for prompt, fields, code, words in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                client.complete(prompt, timeout=10, **fields)
+            assert e.value.code() == code and words in e.value.details(), (fields, e.value.details())
+        assert len(client.complete(list(range(1, 21)), max_new_tokens=16, ignore_eos=True)[1]) == 16  # at the limits
+
+
 def test_overload_is_rejected_at_once_and_recovers(model_dir, ref):
     rng = random.Random(2)
     with loopback_cluster(model_dir, router_args=["--max-queue", "3"]) as c, RouterClient(c["router"].address) as client:
