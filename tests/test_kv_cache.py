@@ -23,8 +23,8 @@ def test_rows_are_right_aligned_and_masked():
     assert c.insert(_kv(5, 2)) == 1           # longer: widens
     assert c.width == 5 and c.lens == [3, 5]
     assert c.positions().tolist() == [3, 5]
-    mask = c.attention_mask()[:, 0, 0]        # (n, width + 1)
-    assert mask.tolist() == [[False, False, True, True, True, True], [True] * 6]
+    visible = c.attention_mask()[:, 0, 0] == 0  # (n, width + 1); -inf elsewhere
+    assert visible.tolist() == [[False, False, True, True, True, True], [True] * 6]
     assert torch.equal(c.row_kv(0), _kv(3, 1)) and torch.equal(c.row_kv(1), _kv(5, 2))
 
 
