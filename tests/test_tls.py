@@ -1,4 +1,5 @@
 """TLS on every link: router, prefill and decode serve TLS; every client verifies with the CA."""
+import contextlib
 import shutil
 import subprocess
 
@@ -20,64 +21,56 @@ def _self_signed(tmp_path):
     return str(cert), str(key)
 
 
-def test_tls_everywhere(tmp_path):
-    cert, key = _self_signed(tmp_path)
+@contextlib.contextmanager
+def tls_cluster(tmp_path, cert, key, worker_flags=()):
+    """Router, prefill and decode over TLS with one self-signed certificate; yields them once a
+    generation over TLS equals generate()."""
     model_dir = save_tiny(tmp_path / "model")
     tls = ["--tls-cert", cert, "--tls-key", key, "--tls-root-cert", cert]
     procs = []
     try:
         router = Proc(["router", "--port", "0", "--model", model_dir, *tls])
         procs.append(router)
-        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address, "--threads", "1", *tls]
+        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
+                  "--threads", "1", *tls, *worker_flags]
         procs += [Proc(["prefill_service", *common]), Proc(["decode_service", *common])]
         with RouterClient(router.address, tls_root_cert=cert) as client:
             wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 30, what="workers")
             ids = wait_for(lambda: _try(client), 30, what="a generation over TLS")
             assert ids == reference_greedy(tiny_llama(), [4, 5, 6], 6, ignore_eos=True)
-        with RouterClient(router.address) as plaintext, pytest.raises(grpc.RpcError) as e:
-            plaintext.stats(timeout=3)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext side door
+        yield {"router": router, "prefill": procs[1], "decode": procs[2]}
     finally:
         for p in procs:
             p.stop()
+
+
+def test_tls_everywhere(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    with tls_cluster(tmp_path, cert, key) as c:
+        with RouterClient(c["router"].address) as plaintext, pytest.raises(grpc.RpcError) as e:
+            plaintext.stats(timeout=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext side door
 
 
 def test_mutual_tls_between_workers(tmp_path):
     """--tls-mutual: workers take calls only from peers whose certificate the CA signed."""
     from baton import grpc_util
     from baton.v1 import decode_pb2_grpc, prefill_pb2
-    ca = tmp_path / "ca"
-    ca.mkdir()
-    cert, key = _self_signed(ca)
-    stranger = tmp_path / "stranger"
-    stranger.mkdir()
-    other_cert, other_key = _self_signed(stranger)
-    model_dir = save_tiny(tmp_path / "model")
-    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-root-cert", cert]
-    procs = []
-    try:
-        router = Proc(["router", "--port", "0", "--model", model_dir, *tls])
-        procs.append(router)
-        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address, "--threads", "1",
-                  *tls, "--tls-mutual"]
-        procs += [Proc(["prefill_service", *common]), Proc(["decode_service", *common])]
-        with RouterClient(router.address, tls_root_cert=cert) as client:
-            wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 30, what="workers")
-            ids = wait_for(lambda: _try(client), 30, what="a generation over mutual TLS")
-            assert ids == reference_greedy(tiny_llama(), [4, 5, 6], 6, ignore_eos=True)
-        decode = procs[2].address
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "stranger").mkdir()
+    cert, key = _self_signed(tmp_path / "ca")
+    other_cert, other_key = _self_signed(tmp_path / "stranger")
+    with tls_cluster(tmp_path, cert, key, ["--tls-mutual"]) as c:  # the router and prefill present their cert
+        decode = c["decode"].address
         member = grpc_util.make_channel(decode, tls_root_cert=cert, tls_client_cert=cert, tls_client_key=key)
         assert decode_pb2_grpc.DecodeStub(member).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5).running == 0
+        member.close()
         for who in ({}, {"tls_client_cert": other_cert, "tls_client_key": other_key}):  # no cert; a cert the CA never signed
             channel = grpc_util.make_channel(decode, tls_root_cert=cert, **who)
             with pytest.raises(grpc.RpcError) as e:
                 decode_pb2_grpc.DecodeStub(channel).Stats(prefill_pb2.WorkerStatsRequest(), timeout=3)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, who
             channel.close()
-        member.close()
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def _try(client):
