@@ -13,4 +13,5 @@ class EngineConfig:
     max_queue: int = 256              # accepted requests waiting for a row
     max_new_tokens_limit: int = 4096  # the largest max_new_tokens a request may ask for
     prefill_token_budget: int = 2048  # prompt tokens prefilled between two decode steps (in-process)
+    idle_prefill_token_budget: int = 16384  # the same when no row is decoding: nobody waits on the pass
     kv_col_chunk: int = 64            # cache columns preallocated at a time

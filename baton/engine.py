@@ -107,6 +107,8 @@ class DecodeBatch:
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
+        if prefills:
+            self.cache.reserve(len(self.rows) + len(prefills), max(kv.shape[3] for _, kv in prefills))
         for req, (lg, kv) in zip(newcomers, prefills):
             events += self.admit(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), kv))
         return events
@@ -160,10 +162,14 @@ class Engine:
 
     def _admit_waiting(self) -> tuple[list[TokenEvent], list[Request]]:
         """Admit K/V prefilled elsewhere; pick the newcomers to prefill in this step's pass."""
-        events, budget = [], self.config.prefill_token_budget
-        while self.prefilled and not self.batch.full:
-            _, (req, pre) = self.prefilled.popitem(last=False)
+        events = []
+        free = self.batch.cache.max_rows - len(self.batch)
+        arrived = [self.prefilled.popitem(last=False)[1] for _ in range(min(free, len(self.prefilled)))]
+        if arrived:
+            self.batch.cache.reserve(len(self.batch) + len(arrived), max(pre.kv.shape[3] for _, pre in arrived))
+        for req, pre in arrived:
             events += self.batch.admit(req, pre)
+        budget = self.config.prefill_token_budget if len(self.batch) else self.config.idle_prefill_token_budget
         group: list[Request] = []
         while self.waiting and len(self.batch) + len(group) < self.batch.cache.max_rows:
             req = next(iter(self.waiting.values()))

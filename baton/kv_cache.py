@@ -7,6 +7,7 @@ in columns [end - lens[r], end), so every row writes its next token into the sam
 
 - insert: a newcomer's K/V goes right-aligned into a free row; if it is longer than the
   batch, `start` moves left (widening) — into preallocated slack, so no copy.
+- reserve: room for a whole group of newcomers in at most one reallocation.
 - remove: the last row is moved into the freed row (a one-row copy); `start` moves right
   past columns no row needs any more (trimming, no copy).
 - step: writes one column; the buffer is reallocated only when the slack runs out, with
@@ -49,9 +50,11 @@ class BatchKVCache:
         return self.num_rows * self.width * L * 2 * H * D * self.buf.element_size()
 
     def _alloc(self, rows: int, cols: int) -> torch.Tensor:
+        # Uninitialised: zero-filling a buffer of a GB cost more than the copy. Padding that the
+        # attention reads must still be finite (masked columns meet V, and 0 * NaN is NaN), so
+        # insert() zeroes exactly the padding it exposes: the window of every live row is written.
         L, H, D = self.shape_lhd
-        # Zeros, not empty: masked columns still meet V in the attention matmul, and 0 * NaN is NaN.
-        return torch.zeros(L, 2, rows, H, cols, D, dtype=self.dtype, device=self.device)
+        return torch.empty(L, 2, rows, H, cols, D, dtype=self.dtype, device=self.device)
 
     def _relayout(self, rows: int, left: int, right: int) -> None:
         """Reallocate so there are `rows` rows, `left` free columns before start, `right` after end."""
@@ -65,6 +68,22 @@ class BatchKVCache:
         self.relayouts += 1
 
     # ---- insertion and removal ------------------------------------------------------------
+    def reserve(self, rows: int, longest: int) -> None:
+        """Room for `rows` rows in all and a newcomer of `longest` tokens, in at most one
+        reallocation: a group of newcomers then goes in without the buffer growing row by row."""
+        rows = min(self.max_rows, rows)
+        rows_cap, cols = self.buf.shape[2], self.buf.shape[4]
+        if self.num_rows == 0:
+            if rows > rows_cap or longest + self.col_chunk > cols:  # nothing to keep: just allocate
+                self.buf = self._alloc(max(rows, rows_cap), longest + 2 * self.col_chunk)
+                self.relayouts += 1
+            self.start = self.end = longest  # the group fits left of the window, slack stays right
+            return
+        need_left = max(0, longest - self.width)
+        if rows > rows_cap or need_left > self.start:
+            slack = max(self.col_chunk, self.width // 2)
+            self._relayout(max(rows, rows_cap), need_left + slack, slack)
+
     def insert(self, kv: torch.Tensor) -> int:
         """Embed one prefilled query's K/V (L, 2, Hkv, P, D) as a new row; returns the row index."""
         L, H, D = self.shape_lhd
@@ -73,7 +92,7 @@ class BatchKVCache:
             raise ValueError(f"K/V shape {tuple(kv.shape)} does not match the model ({L}, 2, {H}, P, {D})")
         if self.num_rows >= self.max_rows:
             raise RuntimeError("batch is full")
-        if self.num_rows == 0:
+        if self.num_rows == 0 and not (P <= self.start and self.buf.shape[4] - self.end >= self.col_chunk):
             # An empty batch keeps its buffer; centre the window so both sides have slack.
             self.start = self.end = self.buf.shape[4] // 2
         rows_cap = self.buf.shape[2]
@@ -82,8 +101,10 @@ class BatchKVCache:
             rows = min(self.max_rows, 2 * rows_cap) if self.num_rows == rows_cap else rows_cap
             slack = max(self.col_chunk, self.width // 2)
             self._relayout(rows, need_left + slack, slack)
-        row = self.num_rows
+        row, old_start = self.num_rows, self.start
         self.start = min(self.start, self.end - P)
+        self.buf[:, :, :row, :, self.start:old_start] = 0       # widening: the other rows' new padding
+        self.buf[:, :, row, :, self.start:self.end - P] = 0      # the newcomer's own padding
         self.buf[:, :, row, :, self.end - P:self.end] = kv.to(device=self.device, dtype=self.dtype)
         self.lens.append(P)
         return row
