@@ -50,11 +50,11 @@ class BatchKVCache:
         return self.num_rows * self.width * L * 2 * H * D * self.buf.element_size()
 
     def _alloc(self, rows: int, cols: int) -> torch.Tensor:
-        # Uninitialised: zero-filling a buffer of a GB cost more than the copy. Padding that the
-        # attention reads must still be finite (masked columns meet V, and 0 * NaN is NaN), so
-        # insert() zeroes exactly the padding it exposes: the window of every live row is written.
         L, H, D = self.shape_lhd
-        return torch.empty(L, 2, rows, H, cols, D, dtype=self.dtype, device=self.device)
+        # Zeros, not empty: masked columns still meet V in the attention matmul, and 0 * NaN is NaN.
+        # (Tried: empty + zeroing only the padding insert() exposes; the gRPC decode worker got
+        # slower, TTFT p50 8.5 -> 15 s in `baton bench --systems baton_grpc`, cause not found.)
+        return torch.zeros(L, 2, rows, H, cols, D, dtype=self.dtype, device=self.device)
 
     def _relayout(self, rows: int, left: int, right: int) -> None:
         """Reallocate so there are `rows` rows, `left` free columns before start, `right` after end."""
@@ -71,11 +71,13 @@ class BatchKVCache:
     def reserve(self, rows: int, longest: int) -> None:
         """Room for `rows` rows in all and a newcomer of `longest` tokens, in at most one
         reallocation: a group of newcomers then goes in without the buffer growing row by row."""
-        rows = min(self.max_rows, rows)
         rows_cap, cols = self.buf.shape[2], self.buf.shape[4]
+        if rows > rows_cap:  # geometric, like insert(): arrivals one or two at a time stay amortised O(1)
+            rows = max(rows, 2 * rows_cap)
+        rows = min(self.max_rows, rows)
         if self.num_rows == 0:
             if rows > rows_cap or longest + self.col_chunk > cols:  # nothing to keep: just allocate
-                self.buf = self._alloc(max(rows, rows_cap), longest + 2 * self.col_chunk)
+                self.buf = self._alloc(max(rows, rows_cap), max(cols, longest + 2 * self.col_chunk))
                 self.relayouts += 1
             self.start = self.end = longest  # the group fits left of the window, slack stays right
             return
@@ -101,10 +103,8 @@ class BatchKVCache:
             rows = min(self.max_rows, 2 * rows_cap) if self.num_rows == rows_cap else rows_cap
             slack = max(self.col_chunk, self.width // 2)
             self._relayout(rows, need_left + slack, slack)
-        row, old_start = self.num_rows, self.start
+        row = self.num_rows
         self.start = min(self.start, self.end - P)
-        self.buf[:, :, :row, :, self.start:old_start] = 0       # widening: the other rows' new padding
-        self.buf[:, :, row, :, self.start:self.end - P] = 0      # the newcomer's own padding
         self.buf[:, :, row, :, self.end - P:self.end] = kv.to(device=self.device, dtype=self.dtype)
         self.lens.append(P)
         return row
