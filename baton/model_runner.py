@@ -121,8 +121,8 @@ class ModelRunner:
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q (n, Hkv, G, D) over keys/values (n, Hkv, T, D) strided views, additive mask (n, 1, 1, T).
-    Two batched matmuls: with a handful of query positions per row this beats CPU flash SDPA
-    by ~20 % (measured), and it reads the cache views in place."""
+    Two batched matmuls: with a handful of query positions per row this beat CPU flash SDPA by
+    ~10 % on a whole batch-32 step (measured, SmolLM2), and it reads the cache views in place."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(mask)  # (n, Hkv, G, T)
     return torch.matmul(scores.softmax(-1), values)                          # (n, Hkv, G, D)
 

@@ -21,16 +21,17 @@ class Limits:
 
 def add_args(p) -> None:
     """Command-line flags for the limits and the router's capacity (router and `baton up`)."""
-    d = Limits()
+    from router.server import RouterConfig  # here, not at the top: router.server imports this module
+    d, c = Limits(), RouterConfig()
     g = p.add_argument_group("request limits")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
                    help="cap on prompt tokens (never more than the context minus max_new_tokens)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
     g.add_argument("--max-stop-length", type=int, default=d.max_stop_length, help="characters per stop string")
-    g.add_argument("--max-queue", type=int, default=256, help="accepted requests not yet decoding")
-    g.add_argument("--max-running", type=int, default=1024, help="concurrent streams")
-    g.add_argument("--max-message-bytes", type=int, default=8 * 1024 * 1024, help="largest gRPC message accepted")
+    g.add_argument("--max-queue", type=int, default=c.max_queue, help="accepted requests not yet decoding")
+    g.add_argument("--max-running", type=int, default=c.max_running, help="concurrent streams")
+    g.add_argument("--max-message-bytes", type=int, default=c.max_message_bytes, help="largest gRPC message accepted")
 
 
 def from_args(a) -> Limits:

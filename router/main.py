@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 from baton import grpc_util
-from router.health import RouterHealth
 from router import limits as request_limits
+from router.health import RouterHealth
 from router.limits import Limits
 from router.registry import Registry
 from router.server import SERVICE, RouterConfig, RouterServicer

@@ -46,7 +46,7 @@ class RouterConfig:
     max_prefill_attempts: int = 3
     max_migrations: int = 3
     auth_token: str | None = None
-    max_message_bytes: int = 8 * 1024 * 1024
+    max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES
 
 
 class Counters:
