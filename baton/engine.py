@@ -75,6 +75,13 @@ class DecodeBatch:
             req.status = Status.RUNNING
         return [event]
 
+    def admit_group(self, arrivals: list[tuple[Request, PrefillOutput]]) -> list[TokenEvent]:
+        """Admit several at once: the cache makes room for all of them in one reallocation."""
+        if not arrivals:
+            return []
+        self.cache.reserve(len(self.rows) + len(arrivals), max(pre.kv.shape[3] for _, pre in arrivals))
+        return [e for req, pre in arrivals for e in self.admit(req, pre)]
+
     def abort(self, request_id: str) -> Request | None:
         row = self.index.get(request_id)
         if row is None:
@@ -107,11 +114,8 @@ class DecodeBatch:
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
-        if prefills:
-            self.cache.reserve(len(self.rows) + len(prefills), max(kv.shape[3] for _, kv in prefills))
-        for req, (lg, kv) in zip(newcomers, prefills):
-            events += self.admit(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), kv))
-        return events
+        return events + self.admit_group([(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), kv))
+                                          for req, (lg, kv) in zip(newcomers, prefills)])
 
 
 class Engine:
@@ -162,13 +166,9 @@ class Engine:
 
     def _admit_waiting(self) -> tuple[list[TokenEvent], list[Request]]:
         """Admit K/V prefilled elsewhere; pick the newcomers to prefill in this step's pass."""
-        events = []
         free = self.batch.cache.max_rows - len(self.batch)
-        arrived = [self.prefilled.popitem(last=False)[1] for _ in range(min(free, len(self.prefilled)))]
-        if arrived:
-            self.batch.cache.reserve(len(self.batch) + len(arrived), max(pre.kv.shape[3] for _, pre in arrived))
-        for req, pre in arrived:
-            events += self.batch.admit(req, pre)
+        events = self.batch.admit_group([self.prefilled.popitem(last=False)[1]
+                                         for _ in range(min(free, len(self.prefilled)))])
         budget = self.config.prefill_token_budget if len(self.batch) else self.config.idle_prefill_token_budget
         group: list[Request] = []
         while self.waiting and len(self.batch) + len(group) < self.batch.cache.max_rows:

@@ -115,10 +115,9 @@ def make_server(host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 64
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=server_options(max_message_bytes))
     if tls_cert and tls_key:
-        with open(tls_cert, "rb") as c, open(tls_key, "rb") as k:
-            client_ca = _read(tls_client_ca)
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())], root_certificates=client_ca,
-                                                require_client_auth=client_ca is not None)
+        client_ca = _read(tls_client_ca)
+        creds = grpc.ssl_server_credentials([(_read(tls_key), _read(tls_cert))], root_certificates=client_ca,
+                                            require_client_auth=client_ca is not None)
         bound = server.add_secure_port(f"{host}:{port}", creds)
     else:
         bound = server.add_insecure_port(f"{host}:{port}")

@@ -63,19 +63,23 @@ class Load:
             t.join(150)
 
 
-def _workers(client: RouterClient, role: str):
+def workers(client: RouterClient, role: str):
     return [w for w in client.status().workers if w.role == role]
+
+
+def restarted(client: RouterClient, victim) -> bool:
+    """Ray restarted the killed worker: the same id serves again from a new pid."""
+    return any(w.worker_id == victim.worker_id and w.alive and w.pid != victim.pid for w in workers(client, victim.role))
 
 
 def _kill_and_heal(client: RouterClient, load: Load, role: str, settle_s: float) -> dict:
     """SIGKILL one worker of `role` under load; time until Ray's restart of it serves again."""
     before = client.stats()
-    busy = wait_for(lambda: [w for w in _workers(client, role) if w.running > 0], 60, 0.01, what=f"a busy {role} worker")
+    busy = wait_for(lambda: [w for w in workers(client, role) if w.running > 0], 60, 0.01, what=f"a busy {role} worker")
     victim = max(busy, key=lambda w: w.running)
     t_kill = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
-    wait_for(lambda: any(w.worker_id == victim.worker_id and w.alive and w.pid != victim.pid
-                         for w in _workers(client, role)), 180, 0.05, what=f"{role} worker restarted")
+    wait_for(lambda: restarted(client, victim), 180, 0.05, what=f"{role} worker restarted")
     healed = time.monotonic() - t_kill
     time.sleep(settle_s)
     after = client.stats()

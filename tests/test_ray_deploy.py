@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from baton.procs import Proc, wait_for
-from deploy.drill import Load
+from deploy.drill import Load, restarted, workers
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 
@@ -53,14 +53,11 @@ def _load(client, max_new_tokens=30):
 
 def _check(load, ref, min_done=1):
     """No request failed, enough completed, and each equals generate() for its prompt alone."""
-    assert not [o.error for o in load.done if o.error], [o.error for o in load.done if o.error][:3]
+    errors = [o.error for o in load.done if o.error]
+    assert not errors, errors[:3]
     assert len(load.done) >= min_done
     for o in load.done:
         assert o.token_ids == reference_greedy(ref, o.prompt, load.max_new, ignore_eos=True)
-
-
-def _workers(client, role):
-    return [w for w in client.status().workers if w.role == role]
 
 
 def test_generation_equals_generate(up, ref):
@@ -73,12 +70,12 @@ def test_scale_prefill_under_load(up, ref):
     c = up["client"]
     with _load(c) as load:
         assert c.scale("prefill", 3) == 3
-        assert len([w for w in _workers(c, "prefill") if w.alive]) == 3
+        assert len([w for w in workers(c, "prefill") if w.alive]) == 3
         time.sleep(1)
         assert c.scale("prefill", 1) == 1
         time.sleep(1)
     _check(load, ref, min_done=4)
-    assert len(_workers(c, "prefill")) == 1
+    assert len(workers(c, "prefill")) == 1
 
 
 def test_sigkill_prefill_under_load(up, ref):
@@ -86,26 +83,25 @@ def test_sigkill_prefill_under_load(up, ref):
     c.scale("prefill", 2)
     with _load(c) as load:
         time.sleep(1)
-        victim = _workers(c, "prefill")[0]
+        victim = workers(c, "prefill")[0]
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(3)
     _check(load, ref, min_done=4)
     # Ray restarts it and it registers again under the same id.
-    wait_for(lambda: any(w.worker_id == victim.worker_id and w.alive and w.pid != victim.pid
-                         for w in _workers(c, "prefill")), 60, what="prefill worker restarted")
+    wait_for(lambda: restarted(c, victim), 60, what="prefill worker restarted")
 
 
 def test_sigkill_decode_under_load_migrates(up, ref):
     c = up["client"]
     before = c.stats().migrations
     with _load(c, max_new_tokens=60) as load:
-        wait_for(lambda: any(w.running > 0 for w in _workers(c, "decode")), 20, what="a busy decode worker")
-        victim = max(_workers(c, "decode"), key=lambda w: w.running)
+        wait_for(lambda: any(w.running > 0 for w in workers(c, "decode")), 20, what="a busy decode worker")
+        victim = max(workers(c, "decode"), key=lambda w: w.running)
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(3)
     _check(load, ref, min_done=4)
     assert c.stats().migrations > before
-    wait_for(lambda: all(w.alive for w in _workers(c, "decode")), 60, what="decode worker restarted")
+    wait_for(lambda: all(w.alive for w in workers(c, "decode")), 60, what="decode worker restarted")
 
 
 def test_sigterm_leaves_no_process(up):

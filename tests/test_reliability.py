@@ -70,7 +70,6 @@ def test_cancel_and_deadline_soak(model_dir, ref):
             if ids is not None:
                 assert ids == reference_greedy(ref, prompt, n, ignore_eos=True)
         assert sum(1 for r in results if r[0] == "keep") >= 50
-        print("soak (threads, fds, rss) per process, after each half:", usage)
         for pid, (threads, fds, rss) in usage[1].items():  # promise 10: flat threads, open files, memory
             threads0, fds0, rss0 = usage[0][pid]
             # gRPC's handler pool grows lazily up to its cap (64 workers) as streams overlap; past that is a leak.
@@ -144,14 +143,8 @@ def test_hostile_bytes_get_a_status_code_and_serving_goes_on(model_dir):
             for name, kind in ms:
                 for _ in range(15):
                     blob = bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
-                    call = getattr(ch, kind)(name, request_serializer=None, response_deserializer=None)
                     try:
-                        if kind == "stream_unary":
-                            call(iter([blob, blob[: len(blob) // 2]]), timeout=5)
-                        elif kind == "unary_stream":
-                            list(call(blob, timeout=5))
-                        else:
-                            call(blob, timeout=5)
+                        _raw_call(ch, name, kind, [blob, blob[: len(blob) // 2]])
                     except grpc.RpcError as e:
                         codes.add(e.code())
             ch.close()
@@ -164,20 +157,24 @@ def test_hostile_bytes_get_a_status_code_and_serving_goes_on(model_dir):
         for role, ms in methods.items():
             ch = grpc.insecure_channel(addrs[role])
             for name, kind in ms:
-                call = getattr(ch, kind)(name, request_serializer=None, response_deserializer=None)
                 with pytest.raises(grpc.RpcError) as e:
-                    if kind == "stream_unary":
-                        call(iter([b"\x0a\xff"]), timeout=5)
-                    elif kind == "unary_stream":
-                        list(call(b"\x0a\xff", timeout=5))
-                    else:
-                        call(b"\x0a\xff", timeout=5)
+                    _raw_call(ch, name, kind, [b"\x0a\xff"])
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, e.value.details())
                 assert name.rsplit("/", 1)[-1] in e.value.details()
             ch.close()
         for address in addrs.values():
             assert health(address) == "SERVING"
         assert client.complete([7, 8, 9], max_new_tokens=4)[1]
+
+
+def _raw_call(channel, method: str, kind: str, blobs: list[bytes]):
+    """Send raw bytes to a method: all blobs on a client stream, else the first as the request."""
+    call = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+    if kind == "stream_unary":
+        return call(iter(blobs), timeout=5)
+    if kind == "unary_stream":
+        return list(call(blobs[0], timeout=5))
+    return call(blobs[0], timeout=5)
 
 
 def test_unknown_and_duplicate_request_ids(model_dir):
