@@ -3,6 +3,7 @@
     baton bench [--quick] [--model smollm2] [--dtype float32] [--rate 2] [--burst]
                 [--systems static,padded_prefill,orca,baton,baton_grpc,hf_static,hf_continuous]
                 [--sweep 1,2,4] [--out docs/bench]
+    baton bench serve --base-url URL ...   (load on any OpenAI-compatible server; see its --help)
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from baton.bench.serve import main as serve_main
+        return serve_main(argv[1:])
     args = parse_args(argv)
     from baton.model_loader import load_model
     names = [s for s in args.systems.split(",") if s]
