@@ -45,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=50051)
     _add_model_args(u)
-    u.add_argument("--prefill-workers", type=int, default=1)
-    u.add_argument("--decode-workers", type=int, default=1)
+    u.add_argument("--prefill-workers", type=int, default=None,
+                   help="dedicated prefill workers (disaggregated pools; default: colocated on one device, "
+                        "1 + 1 per pair of GPUs on two or more)")
+    u.add_argument("--decode-workers", type=int, default=None, help="dedicated decode workers (disaggregated pools)")
+    u.add_argument("--colocated-workers", type=int, default=None,
+                   help="workers that each serve prefill and decode in one process, K/V in memory "
+                        "(default where prefill and decode would share a device: 1)")
     u.add_argument("--max-batch", type=int, default=32)
     from router import limits as request_limits
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true")
             c.set_defaults(func=cmd_status)
         else:
-            c.add_argument("role", choices=["prefill", "decode"])
+            c.add_argument("role", choices=["prefill", "decode", "colocated"])
             c.add_argument("count", type=int)
             c.set_defaults(func=cmd_scale)
     return parser
@@ -94,7 +99,7 @@ def cmd_status(args) -> int:
         print(json.dumps(MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
         return 0
     s = st.stats
-    print(f"model {st.model}: {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}); "
+    print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}); "
           f"completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
     print(f"{'role':8} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5}")
     for w in st.workers:

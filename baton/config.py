@@ -12,6 +12,5 @@ class EngineConfig:
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
     max_new_tokens_limit: int = 4096  # the largest max_new_tokens a request may ask for
-    prefill_token_budget: int = 2048  # prompt tokens prefilled between two decode steps (in-process)
-    idle_prefill_token_budget: int = 16384  # the same when no row is decoding: nobody waits on the pass
+    prefill_chunk_tokens: int = 256   # prompt tokens prefilled per step, in chunks (in-process / colocated)
     kv_col_chunk: int = 64            # cache columns preallocated at a time

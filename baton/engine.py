@@ -5,6 +5,9 @@ Two halves that the services use separately (prefill worker, decode worker) and 
 - `Prefiller`: one query alone -> its first token and K/V (L, 2, Hkv, P, D).
 - `DecodeBatch`: the running batch; `admit` a prefilled query between two steps,
   `step` decodes one token for every row, finished or aborted rows leave at once.
+In one process (`Engine`, the colocated worker) newcomers' prompts are prefilled in chunks
+inside the decode step's pass over the weights, under a per-step token budget (chunked
+prefill): a burst neither stalls the running rows nor queues behind one long prompt.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from baton.config import EngineConfig
 from baton.detokenizer import IncrementalDetokenizer
 from baton.kv_cache import BatchKVCache
 from baton.model_loader import LoadedModel
-from baton.model_runner import ModelRunner
+from baton.model_runner import ModelRunner, PromptChunk
 from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampling import SamplingParams, sample_batch, sample_one
 
@@ -100,26 +103,28 @@ class DecodeBatch:
             self.rows[row] = last
             self.index[last.request_id] = row
 
-    def step(self, newcomers: list[Request] = ()) -> list[TokenEvent]:
+    def step(self, chunks: list[tuple[Request, PromptChunk]] = ()) -> list[TokenEvent]:
         """One decode step for every row; finished rows leave the batch before returning.
 
-        Newcomers, if any, are prefilled in the same pass over the weights (on their own:
-        attention never mixes them with the batch), then embedded as new rows."""
-        if not self.rows and not newcomers:
+        Prompt chunks of newcomers, if any, are prefilled in the same pass over the weights (on
+        their own: attention never mixes them with the batch); a newcomer whose last chunk this
+        was gets its first token and is embedded as a new row."""
+        if not self.rows and not chunks:
             return []
         last = [r.output_ids[-1] for r in self.rows]
-        logits, prefills = self.runner.forward(last, self.cache if last else None, [r.all_ids for r in newcomers])
+        logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
         tokens = sample_batch(logits, [r.params for r in self.rows], [len(r.output_ids) for r in self.rows])
         events = [r.append_token(t, self.eos_ids, self.max_len) for r, t in zip(self.rows, tokens)]
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
-        return events + self.admit_group([(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), kv))
-                                          for req, (lg, kv) in zip(newcomers, prefills)])
+        return events + self.admit_group([(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), c.kv))
+                                          for (req, c), lg in zip(chunks, prompt_logits) if lg is not None])
 
 
 class Engine:
-    """Prefill and decode in one process: newcomers are prefilled alone, then embedded."""
+    """Prefill and decode in one process: newcomers are prefilled in chunks inside the decode
+    step's pass, then embedded by vector shaping; K/V prefilled elsewhere joins between steps."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
@@ -127,17 +132,18 @@ class Engine:
         self.prefiller = Prefiller(self.runner)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
         self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()      # to prefill here
+        self.prefilling: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()  # chunks under way
         self.prefilled: collections.OrderedDict[str, tuple[Request, PrefillOutput]] = collections.OrderedDict()
         self.counts = collections.Counter()
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + len(self.prefilled)
+        return len(self.waiting) + len(self.prefilling) + len(self.prefilled)
 
     def _check_new(self, request_id: str) -> None:
         if self.num_waiting >= self.config.max_queue:
             raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
-        if request_id in self.waiting or request_id in self.prefilled or request_id in self.batch.index:
+        if any(request_id in d for d in (self.waiting, self.prefilling, self.prefilled, self.batch.index)):
             raise ValueError(f"duplicate request_id {request_id!r}")
 
     def add_request(self, req: Request) -> None:
@@ -152,7 +158,11 @@ class Engine:
         self.prefilled[req.request_id] = (req, pre)
 
     def abort(self, request_id: str) -> bool:
-        req = self.waiting.pop(request_id, None) or (self.prefilled.pop(request_id, None) or (None,))[0]
+        req = self.waiting.pop(request_id, None)
+        if req is None and request_id in self.prefilling:
+            req = self.prefilling.pop(request_id).req
+        if req is None and request_id in self.prefilled:
+            req = self.prefilled.pop(request_id)[0]
         if req is not None:
             req.finish(Status.CANCELLED, FinishReason.ABORT)
         else:
@@ -164,26 +174,39 @@ class Engine:
     def has_work(self) -> bool:
         return self.num_waiting > 0 or len(self.batch) > 0
 
-    def _admit_waiting(self) -> tuple[list[TokenEvent], list[Request]]:
-        """Admit K/V prefilled elsewhere; pick the newcomers to prefill in this step's pass."""
-        free = self.batch.cache.max_rows - len(self.batch)
+    def _schedule(self) -> tuple[list[TokenEvent], list[tuple[Request, PromptChunk]]]:
+        """Admit K/V prefilled elsewhere; cut this step's prompt chunks, oldest prompt first, up to
+        the token budget. A prompt being prefilled holds the row it will take."""
+        free = self.batch.cache.max_rows - len(self.batch) - len(self.prefilling)
         events = self.batch.admit_group([self.prefilled.popitem(last=False)[1]
                                          for _ in range(min(free, len(self.prefilled)))])
-        budget = self.config.prefill_token_budget if len(self.batch) else self.config.idle_prefill_token_budget
-        group: list[Request] = []
-        while self.waiting and len(self.batch) + len(group) < self.batch.cache.max_rows:
-            req = next(iter(self.waiting.values()))
-            if len(req.all_ids) > budget and group:
-                break  # the budget is spent; it goes first next step
-            budget -= len(req.all_ids)
-            del self.waiting[req.request_id]
+        budget = self.config.prefill_chunk_tokens
+        chunks = []
+        for p in self._prefills():
+            ids = p.req.all_ids[p.done:p.done + budget]
+            chunks.append((p.req, PromptChunk(ids, p.done, p.kv)))
+            p.done += len(ids)
+            budget -= len(ids)
+            if budget <= 0:
+                break
+        for req, c in chunks:
+            if c.last:
+                del self.prefilling[req.request_id]
+        return events, chunks
+
+    def _prefills(self):
+        """Prompts under way, oldest first, then waiting ones started as they are reached (each
+        takes its K/V buffer and the row it will hold)."""
+        yield from list(self.prefilling.values())
+        while self.waiting and len(self.batch) + len(self.prefilling) < self.batch.cache.max_rows:
+            req = self.waiting.popitem(last=False)[1]
             req.status = Status.PREFILLING
-            group.append(req)
-        return events, group
+            p = self.prefilling[req.request_id] = _Prefill(req, self.runner.new_kv(len(req.all_ids)))
+            yield p
 
     def step(self) -> list[TokenEvent]:
-        events, newcomers = self._admit_waiting()
-        events += self.batch.step(newcomers)
+        events, chunks = self._schedule()
+        events += self.batch.step(chunks)
         self.counts["completed"] += sum(1 for e in events if e.finish_reason is not None)
         return events
 
@@ -200,3 +223,11 @@ class Engine:
         while self.has_work():
             self.step()
         return reqs
+
+
+@dataclass
+class _Prefill:
+    """A prompt being prefilled here over several steps: its K/V buffer and how far it got."""
+    req: Request
+    kv: torch.Tensor      # (L, 2, Hkv, P, D)
+    done: int = 0         # tokens whose K/V is in kv

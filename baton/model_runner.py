@@ -1,11 +1,17 @@
-"""The only module that runs the model: prefill one query, decode one step of a batch.
+"""The only module that runs the model: one pass over the weights for a decode step of the
+batch and prompt chunks of newcomers.
 
-It reuses the Hugging Face modules' weights and sub-layers (norms, projections, MLP,
-rotary embedding, LM head) so the numerics match `generate()`; only attention is ours,
-because the batch's K/V lives in BATON's shared cache (see kv_cache.py).
+At load the Hugging Face weights are regrouped for fewer, larger matmuls: Q/K/V into one
+projection and gate/up into one (the HF modules' weights become views of the fused tensors,
+so nothing is stored twice and `generate()` still runs on the same numbers). The layer
+itself is plain tensor code over a flat token axis (no module wrappers): per-op overhead is
+what dominated small steps (profiled, docs/benchmarks.md). Attention is ours, because the
+batch's K/V lives in BATON's shared cache (see kv_cache.py).
 Supported: decoder-only Llama-family models (llama, mistral, qwen2, qwen3).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +21,56 @@ from baton.kv_cache import BatchKVCache
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+@dataclass
+class PromptChunk:
+    """Tokens [start, start + len(ids)) of one prompt, prefilled on their own.
+
+    Their K/V is written into `kv` (L, 2, Hkv, P, D), the prompt's own buffer, and they
+    attend causally over kv[..., :start + len(ids)]: a long prompt is prefilled over several
+    steps (chunked prefill), each chunk seeing the ones before it."""
+    ids: list[int]
+    start: int
+    kv: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
+
+    @property
+    def last(self) -> bool:
+        """Whether this chunk completes the prompt (only then are its logits wanted)."""
+        return self.end == self.kv.shape[3]
+
+
+@dataclass
+class _Layer:
+    in_norm: torch.Tensor               # (hidden,)
+    qkv: torch.Tensor                   # (Hq*D + 2*Hkv*D, hidden): Q, K, V stacked
+    qkv_bias: torch.Tensor | None       # qwen2
+    q_norm: torch.Tensor | None         # (D,) qwen3
+    k_norm: torch.Tensor | None
+    o: torch.Tensor                     # (hidden, Hq*D)
+    post_norm: torch.Tensor             # (hidden,)
+    gate_up: torch.Tensor               # (2*I, hidden): gate, up stacked
+    down: torch.Tensor                  # (hidden, I)
+
+
+def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the linears' weights into one tensor and make each module's weight a view of it."""
+    weight = torch.cat([m.weight.data for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.data if b is not None else weight.new_zeros(m.out_features) for m, b in zip(modules, biases)])
+    row = 0
+    for m in modules:
+        n = m.out_features
+        m.weight.data = weight[row:row + n]
+        if m.bias is not None:
+            m.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
+
+
 class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module):
         cfg = hf_model.config
@@ -22,100 +78,146 @@ class ModelRunner:
             raise ValueError(
                 f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         self.hf = hf_model.eval().requires_grad_(False)
-        self.body = hf_model.model
-        self.layers = list(self.body.layers)
-        self.num_layers = len(self.layers)
+        body = hf_model.model
+        self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.group = self.num_heads // self.num_kv_heads
         self.scale = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
         self.dtype = next(hf_model.parameters()).dtype
         self.device = next(hf_model.parameters()).device
+        self.embed_weight = body.embed_tokens.weight       # (V, hidden)
+        self.norm_weight = body.norm.weight
+        self.lm_head_weight = hf_model.lm_head.weight       # tied to embed_weight in SmolLM2
+        self._rotary = body.rotary_emb
+        self._cos = self._sin = None                         # (positions, D) tables, grown on demand
+        self.layers = []
+        for layer in body.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.layers.append(_Layer(
+                layer.input_layernorm.weight, qkv, qkv_bias,
+                a.q_norm.weight if hasattr(a, "q_norm") else None, a.k_norm.weight if hasattr(a, "k_norm") else None,
+                a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight))
 
-    def _qkv(self, attn, x: torch.Tensor, pos: torch.Tensor):
-        """x: (B, T, hidden), pos: (B, T) -> q (B, Hq, T, D), k/v (B, Hkv, T, D) after RoPE."""
-        B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self._rope
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+    # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...,) -> hidden states (..., hidden)."""
+        return F.embedding(ids, self.embed_weight)
 
-    def _set_rope(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        cos, sin = self.body.rotary_emb(x, position_ids=pos)  # (B, T, D)
-        self._rope = (cos.unsqueeze(1), sin.unsqueeze(1))     # (B, 1, T, D)
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (...,) -> cos, sin (..., 1, D), to broadcast over heads. Tables are computed once by
+        the model's own rotary module, so the values equal what `generate()` uses."""
+        need = int(pos.max()) + 1 if pos.numel() else 1
+        if self._cos is None or need > self._cos.shape[0]:
+            n = min(max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024), max(need, self.max_positions))
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self._rotary(probe, position_ids=torch.arange(n, device=self.device)[None])  # (1, n, D)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[pos].unsqueeze(-2), self._sin[pos].unsqueeze(-2)
 
-    def _mlp_block(self, layer, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as HF computes it: in float32, scaled by the weight in the model dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(x.dtype)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.hf.lm_head(self.body.norm(h))
+    def qkv(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """h (..., hidden) -> q (..., Hq, D), k and v (..., Hkv, D); q and k rotated."""
+        L = self.layers[li]
+        x = F.linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias)
+        D, nq, nkv = self.head_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = x[..., :nq].unflatten(-1, (self.num_heads, D))
+        k = x[..., nq:nq + nkv].unflatten(-1, (self.num_kv_heads, D))
+        v = x[..., nq + nkv:].unflatten(-1, (self.num_kv_heads, D))
+        if L.q_norm is not None:  # qwen3: per-head norm before RoPE
+            q, k = self.norm(q, L.q_norm), self.norm(k, L.k_norm)
+        cos, sin = rope
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def prefill(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one query's prompt alone: its last position's logits (V,) and K/V (L, 2, Hkv, P, D)."""
-        return self.prefill_many([token_ids])[0]
+    def attn_out_mlp(self, li: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of a layer: h + o_proj(attn), then h + MLP(norm(h)). attn (..., Hq*D)."""
+        L = self.layers[li]
+        h = h + F.linear(attn, L.o)
+        gate, up = F.linear(self.norm(h, L.post_norm), L.gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, L.down)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., hidden) -> (..., V)."""
+        return F.linear(self.norm(h, self.norm_weight), self.lm_head_weight)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def new_kv(self, num_tokens: int) -> torch.Tensor:
+        """A prompt's own K/V buffer (L, 2, Hkv, P, D)."""
+        return torch.empty(self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim,
+                           dtype=self.dtype, device=self.device)
 
     def prefill_many(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several prompts in one pass, each on its own."""
-        return self.forward([], None, prompts)[1]
-
-    def decode(self, tokens: list[int], cache: BatchKVCache) -> torch.Tensor:
-        """One decode step for the cache's rows: tokens[r] is row r's newest token -> logits (n, V)."""
-        return self.forward(tokens, cache, [])[0]
+        """Several whole prompts in one pass, each on its own -> per prompt (last logits (V,), K/V)."""
+        chunks = [PromptChunk(list(p), 0, self.new_kv(len(p))) for p in prompts]
+        _, logits = self.forward([], None, chunks)
+        return [(lg, c.kv) for lg, c in zip(logits, chunks)]
 
     @torch.no_grad()
-    def forward(self, tokens: list[int], cache: BatchKVCache | None, prompts: list[list[int]]):
-        """One pass over the weights for a decode step of the batch and the prefill of new prompts.
+    def forward(self, tokens: list[int], cache: BatchKVCache | None, chunks: list[PromptChunk]):
+        """One pass over the weights for a decode step of the batch and prompt chunks.
 
-        Projections and MLP run on all tokens together; attention does not mix them: the
-        batch's rows attend over the shared cache (their new K/V written into its next
-        column, no copy of the rest), each prompt attends causally to itself only. The
-        prompts' K/V are returned, to be embedded into the batch afterwards.
-        Returns decode logits (n, V) and per prompt (last logits (V,), K/V (L, 2, Hkv, P, D)).
-        """
-        n, lens = len(tokens), [len(p) for p in prompts]
+        Projections and MLP run on all tokens together, as one flat axis; attention does not
+        mix them: the batch's rows attend over the shared cache (their new K/V written into its
+        next column, no copy of the rest), each chunk attends causally over its own prompt.
+        Returns decode logits (n, V) and the logits (V,) of every chunk that completes its prompt
+        (None for the others)."""
+        n, lens = len(tokens), [len(c.ids) for c in chunks]
         dev = self.device
-        ids = torch.tensor([list(tokens) + [t for p in prompts for t in p]], dtype=torch.long, device=dev)  # (1, M)
-        pos = torch.cat(([cache.positions()] if n else []) + [torch.arange(m, device=dev) for m in lens])[None]
-        starts = [n + sum(lens[:j]) for j in range(len(lens))]
-        kvs = [torch.empty(self.num_layers, 2, self.num_kv_heads, m, self.head_dim, dtype=self.dtype, device=dev)
-               for m in lens]
+        ids = torch.tensor(list(tokens) + [t for c in chunks for t in c.ids], dtype=torch.long, device=dev)  # (M,)
+        pos = torch.cat(([cache.positions()] if n else [])
+                        + [torch.arange(c.start, c.end, device=dev) for c in chunks])                        # (M,)
+        offsets = [n + sum(lens[:j]) for j in range(len(chunks))]
+        rope = self.rope(pos)
         if n:
             col = cache.append_column() - cache.start                      # this step's column in the views
             mask = cache.attention_mask()                                  # (n, 1, 1, T) additive
-        h = self.body.embed_tokens(ids)                                    # (1, M, hidden)
-        self._set_rope(h, pos)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), pos)      # (1, H, M, D)
-            outs = []
+        chunk_masks = [_chunk_mask(c, dev) for c in chunks]
+        h = self.embed(ids)                                                # (M, hidden)
+        attn = torch.empty(len(ids), self.num_heads * self.head_dim, dtype=self.dtype, device=dev)
+        for li in range(self.num_layers):
+            q, k, v = self.qkv(li, h, rope)                                # (M, H, D)
             if n:
-                keys, values = cache.layer_views(i)                        # (n, Hkv, T, D) views
-                keys[:, :, col] = k[0, :, :n].transpose(0, 1)
-                values[:, :, col] = v[0, :, :n].transpose(0, 1)
+                keys, values = cache.layer_views(li)                       # (n, Hkv, T, D) views
+                keys[:, :, col] = k[:n]
+                values[:, :, col] = v[:n]
                 # GQA without repeating K/V: the group's query heads act as query positions.
-                qd = q[0, :, :n].transpose(0, 1).reshape(n, self.num_kv_heads, self.group, self.head_dim)
-                od = _decode_attention(qd, keys, values, mask, self.scale)
-                outs.append(od.reshape(n, -1))                              # (n, Hq * D)
-            for kv, a, m in zip(kvs, starts, lens):
-                kv[i, 0], kv[i, 1] = k[0, :, a:a + m], v[0, :, a:a + m]
-                o = F.scaled_dot_product_attention(q[:, :, a:a + m], k[:, :, a:a + m], v[:, :, a:a + m],
-                                                   is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
-                outs.append(o[0].transpose(0, 1).reshape(m, -1))           # (m, Hq * D)
-            o = outs[0] if len(outs) == 1 else torch.cat(outs)             # (M, Hq * D)
-            h = h + attn.o_proj(o[None])
-            h = self._mlp_block(layer, h)
+                qd = q[:n].unflatten(1, (self.num_kv_heads, self.group))   # (n, Hkv, G, D)
+                attn[:n] = _decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+            for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
+                kv = c.kv[li]                                              # (2, Hkv, P, D)
+                kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
+                kv[1, :, c.start:c.end] = v[a:a + m].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    q[a:a + m].transpose(0, 1)[None], kv[0, None, :, :c.end], kv[1, None, :, :c.end],
+                    attn_mask=cmask, is_causal=cmask is None, scale=self.scale, enable_gqa=self.group > 1)
+                attn[a:a + m] = o[0].transpose(0, 1).flatten(1)            # (m, Hq * D)
+            h = self.attn_out_mlp(li, h, attn)
         if n:
             cache.commit_step()
-        logits = self._logits(h[0, list(range(n)) + [a + m - 1 for a, m in zip(starts, lens)]])  # (n + len(prompts), V)
-        return logits[:n], [(logits[n + j], kvs[j]) for j in range(len(prompts))]
+        wanted = list(range(n)) + [a + m - 1 for c, a, m in zip(chunks, offsets, lens) if c.last]
+        logits = self.logits(h[wanted])                                    # (n + completed chunks, V)
+        done = iter(logits[n:])
+        return logits[:n], [next(done) if c.last else None for c in chunks]
+
+
+def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
+    """(m, start + m) bool: chunk token i sees prompt positions <= start + i. None when the chunk
+    starts the prompt: plain causal attention then."""
+    if c.start == 0:
+        return None
+    m = len(c.ids)
+    return torch.ones(m, c.end, dtype=torch.bool, device=device).tril(c.start)
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -127,6 +229,7 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.matmul(scores.softmax(-1), values)                          # (n, Hkv, G, D)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as HF applies it: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

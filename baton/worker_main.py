@@ -1,7 +1,7 @@
 """Run one prefill or decode worker as its own process (no Ray needed):
 
     python -m prefill_service --port 0 --model DIR [--router 127.0.0.1:50051]
-    python -m decode_service  --port 0 --model DIR [--router 127.0.0.1:50051]
+    python -m decode_service  --port 0 --model DIR [--router 127.0.0.1:50051] [--colocated]
 
 Prints `BATON_READY role=<role> address=<host:port> pid=<pid>` once it serves, registers
 with the router when one is given, and stops cleanly on SIGTERM/SIGINT.
@@ -41,6 +41,10 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept")
     p.add_argument("--log-level", default="INFO")
+    if role == "decode":
+        p.add_argument("--colocated", action="store_true",
+                       help="also serve the Prefill role: prompts sent to this worker are prefilled in its own "
+                            "decode steps and their K/V handed to its batch in memory (one device, one process)")
     return p.parse_args(argv)
 
 
@@ -61,7 +65,7 @@ class Worker:
         tls = dict(auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                    tls_client_ca=args.tls_root_cert if args.tls_mutual else None)
         self.loop = None
-        if role == "decode":
+        if role in ("decode", "colocated"):
             from baton.engine import Engine
             from baton.engine_loop import EngineLoop
             from baton.request import Request
@@ -69,7 +73,9 @@ class Worker:
             from decode_service.server import serve
             self.loop = EngineLoop(Engine(model, cfg)).start()
             list(self.loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-            self.server, self.port, self.watchdog = serve(self.loop, args.host, args.port, lease_s=args.lease_s, **tls)
+            self.server, self.port, self.watchdog = serve(self.loop, args.host, args.port, lease_s=args.lease_s,
+                                                          colocated=role == "colocated",
+                                                          tls_root_cert=args.tls_root_cert, **tls)
         else:
             from baton.engine import Prefiller
             from baton.model_runner import ModelRunner
@@ -123,6 +129,8 @@ class Worker:
 
 def main(role: str, argv=None) -> int:
     args = parse_args(role, argv)
+    if getattr(args, "colocated", False):
+        role = "colocated"
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s")
     worker = Worker(role, args)
     done = threading.Event()

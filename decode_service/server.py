@@ -95,9 +95,11 @@ class Watchdog(threading.Thread):
     """Health follows the engine: NOT_SERVING when its loop died or stalled with work to do.
     Also reclaims K/V that nobody attached to within the lease."""
 
-    def __init__(self, worker: DecodeWorker, health, stall_s: float = 15.0, period_s: float = 0.5):
+    def __init__(self, worker: DecodeWorker, health, services: list[str], stall_s: float = 15.0,
+                 period_s: float = 0.5):
         super().__init__(name="decode-watchdog", daemon=True)
-        self.worker, self.health, self.stall_s, self.period_s = worker, health, stall_s, period_s
+        self.worker, self.health, self.services = worker, health, services
+        self.stall_s, self.period_s = stall_s, period_s
         self.stopped = threading.Event()
 
     def healthy(self) -> bool:
@@ -107,20 +109,29 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.period_s):
-            grpc_util.set_health(self.health, [SERVICE], self.healthy())
+            grpc_util.set_health(self.health, self.services, self.healthy())
             self.worker.reap()
 
 
 def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_token=None, tls_cert=None,
-          tls_key=None, tls_client_ca=None, lease_s: float = 30.0):
-    """Start the Decode service on a running engine loop; returns (server, port, watchdog)."""
+          tls_key=None, tls_client_ca=None, tls_root_cert=None, lease_s: float = 30.0, colocated: bool = False):
+    """Start the Decode service on a running engine loop; returns (server, port, watchdog).
+    `colocated`: the same server also serves the Prefill role (see decode_service/colocated.py)."""
     worker = DecodeWorker(loop, lease_s=lease_s)
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                                           tls_client_ca=tls_client_ca)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE])
+    services = [SERVICE]
+    if colocated:
+        from decode_service.colocated import ColocatedPrefill
+        from prefill_service import server as prefill_server
+        remote = prefill_server.prefill_worker(loop.engine.prefiller, loop.engine.model.max_len, auth_token=auth_token,
+                                               tls_cert=tls_cert, tls_key=tls_key, tls_root_cert=tls_root_cert)
+        prefill_server.add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
+        services.append(prefill_server.SERVICE)
+    health = grpc_util.add_health_and_reflection(server, services)
     server.start()
-    grpc_util.set_health(health, [SERVICE], loop.alive)
-    watchdog = Watchdog(worker, health)
+    grpc_util.set_health(health, services, loop.alive)
+    watchdog = Watchdog(worker, health, services)
     watchdog.start()
     return server, bound, watchdog

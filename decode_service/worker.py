@@ -71,14 +71,24 @@ class DecodeWorker:
 
     def admit(self, req: Request, pre: PrefillOutput, transfer_s: float = 0.0) -> None:
         """A complete, validated transfer: the request joins the batch's queue."""
+        self._admit(req, lambda: self.loop.submit_prefilled(req, pre))
         with self.cond:
-            if req.request_id in self.tombstones:
-                raise NotFound(f"request {req.request_id!r} was aborted")
-            stream = self.loop.submit_prefilled(req, pre)   # QueueFull / duplicates raise here
-            self.slots[req.request_id] = _Slot(stream)
             self.transfers["count"] += 1
             self.transfers["bytes"] += pre.kv.numel() * pre.kv.element_size()
             self.transfers["seconds"] += transfer_s
+
+    def admit_prompt(self, req: Request) -> None:
+        """A prompt to prefill in this worker's own steps (colocated): its K/V goes straight from
+        the chunked prefill into the batch, in memory."""
+        self._admit(req, lambda: self.loop.submit(req))
+
+    def _admit(self, req: Request, submit) -> None:
+        with self.cond:
+            if req.request_id in self.tombstones:
+                raise NotFound(f"request {req.request_id!r} was aborted")
+            if req.request_id in self.slots:
+                raise AlreadyExists(f"request {req.request_id!r} is already on this worker")
+            self.slots[req.request_id] = _Slot(submit())   # QueueFull / duplicates raise here
             self.cond.notify_all()
 
     # ---- router side -------------------------------------------------------------------------

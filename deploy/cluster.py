@@ -1,9 +1,15 @@
-"""`baton up`: the router in this process, prefill and decode workers as Ray actors.
+"""`baton up`: the router in this process, workers as Ray actors.
+
+Topology follows the hardware: where prefill and decode would share one device (a CPU-only
+node, a single GPU) the workers are *colocated* (each serves both roles in one process, K/V
+handed to its own batch in memory); with two GPUs or more the pools are *disaggregated*
+(prefill and decode workers apart, K/V over the network). Explicit --prefill-workers /
+--decode-workers always give disaggregated pools.
 
 Starts an embedded local Ray cluster, or joins one with --address. Each worker asks for
 `num_gpus=1` where the cluster has GPUs, else a share of the CPU cores (torch threads set
-to match, so workers do not oversubscribe). Ray restarts a dead worker; the worker
-registers again with the router on start.
+to match, so workers neither oversubscribe nor leave a core idle). Ray restarts a dead
+worker; the worker registers again with the router on start.
 """
 from __future__ import annotations
 
@@ -20,12 +26,14 @@ class Deployment:
     def __init__(self, args, router_address: str, registry):
         import ray
         self.ray, self.args, self.router_address, self.registry = ray, args, router_address, registry
-        self.pools: dict[str, list] = {"prefill": [], "decode": []}
+        self.pools: dict[str, list] = {"prefill": [], "decode": [], "colocated": []}
         self.ids: dict[object, str] = {}
         self.lock = threading.Lock()
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
-        self.cpu_threads = max(1, (os.cpu_count() or 2) // max(1, args.prefill_workers + args.decode_workers))
+        self.sizes = initial_pools(args, self.gpus)
+        self.topology = "colocated" if self.sizes["colocated"] else "disaggregated"
+        self.cpu_threads = max(1, (os.cpu_count() or 2) // max(1, sum(self.sizes.values())))
 
     def _worker_argv(self, role: str, worker_id: str) -> list[str]:
         a = self.args
@@ -54,8 +62,20 @@ class Deployment:
         self.ids[actor] = worker_id
         return actor
 
+    def start(self) -> None:
+        for role, count in self.sizes.items():
+            if count:
+                self.scale(role, count)
+
     def scale(self, role: str, count: int, drain_timeout_s: float = 120.0) -> int:
         """Grow or shrink a pool; a removed worker first drains (takes no new work, finishes its own)."""
+        if (role == "colocated") != (self.topology == "colocated"):
+            from baton.errors import FailedPrecondition
+            raise FailedPrecondition(
+                "this deployment is colocated (each worker serves prefill and decode on its device, K/V in "
+                "memory): resize it with `baton scale colocated N`, or start `baton up --prefill-workers N "
+                "--decode-workers M` for separate pools" if self.topology == "colocated" else
+                "this deployment has separate prefill and decode pools: scale `prefill` or `decode`")
         with self.lock:
             pool = self.pools[role]
             new = [self._start(role) for _ in range(count - len(pool))]
@@ -92,3 +112,12 @@ class Deployment:
                 self.ray.kill(a, no_restart=True)
             for pool in self.pools.values():
                 pool.clear()
+
+
+def initial_pools(args, gpus: int) -> dict[str, int]:
+    """Pool sizes at start: explicit flags win; else colocated on one device, disaggregated on two or more."""
+    if args.prefill_workers or args.decode_workers:
+        return {"prefill": args.prefill_workers or 1, "decode": args.decode_workers or 1, "colocated": 0}
+    if args.colocated_workers or gpus < 2:
+        return {"prefill": 0, "decode": 0, "colocated": args.colocated_workers or 1}
+    return {"prefill": gpus // 2, "decode": gpus - gpus // 2, "colocated": 0}

@@ -30,7 +30,7 @@ def up(args) -> int:
 
     t0 = time.monotonic()
     print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
-    _init_ray(args.address, args.prefill_workers + args.decode_workers)
+    _init_ray(args.address, (args.prefill_workers or 1) + (args.decode_workers or 1) + (args.colocated_workers or 0))
     holder = {}
     server, port, servicer, watcher = start_router(
         args.model, args.host, args.port, config=router_config(args), limits=request_limits.from_args(args),
@@ -43,10 +43,11 @@ def up(args) -> int:
         signal.signal(sig, lambda *_: done.set())
     gateway = None
     try:
-        print(f"baton: starting {args.prefill_workers} prefill and {args.decode_workers} decode workers "
-              f"({'GPU' if deployment.gpus else 'CPU'})...", file=sys.stderr, flush=True)
-        deployment.scale("prefill", args.prefill_workers)
-        deployment.scale("decode", args.decode_workers)
+        pools = ", ".join(f"{n} {role}" for role, n in deployment.sizes.items() if n)
+        print(f"baton: starting {deployment.topology} workers: {pools} "
+              f"({f'{deployment.gpus} GPUs' if deployment.gpus else f'CPU, {deployment.cpu_threads} threads each'})...",
+              file=sys.stderr, flush=True)
+        deployment.start()
         while not watcher.serving and not done.wait(0.2):
             pass
         if args.http_port:

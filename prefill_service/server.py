@@ -92,15 +92,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                                completed=s["prefills"], pid=os.getpid())
 
 
+def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
+                   tls_root_cert=None, transfer_timeout_s: float = 30.0) -> PrefillWorker:
+    """A PrefillWorker that pushes K/V over gRPC. It presents its own certificate to decode
+    workers, which matters when they demand one (mutual TLS)."""
+    return PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s)
+
+
+def add_servicer(worker, server) -> None:
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
+
+
 def serve(prefiller: Prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, auth_token=None,
           tls_cert=None, tls_key=None, tls_root_cert=None, tls_client_ca=None, transfer_timeout_s: float = 30.0):
-    """Warm up, start the Prefill service; returns (server, port). It presents its own certificate
-    to decode workers, which matters when they demand one (mutual TLS)."""
+    """Warm up, start the Prefill service; returns (server, port)."""
     prefiller.prefill([1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
-    worker = PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s)
+    worker = prefill_worker(prefiller, max_len, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                            tls_root_cert=tls_root_cert, transfer_timeout_s=transfer_timeout_s)
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                                           tls_client_ca=tls_client_ca)
-    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
+    add_servicer(worker, server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
     server.start()
     grpc_util.set_health(health, [SERVICE], True)

@@ -45,7 +45,8 @@ class PrefillWorker:
     def load(self) -> int:
         return len(self.active)
 
-    def prefill(self, req: Request, decode_address: str) -> PrefillResult:
+    def check(self, req: Request) -> None:
+        """Refuse what no worker could prefill: no tokens, too many, ids outside the vocabulary."""
         ids = req.all_ids
         if not ids:
             raise InvalidArgument("prompt_token_ids must not be empty")
@@ -53,6 +54,10 @@ class PrefillWorker:
             raise InvalidArgument(f"{len(ids)} tokens do not fit the model context of {self.max_len}")
         if any(t < 0 or t >= self.prefiller.runner.vocab_size for t in ids):
             raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})")
+
+    def prefill(self, req: Request, decode_address: str) -> PrefillResult:
+        self.check(req)
+        ids = req.all_ids
         self.active.add(req.request_id)
         try:
             self._check_alive(req.request_id)

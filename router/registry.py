@@ -13,7 +13,7 @@ from baton.errors import Unavailable
 from baton.v1 import decode_pb2_grpc, prefill_pb2_grpc, router_pb2
 
 log = logging.getLogger(__name__)
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "colocated")   # a colocated worker serves both other roles
 
 
 @dataclass(eq=False)
@@ -59,9 +59,8 @@ class Registry:
                 known.draining = False  # a heartbeat: keep its channel and load count
                 return known
         channel = grpc_util.make_channel(info.address, **self.tls)
-        stub_cls = decode_pb2_grpc.DecodeStub if info.role == "decode" else prefill_pb2_grpc.PrefillStub
         w = WorkerHandle(info.role, info.worker_id, info.pid, info.node, info.address, channel,
-                         stub_cls(channel), health_pb2_grpc.HealthStub(channel))
+                         _stub(info.role, channel), health_pb2_grpc.HealthStub(channel))
         with self.lock:
             old = self.workers.pop(info.worker_id, None)
             self.workers[info.worker_id] = w
@@ -79,17 +78,25 @@ class Registry:
             log.info("deregistered %s worker %s", w.role, worker_id)
 
     def live(self, role: str) -> list[WorkerHandle]:
+        """Live workers that serve a role (colocated workers serve both)."""
         with self.lock:
-            return [w for w in self.workers.values() if w.role == role and w.alive and not w.draining]
+            return [w for w in self.workers.values() if _serves(w, role) and w.alive and not w.draining]
 
-    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerHandle:
-        """The least-loaded live worker of a role; its load is counted now (call release())."""
+    def topology(self) -> str:
+        """colocated, disaggregated, mixed, or none (no worker registered)."""
+        with self.lock:
+            kinds = {"colocated" if w.role == "colocated" else "disaggregated" for w in self.workers.values()}
+        return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
+
+    def pick(self, role: str, exclude: set[str] = frozenset(), prefer: WorkerHandle | None = None) -> WorkerHandle:
+        """The least-loaded live worker that serves a role, or `prefer` when it can (a colocated
+        worker prefills for its own batch, in memory). Its load is counted now (call release())."""
         with self.lock:
             cands = [w for w in self.workers.values()
-                     if w.role == role and w.alive and not w.draining and w.worker_id not in exclude]
+                     if _serves(w, role) and w.alive and not w.draining and w.worker_id not in exclude]
             if not cands:
                 raise Unavailable(f"no live {role} worker")
-            w = min(cands, key=lambda w: w.load)
+            w = prefer if prefer in cands else min(cands, key=lambda w: w.load)
             w.load += 1
             return w
 
@@ -119,3 +126,17 @@ class Registry:
             if not ok:
                 self.mark_dead(w, why)
             w.alive = ok
+
+
+def _serves(w: WorkerHandle, role: str) -> bool:
+    return w.role == role or w.role == "colocated"
+
+
+def _stub(role: str, channel: grpc.Channel):
+    """The worker's service stub; a colocated worker's answers both the Decode and the Prefill calls."""
+    if role == "prefill":
+        return prefill_pb2_grpc.PrefillStub(channel)
+    decode = decode_pb2_grpc.DecodeStub(channel)
+    if role == "colocated":
+        decode.Prefill = prefill_pb2_grpc.PrefillStub(channel).Prefill
+    return decode

@@ -225,7 +225,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                          decode_address=decode.address, generated_token_ids=generated)
         tried: set[str] = set()
         for attempt in range(self.config.max_prefill_attempts):
-            worker = self.registry.pick("prefill", exclude=tried)
+            worker = self.registry.pick("prefill", exclude=tried, prefer=decode if decode.role == "colocated" else None)
             state["prefill"] = worker
             try:
                 return worker.stub.Prefill(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
@@ -288,12 +288,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 pass
             workers.append(w.to_pb())
         return router_pb2.StatusResponse(workers=workers, stats=self.stats_pb(), max_queue=self.config.max_queue,
-                                         model=self.model_name)
+                                         model=self.model_name, topology=self.registry.topology())
 
     @grpc_util.rpc
     def Scale(self, request, context):
-        if request.role not in ("prefill", "decode"):
-            raise InvalidArgument(f"role must be 'prefill' or 'decode', got {request.role!r}")
+        if request.role not in ("prefill", "decode", "colocated"):
+            raise InvalidArgument(f"role must be 'prefill', 'decode' or 'colocated', got {request.role!r}")
         if not 1 <= request.count <= 64:
             raise InvalidArgument(f"count must be in [1, 64], got {request.count}")
         if self.scaler is None:

@@ -20,15 +20,21 @@ def health(address: str, service: str = "", metadata=()) -> str:
 
 
 @contextlib.contextmanager
-def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_args=(), worker_args=(), env=None):
+def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_args=(), worker_args=(), env=None,
+                     colocated: int = 0):
+    """`colocated` > 0 starts that many colocated workers (each serves prefill and decode) instead
+    of the prefill and decode pools."""
     procs = []
+    if colocated:
+        prefill, decode = 0, colocated
     try:
         router = Proc(["router", "--port", "0", "--model", model_dir, *router_args], env=env)
         procs.append(router)
         common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
                   "--threads", "1", "--max-batch", "8", *worker_args]
         workers = [Proc(["prefill_service", *common], env=env) for _ in range(prefill)]
-        workers += [Proc(["decode_service", *common], env=env) for _ in range(decode)]
+        workers += [Proc(["decode_service", *common, *(["--colocated"] if colocated else [])], env=env)
+                    for _ in range(decode)]
         procs += workers
         wait_for(lambda: health(router.address) == "SERVING", 60, what="router SERVING")
         yield {"router": router, "prefill": workers[:prefill], "decode": workers[prefill:], "procs": procs}

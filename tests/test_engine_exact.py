@@ -67,7 +67,7 @@ def test_random_joins_cancels_widening_and_trimming(tiny):
 def test_engine_queue_and_eos(tiny):
     """The in-process engine: more queries than rows wait in the queue; EOS ends a query."""
     rng = random.Random(7)
-    eng = Engine(tiny, EngineConfig(max_batch=4, prefill_token_budget=64))
+    eng = Engine(tiny, EngineConfig(max_batch=4, prefill_chunk_tokens=64))
     prompts = [_prompt(rng, rng.randint(1, 80)) for _ in range(10)]
     mx = [rng.randint(1, 30) for _ in prompts]
     reqs = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in mx])

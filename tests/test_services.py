@@ -1,4 +1,5 @@
-"""The disaggregated services over loopback: a router, 2 prefill processes, 1 decode process."""
+"""The services over loopback, in both topologies: a router with 2 prefill processes and 1 decode
+process (disaggregated), and a router with 1 colocated worker (prefill and decode in one process)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -14,13 +15,14 @@ from loopback import loopback_cluster
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture(scope="module", params=["disaggregated", "colocated"])
+def cluster(request, tmp_path_factory):
     model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-    with loopback_cluster(model_dir, prefill=2, decode=1, router_args=["--max-queue", "64"]) as c:
+    colocated = int(request.param == "colocated")
+    with loopback_cluster(model_dir, prefill=2, decode=1, colocated=colocated, router_args=["--max-queue", "64"]) as c:
         from router.client import RouterClient
         with RouterClient(c["router"].address) as client:
-            yield {**c, "client": client, "decode": c["decode"][0], "model_dir": model_dir}
+            yield {**c, "client": client, "decode": c["decode"][0], "model_dir": model_dir, "topology": request.param}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def test_greedy_over_grpc_equals_generate_and_engine(cluster, ref_model):
         text, ids, last = cluster["client"].complete(p, max_new_tokens=12, ignore_eos=True)
         assert ids == reference_greedy(ref_model, p, 12, ignore_eos=True) == loc.output_ids
         assert last.finish_reason == 1 and last.usage.completion_tokens == 12 and last.usage.prompt_tokens == len(p)
-        assert last.kv_bytes == 2 * 2 * 2 * len(p) * 16 * 8  # layers * (K,V) * kv_heads * P * head_dim * 8 bytes
+        # Disaggregated: layers * (K,V) * kv_heads * P * head_dim * 8 bytes cross the network; colocated: none.
+        assert last.kv_bytes == (2 * 2 * 2 * len(p) * 16 * 8 if cluster["topology"] == "disaggregated" else 0)
         assert last.ttft_s > 0
 
 
@@ -65,7 +68,8 @@ def test_16_concurrent_streams_then_cancel_half(cluster, ref_model):
         assert sum(len(r.token_ids) for r in c) == 100
     wait_for(lambda: (s := client.stats()).running == 0 and s.waiting == 0, 20, what="running == waiting == 0")
     status = client.status()
-    decode = [w for w in status.workers if w.role == "decode"][0]
+    assert status.topology == cluster["topology"]
+    decode = [w for w in status.workers if w.role in ("decode", "colocated")][0]
     assert decode.running == 0 and decode.waiting == 0
     after = client.stats()
     assert after.cancelled - before.cancelled == 8 and after.failed == before.failed

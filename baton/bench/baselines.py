@@ -79,19 +79,17 @@ class PaddedPrefillRunner:
         causal = torch.ones(T, c1, dtype=torch.bool, device=r.device).tril(c0)
         diag = torch.arange(T, device=r.device)[:, None] + c0 == torch.arange(c1, device=r.device)[None, :]
         mask = ((self.valid[:n, None, :c1] & causal[None]) | diag[None])[:, None]
-        h = r.body.embed_tokens(ids)
-        r._set_rope(h, pos)
-        for li, layer in enumerate(r.layers):
-            attn = layer.self_attn
-            q, k, v = r._qkv(attn, layer.input_layernorm(h), pos)
+        h = r.embed(ids)                                                            # (n, T, hidden)
+        rope = r.rope(pos)
+        for li in range(r.num_layers):
+            q, k, v = (x.transpose(1, 2) for x in r.qkv(li, h, rope))                 # (n, H, T, D)
             self.kv[li, 0, :n, :, c0:c1] = k
             self.kv[li, 1, :n, :, c0:c1] = v
             o = F.scaled_dot_product_attention(q, self.kv[li, 0, :n, :, :c1], self.kv[li, 1, :n, :, :c1],
                                                attn_mask=mask, scale=r.scale, enable_gqa=r.group > 1)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(n, T, -1))
-            h = r._mlp_block(layer, h)
+            h = r.attn_out_mlp(li, h, o.transpose(1, 2).reshape(n, T, -1))
         self.cols = c1
-        return r._logits(h[:, -1])
+        return r.logits(h[:, -1])
 
 
 class SelectiveRunner:
@@ -123,12 +121,12 @@ class SelectiveRunner:
                 self.reserve(rid, self.max_len)
         flat = [t for _, toks in work for t in toks]
         pos = torch.tensor([p for rid, toks in work for p in range(self.lens[rid], self.lens[rid] + len(toks))],
-                           device=r.device)[None]                                   # (1, N)
-        h = r.body.embed_tokens(torch.tensor([flat], device=r.device))             # (1, N, hidden)
-        r._set_rope(h, pos)
-        for li, layer in enumerate(r.layers):
-            attn = layer.self_attn
-            q, k, v = r._qkv(attn, layer.input_layernorm(h), pos)                  # linear on all tokens at once
+                           device=r.device)                                         # (N,)
+        h = r.embed(torch.tensor(flat, device=r.device))                           # (N, hidden)
+        rope = r.rope(pos)
+        for li in range(r.num_layers):
+            q, k, v = r.qkv(li, h, rope)                                           # linear on all tokens at once
+            q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, H, N, D)
             outs, off = [], 0
             for rid, toks in work:                                                  # attention split per request
                 c, start = len(toks), self.lens[rid]
@@ -141,9 +139,8 @@ class SelectiveRunner:
                 outs.append(o)
                 off += c
             o = torch.cat(outs, dim=2)                                             # (1, Hq, N, D)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, len(flat), -1))
-            h = r._mlp_block(layer, h)
+            h = r.attn_out_mlp(li, h, o[0].transpose(0, 1).reshape(len(flat), -1))
         for rid, toks in work:
             self.lens[rid] += len(toks)
         ends = torch.tensor([sum(len(t) for _, t in work[:i + 1]) - 1 for i in range(len(work))], device=r.device)
-        return r._logits(h[0, ends])
+        return r.logits(h[ends])
