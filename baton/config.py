@@ -12,5 +12,5 @@ class EngineConfig:
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
     max_new_tokens_limit: int = 4096  # the largest max_new_tokens a request may ask for
-    prefill_chunk_tokens: int = 256   # prompt tokens prefilled per step, in chunks (in-process / colocated)
+    prefill_chunk_tokens: int = 512   # prompt tokens prefilled per step, in chunks (in-process / colocated)
     kv_col_chunk: int = 64            # cache columns preallocated at a time

@@ -38,7 +38,10 @@ def parse_args(role: str, argv=None) -> argparse.Namespace:
     p.add_argument("--tls-root-cert", default=None, help="CA to verify peers' TLS certificates")
     p.add_argument("--tls-mutual", action="store_true",
                    help="demand a client certificate signed by --tls-root-cert from every caller (mutual TLS)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    p.add_argument("--cpus", default=None,
+                   help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "
+                        "decode workers their own cores on one machine")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept")
     p.add_argument("--log-level", default="INFO")
     if role == "decode":
@@ -55,6 +58,8 @@ class Worker:
         import torch
         from baton.config import EngineConfig
         from baton.model_loader import load_model
+        if args.cpus:
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
         if args.threads:
             torch.set_num_threads(args.threads)
         self.role, self.args = role, args

@@ -1,5 +1,7 @@
-"""`baton_grpc`: the workload through a router and separate prefill and decode worker
-processes over gRPC (loopback), each query a client stream opened at its arrival time."""
+"""`baton_grpc`: the workload through a router and worker processes over gRPC (loopback), each
+query a client stream opened at its arrival time. Topology `disaggregated`: a prefill and a
+decode worker (optionally pinned each to its own cores, two devices emulated on one CPU);
+`colocated`: one worker serving both roles on every core."""
 from __future__ import annotations
 
 import os
@@ -14,10 +16,23 @@ class BatonGrpcSystem:
     name = "baton_grpc"
 
     def __init__(self, model_name: str, dtype: str, max_batch: int, prefill_threads: int = 1,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, topology: str = "disaggregated", device: str = "auto",
+                 pin: bool = False):
         self.model_name, self.dtype, self.max_batch = model_name, dtype, max_batch
+        self.topology, self.device, self.pin = topology, device, pin
         self.prefill_threads = prefill_threads
         self.decode_threads = decode_threads or max(1, (os.cpu_count() or 2))
+
+    def _workers(self, common: list[str]) -> list[list[str]]:
+        cores = list(range(os.cpu_count() or 1))
+        if self.topology == "colocated":
+            return [["decode_service", "--colocated", *common, "--threads", str(len(cores))]]
+        split = max(1, len(cores) // 2)
+        pins = (["--cpus", ",".join(map(str, cores[:split]))], ["--cpus", ",".join(map(str, cores[split:]))]) \
+            if self.pin and len(cores) > 1 else ([], [])
+        return [["prefill_service", *common, "--threads", str(split if self.pin else self.prefill_threads), *pins[0]],
+                ["decode_service", *common, "--threads", str(len(cores) - split if self.pin else self.decode_threads),
+                 *pins[1]]]
 
     def run(self, queries, progress=None) -> RunResult:
         from router.client import RouterClient
@@ -27,9 +42,9 @@ class BatonGrpcSystem:
                            "--log-level", "WARNING"])
             procs.append(router)
             common = ["--port", "0", "--model", self.model_name, "--dtype", self.dtype, "--router", router.address,
-                      "--max-batch", str(self.max_batch), "--max-queue", "100000", "--log-level", "WARNING"]
-            procs.append(Proc(["prefill_service", *common, "--threads", str(self.prefill_threads)]))
-            procs.append(Proc(["decode_service", *common, "--threads", str(self.decode_threads)]))
+                      "--max-batch", str(self.max_batch), "--max-queue", "100000", "--log-level", "WARNING",
+                      "--device", self.device]
+            procs += [Proc(argv) for argv in self._workers(common)]
             client = RouterClient(router.address)
             wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 60, what="workers")
             client.complete([1, 2, 3], max_new_tokens=2)  # warm: the first request pays for lazy set-up

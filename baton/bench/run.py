@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["serve"]:
         from baton.bench.serve import main as serve_main
         return serve_main(argv[1:])
+    if argv[:1] == ["topologies"]:
+        from baton.bench.topologies import main as topologies_main
+        return topologies_main(argv[1:])
     args = parse_args(argv)
     from baton.model_loader import load_model
     names = [s for s in args.systems.split(",") if s]
