@@ -27,7 +27,7 @@ class RouterHealth(threading.Thread):
         req = router_pb2.GenerateRequest(request_id="warmup-" + str(id(self)), prompt_token_ids=[1, 2, 3],
                                          max_new_tokens=1)
         try:
-            return any(r.finish_reason for r in self.servicer.Generate(req, ctx))
+            return any([r.finish_reason for r in self.servicer.Generate(req, ctx)])  # drained: it settles as completed
         except Exception as e:
             log.info("warm-up generation failed: %s", e)
             return False

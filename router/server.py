@@ -61,6 +61,10 @@ class Counters:
     def __getitem__(self, k):
         return self.c[k]
 
+    def snapshot(self) -> collections.Counter:
+        with self.lock:
+            return collections.Counter(self.c)
+
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, registry: Registry, tokenizer, context_len: int, model_name: str,
@@ -128,26 +132,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 self.active_ids.discard(rid)
             raise
         state = {"phase": "waiting", "done": False, "error": None, "decode": None, "prefill": None, "settled": False}
-        accounted = threading.Lock()
-
-        def on_rpc_done():
-            """Runs once when the RPC ends, however it ends: the one place that settles the books."""
-            with self.admit_lock:
-                if state["settled"]:
-                    return
-                state["settled"] = True
-                self.waiting -= state["phase"] == "waiting"
-                self.running -= state["phase"] == "running"
-                self.active_ids.discard(rid)
-            if state["done"]:
-                outcome = "completed"
-            else:
-                failed = state["error"] is not None and not isinstance(state["error"], Cancelled)
-                outcome = "failed" if failed else "cancelled"
-                self._abort_everywhere(rid, state)  # the client went away or it failed: free what it held
-            self.counts.add(**{outcome: 1})
-        if not context.add_callback(on_rpc_done):
-            on_rpc_done()
+        if not context.add_callback(lambda: self._settle(rid, state)):
+            self._settle(rid, state)
             return
         try:
             yield from self._generate(rid, ids, params, context, state)
@@ -155,6 +141,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             state["error"] = e
             log.info("request %s ended: %s %s", rid, e.code_name, e)
             raise
+
+    def _settle(self, rid: str, state: dict) -> None:
+        """Runs once when the RPC ends, however it ends: the one place that settles the books.
+        The outcome is counted in the same critical section that takes the request off
+        running/waiting, so a Stats read never sees it in neither; what it held is freed after."""
+        if state["done"]:
+            outcome = "completed"
+        else:
+            failed = state["error"] is not None and not isinstance(state["error"], Cancelled)
+            outcome = "failed" if failed else "cancelled"
+        with self.admit_lock:
+            if state["settled"]:
+                return
+            state["settled"] = True
+            self.waiting -= state["phase"] == "waiting"
+            self.running -= state["phase"] == "running"
+            self.active_ids.discard(rid)
+            self.counts.add(**{outcome: 1})
+        if outcome != "completed":
+            try:  # the client went away or it failed: free what it held
+                self._abort_everywhere(rid, state)
+            except Exception:
+                log.exception("request %s: freeing its workers failed", rid)
 
     def _generate(self, rid, ids, params, context, state):
         arrival = time.monotonic()
@@ -192,12 +201,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         resp.prefill_s, resp.kv_transfer_s, resp.kv_bytes = prefill_s, transfer_s, kv_bytes
                         resp.migrations, resp.request_id = migrations, rid
                         self.counts.add(kv_bytes=kv_bytes)
+                        yield resp
+                        # gRPC resumes a stream only after the message went out on a live call: a
+                        # client that cancelled before it got the last token never reaches this line.
                         state["done"] = True
                         metrics.observe_request(resp)
                         log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
                                  "ttft_s=%.4f e2e_s=%.4f", rid, ("", "length", "stop")[resp.finish_reason],
                                  len(ids), len(generated), resp.ttft_s, resp.e2e_s)
-                        yield resp
                         return
                     yield resp
                 raise _StreamBroke("decode stream ended without a finish")
@@ -263,9 +274,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # ---- Stats / admin ------------------------------------------------------------------------
     def stats_pb(self) -> router_pb2.StatsResponse:
-        c = self.counts
+        with self.admit_lock:  # one snapshot: running/waiting and the outcome counters agree
+            running, waiting, c = self.running, self.waiting, self.counts.snapshot()
         return router_pb2.StatsResponse(
-            running=self.running, waiting=self.waiting, prefill_workers=len(self.registry.live("prefill")),
+            running=running, waiting=waiting, prefill_workers=len(self.registry.live("prefill")),
             decode_workers=len(self.registry.live("decode")), completed=c["completed"], failed=c["failed"],
             cancelled=c["cancelled"], rejected=c["rejected"], prefill_retries=c["prefill_retries"],
             migrations=c["migrations"], kv_bytes=c["kv_bytes"])
