@@ -31,7 +31,10 @@ serve: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The served endpoint first (baton up in each topology, plus any --peer in ENDPOINT_ARGS), then the
+# in-process comparison of batching schemes.
 bench: install
+	$(VENV)/bin/baton bench endpoint --out docs/bench/endpoint $(ENDPOINT_ARGS)
 	$(VENV)/bin/baton bench --sweep 2,4,8 --out docs/bench $(BENCH_ARGS)
 
 clean:

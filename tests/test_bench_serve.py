@@ -222,3 +222,32 @@ def test_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(["serve", "--help"])
     assert e.value.code == 0
+
+
+def test_endpoint_flops_per_token_count_every_weight_a_token_meets(tmp_path):
+    from baton.bench.endpoint import flops_per_token
+    from tiny_model import save_tiny, tiny_llama
+    model = tiny_llama().model
+    layers = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.dim() == 2)
+    prefill, decode = flops_per_token(save_tiny(tmp_path / "tiny"))
+    assert prefill == 2 * layers
+    assert decode == 2 * (layers + model.lm_head.weight.numel())
+
+
+def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_ratio(base_url, tmp_path):
+    import json
+
+    from baton.bench.endpoint import main as endpoint_main
+    from tiny_model import save_tiny
+    out = tmp_path / "out"
+    assert endpoint_main(["--topologies", "", "--peer", f"fake={base_url}", "--model", save_tiny(tmp_path / "m"),
+                          "--tokenizer", "none", "--num-prompts", "4", "--rate", "50", "--no-progress",
+                          "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    loads = r["results"]["fake"]
+    assert sorted(loads) == ["50 q/s", "burst"]
+    assert all(x["completed"] == 4 and x["failed"] == 0 for x in loads.values())
+    assert r["results"]["fake"]["50 q/s"]["config"]["request_rate"] == 50
+    md = (out / "results.md").read_text()
+    assert md.count("| `fake` |") == 4  # a row per load in each load's table and in the summary
+    assert f"{r['torch_fp32_matmul_gflops']:.1f} GFLOP/s" in md

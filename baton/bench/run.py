@@ -4,6 +4,8 @@
                 [--systems static,padded_prefill,orca,baton,baton_grpc,hf_static,hf_continuous]
                 [--sweep 1,2,4] [--out docs/bench]
     baton bench serve --base-url URL ...   (load on any OpenAI-compatible server; see its --help)
+    baton bench endpoint ...               (baton up in each topology and peers, through HTTP)
+    baton bench topologies ...             (colocated vs prefill + decode workers, over gRPC)
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["serve"]:
         from baton.bench.serve import main as serve_main
         return serve_main(argv[1:])
+    if argv[:1] == ["endpoint"]:
+        from baton.bench.endpoint import main as endpoint_main
+        return endpoint_main(argv[1:])
     if argv[:1] == ["topologies"]:
         from baton.bench.topologies import main as topologies_main
         return topologies_main(argv[1:])
