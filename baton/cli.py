@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
     u.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible HTTP API")
+    from router.http_gateway import config as http_config
+    http_config.add_args(u)  # --http-max-body-bytes, --http-keep-alive, --http-max-connections, ...
     u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
     u.add_argument("--tls-cert")
     u.add_argument("--tls-key")

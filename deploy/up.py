@@ -54,8 +54,9 @@ def up(args) -> int:
         while not watcher.serving and not done.wait(0.2):
             pass
         if args.http_port:
-            from router.http_gateway import start_gateway
-            gateway = start_gateway(router_address, args.host, args.http_port, auth_token=args.auth_token)
+            from router.http_gateway import config as http_config, start_gateway
+            gateway = start_gateway(router_address, args.host, args.http_port, auth_token=args.auth_token,
+                                    limits=http_config.from_args(args, args.max_message_bytes))
         if not done.is_set():
             print(f"baton: serving {args.model} on {args.host}:{port} "
                   f"(ready in {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)

@@ -1,0 +1,26 @@
+"""An OpenAI-compatible HTTP API in front of the baton router (which it calls over gRPC).
+
+    python -m router.http_gateway --router 127.0.0.1:50051 --port 8000
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}'
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE with
+`"stream": true`), GET /v1/models, GET /health (200 when the router is SERVING, else 503),
+GET /metrics (Prometheus text). Errors are OpenAI-shaped:
+`{"error": {"message", "type", "param", "code"}}` with 400 (bad input), 401 (missing or wrong
+bearer token when the gateway has one), 408 (body too slow), 413 (body or request too large),
+429 (router queue full), 503 (no live worker / router unreachable / too many connections).
+See docs/http.md.
+
+Modules, one concept each: schemas (request bodies, checks and ranges), errors (APIError, the
+gRPC -> HTTP map), gateway (router channels, tokenizer, chat prompts), streaming (responses and
+SSE), app (routes, the body limit), config (HttpLimits and their flags), server (uvicorn, CLI).
+"""
+from router.http_gateway.app import create_app
+from router.http_gateway.config import HttpLimits
+from router.http_gateway.gateway import Gateway, plain_chat_prompt
+from router.http_gateway.schemas import ChatMessage
+from router.http_gateway.server import GatewayHandle, main, start_gateway
+
+__all__ = ["ChatMessage", "Gateway", "GatewayHandle", "HttpLimits", "create_app", "main", "plain_chat_prompt",
+           "start_gateway"]

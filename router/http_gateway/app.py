@@ -1,0 +1,199 @@
+"""The HTTP API's routes over one Gateway, and the limit on request bodies. A generation is:
+check the body (schemas), build the GenerateRequest, call the router, answer with one JSON
+response or an SSE stream (streaming). Every failure is an APIError, answered in one place."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import grpc
+import grpc.aio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from baton.v1 import router_pb2
+from router import metrics
+from router.http_gateway.config import HttpLimits
+from router.http_gateway.errors import APIError, rpc_error
+from router.http_gateway.gateway import Gateway
+from router.http_gateway.schemas import ChatCompletionRequest, CompletionRequest, GenerateBody, parse_request
+from router.http_gateway.streaming import (CancellingStream, ClientGone, collect, full_response, sse_events,
+                                           unless_disconnected)
+
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}   # path -> metrics label
+
+
+def count(endpoint: str, status: int) -> None:
+    metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                    code="body_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 - from its Content-Length before a byte of
+    it is read, or as soon as a chunked body passes the limit - and a body that has not arrived
+    `timeout_s` after the request's head gets 408. Either way the connection is then closed."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")   # h11 has checked it is a number
+        if length is not None and int(length) > self.max_bytes:
+            count(ENDPOINTS.get(scope["path"], "other"), 413)
+            return await _too_large(self.max_bytes).response()(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, received, done = loop.time() + self.timeout_s, 0, False
+
+        async def limited_receive():
+            nonlocal received, done
+            if done:   # the body is in: what follows is the disconnect
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                               code="timeout") from None
+            if msg["type"] != "http.request":
+                done = True
+            else:
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise _too_large(self.max_bytes)
+                done = not msg.get("more_body", False)
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+def _generate_request(gw: Gateway, body: GenerateBody, fields: dict, max_tokens: int | None, chat: bool):
+    req = router_pb2.GenerateRequest(request_id=uuid.uuid4().hex, **fields, **body.sampling_fields(max_tokens))
+    size = req.ByteSize()
+    if size > gw.max_message_bytes:   # gRPC would refuse to send it, as RESOURCE_EXHAUSTED (a 429)
+        raise APIError(413, f"the request is too large: {size} bytes once encoded for the router, which takes at "
+                       f"most {gw.max_message_bytes}", param="messages" if chat else "prompt",
+                       code="request_too_large")
+    return req
+
+
+def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await gw.open()
+        try:
+            yield
+        finally:
+            await gw.close()
+
+    app = FastAPI(title="baton", description="OpenAI-compatible API of a baton deployment", lifespan=lifespan)
+    app.state.gateway = gw
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+
+    def _check_auth(request: Request) -> None:
+        if not gw.authorized(request):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <token>'",
+                           code="invalid_api_key")
+
+    async def _generate(request: Request, endpoint: str, chat: bool):
+        try:
+            _check_auth(request)
+            body = parse_request(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
+            if chat:
+                fields = await gw.chat_prompt(body.messages)
+                max_tokens = body.max_completion_tokens or body.max_tokens
+            else:
+                p = body.prompt
+                fields = {"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_token_ids": p}
+                max_tokens = body.max_tokens or 16   # OpenAI's default for completions
+            req = _generate_request(gw, body, fields, max_tokens, chat)
+            model_id = body.model or await gw.model_id()
+            call = gw.stub.Generate(req, timeout=gw.request_timeout_s, metadata=gw.metadata)
+            try:
+                first = await unless_disconnected(request, call, call.read())
+            except grpc.RpcError as e:
+                raise rpc_error(e, chat) from None
+            if first is grpc.aio.EOF:
+                raise APIError(502, "the router ended the stream without a token", "server_error")
+            rid = req.request_id
+            meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()), "model": model_id}
+            if body.stream:
+                count(endpoint, 200)
+                return CancellingStream(sse_events(call, first, body, meta, chat), call,
+                                        headers={"X-Request-Id": rid, "Cache-Control": "no-cache"})
+            try:
+                result = await unless_disconnected(request, call, collect(call, first))
+            except grpc.RpcError as e:
+                raise rpc_error(e, chat) from None
+            count(endpoint, 200)
+            return JSONResponse(full_response(result, body, meta, chat), headers={"X-Request-Id": rid})
+        except APIError as e:
+            count(endpoint, e.status)
+            return e.response()
+        except ClientGone:
+            count(endpoint, 499)
+            return Response(status_code=499)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(request, "chat", chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(request, "completions", chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_auth(request)
+        return {"object": "list", "data": [_model_card(await gw.model_id(), gw.created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _check_auth(request)
+        served = await gw.model_id()
+        if model_id != served:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {served!r}",
+                           param="model", code="model_not_found")
+        return _model_card(served, gw.created)
+
+    @app.get("/health")
+    async def health():
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        try:
+            r = await health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                   timeout=2)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        except grpc.RpcError as e:
+            status = e.code().name
+        ok = status == "SERVING"
+        return JSONResponse({"status": "ok" if ok else "unavailable", "router": status}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body = await asyncio.to_thread(metrics.exposition, gw.status_collector)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    async def _not_found(request: Request, exc):
+        return APIError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found").response()
+
+    async def _method(request: Request, exc):
+        return APIError(405, f"method {request.method} not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(404, _not_found)
+    app.add_exception_handler(405, _method)
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "baton"}

@@ -1,0 +1,42 @@
+"""Limits on the gateway's HTTP connections and bodies, and their command-line flags (shared by
+`python -m router.http_gateway` and `baton up`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from baton.grpc_util import MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body_bytes: int = MAX_MESSAGE_BYTES   # a larger body could not be forwarded to the router anyway
+    keep_alive_s: float = 5.0                 # an idle connection (no request in progress) is closed after this
+    header_timeout_s: float = 10.0            # a request's head must be complete this long after the connection
+    #                                           opens or the previous response ends, however slowly it trickles
+    body_timeout_s: float = 60.0              # and its body within this of its head (else 408)
+    max_connections: int = 1024               # more open connections (or requests in progress) get 503
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # the largest gRPC message the router takes (its --max-message-bytes)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = HttpLimits()
+    g = p.add_argument_group("HTTP limits")
+    g.add_argument("--http-max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="larger request bodies get 413, refused from their Content-Length before they are read "
+                        "(default: %(default)s)")
+    g.add_argument("--http-keep-alive", type=float, default=d.keep_alive_s,
+                   help="seconds an idle connection stays open (default: %(default)s)")
+    g.add_argument("--http-header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a client gets to send a request's head, however slowly (default: %(default)s)")
+    g.add_argument("--http-body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a client gets to send a request's body after its head; then 408 "
+                        "(default: %(default)s)")
+    g.add_argument("--http-max-connections", type=int, default=d.max_connections,
+                   help="open connections (and requests in progress) beyond this get 503 (default: %(default)s)")
+
+
+def from_args(a: argparse.Namespace, max_message_bytes: int = MAX_MESSAGE_BYTES) -> HttpLimits:
+    return HttpLimits(max_body_bytes=a.http_max_body_bytes, keep_alive_s=a.http_keep_alive,
+                      header_timeout_s=a.http_header_timeout, body_timeout_s=a.http_body_timeout,
+                      max_connections=a.http_max_connections, max_message_bytes=max_message_bytes)

@@ -1,0 +1,139 @@
+"""The gateway's state: the router channels, the model's name and tokenizer, and the chat prompt
+built from a conversation. It holds no model: the router validates, tokenizes and detokenizes; the
+gateway renders the chat template itself (with the model's tokenizer, loaded from the path the
+router reports, when it can) so multi-turn conversations are exact; a model without a template
+gets a plain "role: content" transcript ending in "assistant:", sent raw."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from fastapi import Request
+
+from baton import grpc_util
+from baton.v1 import router_pb2, router_pb2_grpc
+from router import metrics
+from router.http_gateway.schemas import ChatMessage
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """State shared by the handlers: the router channel (created in the server's event loop)."""
+
+    def __init__(self, router_address: str, auth_token: str | None = None, router_auth_token: str | None = None,
+                 model_name: str | None = None, tls_root_cert: str | None = None, request_timeout_s: float | None = None,
+                 max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES):
+        self.router_address, self.auth_token = router_address, auth_token
+        self.max_message_bytes = max_message_bytes   # the largest GenerateRequest the router takes
+        self.metadata = grpc_util.auth_metadata(router_auth_token if router_auth_token is not None else auth_token)
+        self.model_name, self.tls_root_cert, self.request_timeout_s = model_name, tls_root_cert, request_timeout_s
+        self.expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: router_pb2_grpc.RouterStub | None = None
+        self.created = int(time.time())
+        self._router_model: str | None = None
+        self._tokenizer: Any = None
+        self._tokenizer_tried = False
+        self._tokenizer_lock = threading.Lock()
+        # /metrics reads the router's Status over a plain (blocking) channel in a worker thread.
+        self._sync_channel = grpc_util.make_channel(router_address, tls_root_cert=tls_root_cert,
+                                                    max_message_bytes=max_message_bytes)
+        sync_stub = router_pb2_grpc.RouterStub(self._sync_channel)
+        self.status_collector = metrics.RouterStatusCollector(
+            lambda: sync_stub.Status(router_pb2.StatusRequest(), timeout=3, metadata=self.metadata))
+
+    # -- lifecycle (inside the server's loop)
+    async def open(self) -> None:
+        opts = [("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes)]
+        if self.tls_root_cert:
+            with open(self.tls_root_cert, "rb") as f:
+                creds = grpc.ssl_channel_credentials(f.read())
+            self.channel = grpc.aio.secure_channel(self.router_address, creds, options=opts)
+        else:
+            self.channel = grpc.aio.insecure_channel(self.router_address, options=opts)
+        self.stub = router_pb2_grpc.RouterStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(grace=None)
+        self._sync_channel.close()
+
+    # -- helpers
+    def authorized(self, request: Request) -> bool:
+        if self.expected_auth is None:
+            return True
+        got = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(got, self.expected_auth)
+
+    async def router_model(self) -> str | None:
+        """The model the router serves (its --model: a name or a directory), asked once."""
+        if self._router_model is None:
+            try:
+                st = await self.stub.Status(router_pb2.StatusRequest(), timeout=5, metadata=self.metadata)
+                self._router_model = st.model
+            except grpc.RpcError as e:
+                log.debug("router Status failed: %s", e)
+        return self._router_model
+
+    async def model_id(self) -> str:
+        if self.model_name:
+            return self.model_name
+        m = await self.router_model()
+        if not m:
+            return "baton"
+        return Path(m).name if ("/" in m or os.sep in m) else m
+
+    def _load_tokenizer(self, model: str):
+        with self._tokenizer_lock:
+            if not self._tokenizer_tried:
+                self._tokenizer_tried = True
+                try:
+                    from router.main import load_tokenizer
+                    self._tokenizer = load_tokenizer(model)[0]
+                except Exception as e:  # another machine's path, or no tokenizer: plain prompts then
+                    log.info("no local tokenizer for %s (%s): chat prompts are built without a template", model, e)
+            return self._tokenizer
+
+    async def tokenizer(self):
+        if self._tokenizer_tried:
+            return self._tokenizer
+        model = await self.router_model()
+        if model is None:
+            return None  # the router did not answer; try again next time
+        return await asyncio.to_thread(self._load_tokenizer, model)
+
+    async def chat_prompt(self, messages: list[ChatMessage]) -> dict:
+        """GenerateRequest fields for a conversation."""
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        tok = await self.tokenizer()
+        if tok is not None and getattr(tok, "chat_template", None):
+            return {"prompt_token_ids": render_chat_template(tok, msgs)}
+        if tok is None and len(msgs) == 1 and msgs[0]["role"] == "user":
+            # No tokenizer here: the router applies the model's chat template (if any) to one user turn.
+            return {"prompt": msgs[0]["content"], "raw": False}
+        return {"prompt": plain_chat_prompt(msgs), "raw": True}
+
+
+def render_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def plain_chat_prompt(messages: list[dict]) -> str:
+    """A transcript for models without a chat template: one "role: content" line per message."""
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+

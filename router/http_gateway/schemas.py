@@ -1,0 +1,227 @@
+"""Request bodies of the HTTP API: the raw body checked (JSON, nesting, Unicode), the pydantic
+models with every range the router's protobuf fields impose, and their failures as 400s naming
+the field. Nothing a client sends reaches protobuf or the router before passing here."""
+from __future__ import annotations
+
+import json
+import reprlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.http_gateway.errors import APIError
+
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+MAX_JSON_DEPTH = 32   # a chat body needs 5 levels; a client's tool schemas a few more
+
+
+# ---- the raw body ----------------------------------------------------------------------------------
+def _no_constant(word: str):
+    raise ValueError(f"{word} is not a JSON value")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The body as a JSON object, or an APIError(400) saying why not."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_tree(data)
+    return data
+
+
+def _check_tree(data: dict) -> None:
+    """At most MAX_JSON_DEPTH levels of arrays and objects, and text that is valid Unicode (JSON's
+    escapes can spell a lone surrogate, "\\ud800", which no UTF-8 encoder accepts)."""
+    stack: list[tuple[Any, int, str | None]] = [(data, 1, None)]
+    while stack:
+        o, depth, field = stack.pop()
+        if isinstance(o, str):
+            _check_text(o, field)
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           param=field, code="invalid_json")
+        if isinstance(o, dict):
+            for k, v in o.items():
+                _check_text(k, field)
+                if isinstance(v, (str, list, dict)):
+                    stack.append((v, depth + 1, field or k))
+        else:
+            stack.extend((v, depth + 1, field) for v in o if isinstance(v, (str, list, dict)))
+
+
+def _check_text(s: str, field: str | None) -> None:
+    if s.isascii():
+        return
+    try:
+        s.encode()
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{field or 'the request body'}: text holds a lone surrogate ({s[e.start]!r}) "
+                       "at character " + str(e.start) + "; send valid Unicode", param=field,
+                       code="invalid_value") from None
+
+
+# ---- the models ------------------------------------------------------------------------------------
+# Fields accepted at their default only: name -> (the values accepted, what to say otherwise).
+ONLY_DEFAULT = {
+    "n": ((1,), "n must be 1 (one choice per request is supported)"),
+    "logprobs": ((None, False, 0), "logprobs are not supported"),
+    "top_logprobs": ((None, 0), "top_logprobs is not supported"),
+    "presence_penalty": ((None, 0), "presence_penalty is not supported (must be 0 or absent)"),
+    "frequency_penalty": ((None, 0), "frequency_penalty is not supported (must be 0 or absent)"),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": ((None, ""), "suffix is not supported"),
+    "best_of": ((None, 1), "best_of must be 1"),
+}
+
+
+def _only_default(cls, v, info):
+    accepted, why = ONLY_DEFAULT[info.field_name]
+    if v not in accepted:
+        raise ValueError(f"{why}, got {reprlib.repr(v)}")
+    return v
+
+
+class GenerateBody(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions. Unknown fields are ignored."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=U32_MAX)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=U64_MAX)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    logprobs: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # baton extensions (send with the openai client's extra_body=...)
+    top_k: int | None = Field(None, ge=0, le=U32_MAX)
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+
+    _only_defaults = field_validator("n", "logprobs", "presence_penalty", "frequency_penalty")(_only_default)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_fields(self, max_tokens: int | None) -> dict:
+        """The GenerateRequest fields other than the prompt (every value in its protobuf range)."""
+        f = dict(max_new_tokens=max_tokens or 0, temperature=1.0 if self.temperature is None else self.temperature,
+                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=self.stops(),
+                 ignore_eos=self.ignore_eos)
+        if self.seed is not None:
+            f["seed"] = self.seed
+        return f
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text" or self.text is None:
+            raise ValueError(f"only text content parts are supported, got type {self.type!r}")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatCompletionRequest(GenerateBody):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=U32_MAX)
+    top_logprobs: int | None = None
+
+    _only_defaults_chat = field_validator("top_logprobs")(_only_default)
+
+
+class CompletionRequest(GenerateBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], (str, list)):
+                if len(v) != 1:
+                    raise ValueError(f"one prompt per request is supported, got {len(v)}")
+                v = v[0]
+                if isinstance(v, list) and not v:
+                    raise ValueError("prompt must not be empty")
+            if isinstance(v, list) and any(t < 0 or t > U32_MAX for t in v):
+                raise ValueError("prompt token ids must be in [0, 2^32)")
+        return v
+
+    _only_defaults_completion = field_validator("echo", "suffix", "best_of")(_only_default)
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("body",):
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validation_error(e: ValidationError) -> APIError:
+    msgs, first = [], None
+    for err in e.errors():
+        # For union types pydantic adds the member type to the location ("stop.str"): drop it.
+        loc = [p for p in err["loc"] if p not in ("str", "list[str]", "list[int]", "list[list[int]]",
+                                                  "list[ContentPart]", "int", "float")]
+        field = _loc(loc) or None
+        first = first or field
+        msg = err["msg"].removeprefix("Value error, ")
+        msgs.append(f"{field}: {msg}" if field else msg)
+    uniq = list(dict.fromkeys(msgs))
+    return APIError(400, "; ".join(uniq[:5]), param=first.split(".")[0].split("[")[0] if first else None,
+                    code="invalid_value")
+
+
+
+
+def parse_request(raw: bytes, model: type[BaseModel]):
+    """The body checked and validated as `model`, or an APIError(400)."""
+    data = parse_body(raw)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None

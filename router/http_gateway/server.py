@@ -1,0 +1,178 @@
+"""Running the gateway: uvicorn in a background thread with the connection limits of HttpLimits
+(keep-alive, a deadline for each request's head, a cap on connections), and the command line,
+`python -m router.http_gateway`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import h11
+from fastapi import FastAPI
+
+from router.http_gateway import config
+from router.http_gateway.app import create_app
+from router.http_gateway.config import HttpLimits
+from router.http_gateway.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def deadline_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing the connections it would keep forever: a new connection that
+    sends nothing (uvicorn arms its keep-alive timer only after a response), and one whose request
+    head trickles in (every byte resets that timer). A head must be complete `header_timeout_s`
+    after the connection opens or the previous response ends."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._close_idle)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:   # a request's head is in
+                self._cancel_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._close_idle)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _close_idle(self) -> None:
+            if not self.transport.is_closing():
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+    return DeadlineH11Protocol
+
+
+class GatewayHandle:
+    def __init__(self, server, thread: threading.Thread, sock: socket.socket, app: FastAPI):
+        self.server, self.thread, self.sock, self.app = server, thread, sock, app
+        self.host, self.port = sock.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop serving: open streams get ~1 s, then are cut (their gRPC calls are cancelled)."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(1.0)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+
+def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, auth_token: str | None = None, *,
+                  router_auth_token: str | None = None, model_name: str | None = None,
+                  tls_root_cert: str | None = None, request_timeout_s: float | None = None,
+                  limits: HttpLimits = HttpLimits(), log_level: str = "warning") -> GatewayHandle:
+    """Serve the HTTP API on host:port (0 = a free port) in a background thread; returns a handle
+    with .port, .url and .stop(). `auth_token` guards /v1/* (and is sent to the router unless
+    `router_auth_token` is given)."""
+    import uvicorn
+    gw = Gateway(router_address, auth_token, router_auth_token, model_name, tls_root_cert, request_timeout_s,
+                 max_message_bytes=limits.max_message_bytes)
+    app = create_app(gw, limits)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    server_config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=1,
+                                   lifespan="on", loop="asyncio", http=deadline_protocol(limits.header_timeout_s),
+                                   ws="none", timeout_keep_alive=limits.keep_alive_s,
+                                   limit_concurrency=limits.max_connections)
+    server = uvicorn.Server(server_config)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            failure.append(e)
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"http-gateway-{sock.getsockname()[1]}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and not started.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not server.started:
+        server.should_exit = True
+        sock.close()
+        raise RuntimeError(f"the HTTP gateway did not start: {failure[0] if failure else 'timeout'}")
+    handle = GatewayHandle(server, thread, sock, app)
+    log.info("HTTP gateway on %s -> router %s", handle.url, router_address)
+    return handle
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m router.http_gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address host:port")
+
+
+def main(argv=None) -> int:
+    import router.http_gateway as package
+    p = argparse.ArgumentParser(prog="python -m router.http_gateway", description=package.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 = a free one (default: %(default)s)")
+    p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
+                   help="require 'Authorization: Bearer <token>' on /v1/*; also sent to the router "
+                        "(default: $BATON_AUTH_TOKEN, else none)")
+    p.add_argument("--router-auth-token", default=None, help="the router's token, when it differs (default: none)")
+    p.add_argument("--model-name", default=None, help="the model id to report (default: the router's model)")
+    p.add_argument("--tls-root-cert", help="CA certificate of a TLS router (default: plain TCP)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="deadline of each generation, seconds (default: none)")
+    p.add_argument("--max-message-bytes", type=int, default=HttpLimits().max_message_bytes,
+                   help="the router's --max-message-bytes: larger requests get 413 (default: %(default)s)")
+    config.add_args(p)
+    p.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s http %(name)s: %(message)s")
+    gateway = start_gateway(a.router, a.host, a.port, a.auth_token, router_auth_token=a.router_auth_token,
+                            model_name=a.model_name, tls_root_cert=a.tls_root_cert,
+                            request_timeout_s=a.request_timeout, limits=config.from_args(a, a.max_message_bytes))
+    print(f"BATON_READY role=http address={a.host}:{gateway.port} pid={os.getpid()}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    gateway.stop()
+    return 0
