@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address host:port")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     import router.http_gateway as package
     p = argparse.ArgumentParser(prog="python -m router.http_gateway", description=package.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,8 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-message-bytes", type=int, default=HttpLimits().max_message_bytes,
                    help="the router's --max-message-bytes: larger requests get 413 (default: %(default)s)")
     config.add_args(p)
-    p.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
-    a = p.parse_args(argv)
+    p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s http %(name)s: %(message)s")
     gateway = start_gateway(a.router, a.host, a.port, a.auth_token, router_auth_token=a.router_auth_token,
                             model_name=a.model_name, tls_root_cert=a.tls_root_cert,
