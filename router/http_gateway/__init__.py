@@ -6,15 +6,18 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE with
 `"stream": true`), GET /v1/models, GET /health (200 when the router is SERVING, else 503),
-GET /metrics (Prometheus text). Errors are OpenAI-shaped:
-`{"error": {"message", "type", "param", "code"}}` with 400 (bad input), 401 (missing or wrong
+GET /metrics (Prometheus text), POST /tokenize and /detokenize, GET /version, GET /openapi.json.
+A parameter that would change the output and that baton does not honour gets 400 naming it
+(unsupported.py), a model name this server does not serve 404 model_not_found. Errors are
+OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with 400 (bad input), 401 (missing or wrong
 bearer token when the gateway has one), 408 (body too slow), 413 (body or request too large),
 429 (router queue full), 503 (no live worker / router unreachable / too many connections).
 See docs/http.md.
 
-Modules, one concept each: schemas (request bodies, checks and ranges), errors (APIError, the
-gRPC -> HTTP map), gateway (router channels, tokenizer, chat prompts), streaming (responses and
-SSE), app (routes, the body limit), config (HttpLimits and their flags), server (uvicorn, CLI).
+Modules, one concept each: schemas (request bodies, checks and ranges), unsupported (the parameters
+refused), errors (APIError, the gRPC -> HTTP map), gateway (router channels, served model name,
+tokenizer, chat prompts), streaming (responses and SSE), app (routes, the body limit, the OpenAPI
+document), config (HttpLimits and the shared flags), server (uvicorn, CLI).
 """
 from router.http_gateway.app import create_app
 from router.http_gateway.config import HttpLimits

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import time
 import uuid
 
 import grpc
 import grpc.aio
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from baton.v1 import router_pb2
@@ -18,10 +20,17 @@ from router import metrics
 from router.http_gateway.config import HttpLimits
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.gateway import Gateway
-from router.http_gateway.schemas import ChatCompletionRequest, CompletionRequest, GenerateBody, parse_request
+from router.http_gateway.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateBody,
+                                        TokenizeRequest, parse_request)
 from router.http_gateway.streaming import (CancellingStream, ClientGone, collect, full_response, sse_events,
                                            unless_disconnected)
 
+try:
+    VERSION = importlib.metadata.version("baton")
+except importlib.metadata.PackageNotFoundError:   # a checkout that is not installed
+    VERSION = "unknown"
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}   # path -> its request body
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}   # path -> metrics label
 
 
@@ -92,7 +101,9 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
         finally:
             await gw.close()
 
-    app = FastAPI(title="baton", description="OpenAI-compatible API of a baton deployment", lifespan=lifespan)
+    app = FastAPI(title="baton", description="OpenAI-compatible API of a baton deployment", version=VERSION,
+                  lifespan=lifespan)
+    app.openapi = _openapi(app)
     app.state.gateway = gw
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
 
@@ -105,6 +116,7 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
         try:
             _check_auth(request)
             body = parse_request(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
+            model_id = await gw.served_model(body.model)
             if chat:
                 fields = await gw.chat_prompt(body.messages)
                 max_tokens = body.max_completion_tokens or body.max_tokens
@@ -113,7 +125,6 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
                 fields = {"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_token_ids": p}
                 max_tokens = body.max_tokens or 16   # OpenAI's default for completions
             req = _generate_request(gw, body, fields, max_tokens, chat)
-            model_id = body.model or await gw.model_id()
             call = gw.stub.Generate(req, timeout=gw.request_timeout_s, metadata=gw.metadata)
             try:
                 first = await unless_disconnected(request, call, call.read())
@@ -151,16 +162,32 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         _check_auth(request)
-        return {"object": "list", "data": [_model_card(await gw.model_id(), gw.created)]}
+        return {"object": "list", "data": [await gw.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         _check_auth(request)
-        served = await gw.model_id()
-        if model_id != served:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {served!r}",
-                           param="model", code="model_not_found")
-        return _model_card(served, gw.created)
+        await gw.served_model(model_id)
+        return await gw.model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        _check_auth(request)
+        body = parse_request(await request.body(), TokenizeRequest)
+        await gw.served_model(body.model)
+        ids = await gw.tokenize(body)
+        return {"count": len(ids), "max_model_len": gw.max_model_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        _check_auth(request)
+        body = parse_request(await request.body(), DetokenizeRequest)
+        await gw.served_model(body.model)
+        return {"prompt": await gw.detokenize(body.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
 
     @app.get("/health")
     async def health():
@@ -195,5 +222,19 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
     return app
 
 
-def _model_card(model_id: str, created: int) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "baton"}
+def _openapi(app: FastAPI):
+    """FastAPI's OpenAPI document with the request bodies added: the routes read their bodies themselves
+    (the raw checks of schemas.parse_body come before pydantic), so FastAPI cannot see the models."""
+    def document() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in BODIES.items():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+                doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = doc
+        return app.openapi_schema
+    return document

@@ -1,5 +1,5 @@
-"""Limits on the gateway's HTTP connections and bodies, and their command-line flags (shared by
-`python -m router.http_gateway` and `baton up`)."""
+"""Limits on the gateway's HTTP connections and bodies, and the flags of the HTTP API shared by
+`python -m router.http_gateway` and `baton up` (the served model name and the limits)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,9 @@ class HttpLimits:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--served-model-name", "--model-name", dest="served_model_name", default=None,
+                   help="the model name the HTTP API reports in /v1/models and accepts in requests (others get "
+                        "404 model_not_found) (default: the router's --model, a directory's last part)")
     d = HttpLimits()
     g = p.add_argument_group("HTTP limits")
     g.add_argument("--http-max-body-bytes", type=int, default=d.max_body_bytes,

@@ -21,7 +21,8 @@ from fastapi import Request
 from baton import grpc_util
 from baton.v1 import router_pb2, router_pb2_grpc
 from router import metrics
-from router.http_gateway.schemas import ChatMessage
+from router.http_gateway.errors import APIError
+from router.http_gateway.schemas import ChatMessage, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Gateway:
         self.stub: router_pb2_grpc.RouterStub | None = None
         self.created = int(time.time())
         self._router_model: str | None = None
+        self.max_model_len: int | None = None   # the model's context, read with its tokenizer
         self._tokenizer: Any = None
         self._tokenizer_tried = False
         self._tokenizer_lock = threading.Lock()
@@ -86,6 +88,7 @@ class Gateway:
         return self._router_model
 
     async def model_id(self) -> str:
+        """The served model name: --served-model-name, else the router's model (a directory's last part)."""
         if self.model_name:
             return self.model_name
         m = await self.router_model()
@@ -93,13 +96,31 @@ class Gateway:
             return "baton"
         return Path(m).name if ("/" in m or os.sep in m) else m
 
+    async def served_model(self, name: str | None) -> str:
+        """The model id to answer with, for a request that names `name` (or none); 404 model_not_found
+        (as vLLM) for a model this server does not serve. Without --served-model-name the router's
+        --model as given (e.g. a directory) is accepted too."""
+        served = await self.model_id()
+        if name is None or name == served:
+            return served
+        router_model = await self.router_model()
+        if not self.model_name and router_model in (None, name):   # None: the router's own call will fail
+            return served
+        raise APIError(404, f"The model `{name}` does not exist; this server serves `{served}`", param="model",
+                       code="model_not_found")
+
+    async def model_card(self) -> dict:
+        await self.tokenizer()   # reads the context length too
+        return {"id": await self.model_id(), "object": "model", "created": self.created, "owned_by": "baton",
+                "root": await self.router_model(), "parent": None, "max_model_len": self.max_model_len}
+
     def _load_tokenizer(self, model: str):
         with self._tokenizer_lock:
             if not self._tokenizer_tried:
                 self._tokenizer_tried = True
                 try:
                     from router.main import load_tokenizer
-                    self._tokenizer = load_tokenizer(model)[0]
+                    self._tokenizer, self.max_model_len = load_tokenizer(model)
                 except Exception as e:  # another machine's path, or no tokenizer: plain prompts then
                     log.info("no local tokenizer for %s (%s): chat prompts are built without a template", model, e)
             return self._tokenizer
@@ -111,6 +132,38 @@ class Gateway:
         if model is None:
             return None  # the router did not answer; try again next time
         return await asyncio.to_thread(self._load_tokenizer, model)
+
+    async def local_tokenizer(self):
+        """The tokenizer, or an APIError saying why there is none in this process."""
+        tok = await self.tokenizer()
+        if tok is not None:
+            return tok
+        if not self._tokenizer_tried:
+            raise APIError(503, "the router did not answer: the model's tokenizer is not known yet",
+                           "service_unavailable_error", code="router_unavailable")
+        raise APIError(501, "this gateway has no tokenizer: the model has none, or its files are on another "
+                       "machine", "server_error", code="tokenizer_unavailable")
+
+    async def tokenize(self, body: TokenizeRequest) -> list[int]:
+        """The token ids the router would see for the same prompt or conversation."""
+        tok = await self.local_tokenizer()
+        if body.messages is not None:
+            fields = await self.chat_prompt(body.messages)
+            if "prompt_token_ids" in fields:
+                return fields["prompt_token_ids"]
+            text, special = fields["prompt"], True
+        else:
+            text, special = body.prompt, body.add_special_tokens
+        return await asyncio.to_thread(lambda: [int(i) for i in tok.encode(text, add_special_tokens=special)])
+
+    async def detokenize(self, ids: list[int]) -> str:
+        tok = await self.local_tokenizer()
+        vocab = len(tok)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: token id {bad} is not in the vocabulary (ids are in [0, {vocab}))",
+                           param="tokens", code="invalid_value")
+        return await asyncio.to_thread(tok.decode, ids)
 
     async def chat_prompt(self, messages: list[ChatMessage]) -> dict:
         """GenerateRequest fields for a conversation."""

@@ -4,11 +4,11 @@ the field. Nothing a client sends reaches protobuf or the router before passing 
 from __future__ import annotations
 
 import json
-import reprlib
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.http_gateway import unsupported
 from router.http_gateway.errors import APIError
 
 U32_MAX = 2**32 - 1
@@ -69,29 +69,12 @@ def _check_text(s: str, field: str | None) -> None:
 
 
 # ---- the models ------------------------------------------------------------------------------------
-# Fields accepted at their default only: name -> (the values accepted, what to say otherwise).
-ONLY_DEFAULT = {
-    "n": ((1,), "n must be 1 (one choice per request is supported)"),
-    "logprobs": ((None, False, 0), "logprobs are not supported"),
-    "top_logprobs": ((None, 0), "top_logprobs is not supported"),
-    "presence_penalty": ((None, 0), "presence_penalty is not supported (must be 0 or absent)"),
-    "frequency_penalty": ((None, 0), "frequency_penalty is not supported (must be 0 or absent)"),
-    "echo": ((False,), "echo is not supported"),
-    "suffix": ((None, ""), "suffix is not supported"),
-    "best_of": ((None, 1), "best_of must be 1"),
-}
-
-
-def _only_default(cls, v, info):
-    accepted, why = ONLY_DEFAULT[info.field_name]
-    if v not in accepted:
-        raise ValueError(f"{why}, got {reprlib.repr(v)}")
-    return v
-
-
 class GenerateBody(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions. Unknown fields are ignored."""
+    """Fields shared by /v1/completions and /v1/chat/completions. Fields that would change the output
+    and that baton does not honour are refused before this model sees them (UNSUPPORTED, a table of
+    unsupported.py); other unknown fields are ignored."""
     model_config = ConfigDict(extra="ignore")
+    UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = {}
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=U32_MAX)
@@ -101,17 +84,11 @@ class GenerateBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=U64_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
-    logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     user: str | None = None
     # baton extensions (send with the openai client's extra_body=...)
     top_k: int | None = Field(None, ge=0, le=U32_MAX)
     ignore_eos: bool = False
     return_token_ids: bool = False
-
-    _only_defaults = field_validator("n", "logprobs", "presence_penalty", "frequency_penalty")(_only_default)
 
     @property
     def include_usage(self) -> bool:
@@ -159,18 +136,14 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(GenerateBody):
+    UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = unsupported.CHAT
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=U32_MAX)
-    top_logprobs: int | None = None
-
-    _only_defaults_chat = field_validator("top_logprobs")(_only_default)
 
 
 class CompletionRequest(GenerateBody):
+    UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = unsupported.COMPLETIONS
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -188,7 +161,40 @@ class CompletionRequest(GenerateBody):
                 raise ValueError("prompt token ids must be in [0, 2^32)")
         return v
 
-    _only_defaults_completion = field_validator("echo", "suffix", "best_of")(_only_default)
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a prompt, as /v1/completions encodes it, or a conversation, as
+    /v1/chat/completions renders it."""
+    model_config = ConfigDict(extra="ignore")
+    UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = {
+        "add_generation_prompt": unsupported.CHAT["add_generation_prompt"],
+        "continue_final_message": unsupported.CHAT["continue_final_message"],
+        "chat_template": unsupported.CHAT["chat_template"],
+        "return_token_strs": ((False,), "return token strings")}
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True   # for a prompt; a conversation's template holds its own
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids -> text."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int] = Field(..., max_length=1 << 20)
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v):
+        if any(t < 0 or t > U32_MAX for t in v):
+            raise ValueError("token ids must be in [0, 2^32)")
+        return v
 
 
 def _loc(loc) -> str:
@@ -216,11 +222,10 @@ def validation_error(e: ValidationError) -> APIError:
                     code="invalid_value")
 
 
-
-
 def parse_request(raw: bytes, model: type[BaseModel]):
     """The body checked and validated as `model`, or an APIError(400)."""
     data = parse_body(raw)
+    unsupported.check(data, getattr(model, "UNSUPPORTED", {}))
     try:
         return model.model_validate(data)
     except ValidationError as e:

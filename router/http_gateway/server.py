@@ -139,12 +139,6 @@ def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, a
     return handle
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m router.http_gateway", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address host:port")
-
-
 def build_parser() -> argparse.ArgumentParser:
     import router.http_gateway as package
     p = argparse.ArgumentParser(prog="python -m router.http_gateway", description=package.__doc__,
@@ -156,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer <token>' on /v1/*; also sent to the router "
                         "(default: $BATON_AUTH_TOKEN, else none)")
     p.add_argument("--router-auth-token", default=None, help="the router's token, when it differs (default: none)")
-    p.add_argument("--model-name", default=None, help="the model id to report (default: the router's model)")
     p.add_argument("--tls-root-cert", help="CA certificate of a TLS router (default: plain TCP)")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="deadline of each generation, seconds (default: none)")
@@ -171,7 +164,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s http %(name)s: %(message)s")
     gateway = start_gateway(a.router, a.host, a.port, a.auth_token, router_auth_token=a.router_auth_token,
-                            model_name=a.model_name, tls_root_cert=a.tls_root_cert,
+                            model_name=a.served_model_name, tls_root_cert=a.tls_root_cert,
                             request_timeout_s=a.request_timeout, limits=config.from_args(a, a.max_message_bytes))
     print(f"BATON_READY role=http address={a.host}:{gateway.port} pid={os.getpid()}", flush=True)
     done = threading.Event()
