@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 
+# Trailing-metadata key that names the side of a call that failed (a worker role), so callers
+# decide on codes and metadata, never on error text.
+FAILED_ROLE_KEY = "baton-failed-role"
+
+
 class BatonError(Exception):
     code_name = "INTERNAL"
+    failed_role: str | None = None     # sent as FAILED_ROLE_KEY trailing metadata when set
 
 
 class InvalidArgument(BatonError):
@@ -40,3 +46,8 @@ class Cancelled(BatonError):
 
 class FailedPrecondition(BatonError):
     code_name = "FAILED_PRECONDITION"
+
+
+class DecodeUnreachable(Unavailable):
+    """A prefill worker could not hand its K/V to the decode worker: that decode worker failed."""
+    failed_role = "decode"

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.errors import BatonError, InvalidArgument
+from baton.errors import FAILED_ROLE_KEY, BatonError, InvalidArgument
 from baton.kv_codec import KVCodecError
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,21 @@ class DecodeGuardInterceptor(grpc.ServerInterceptor):
         return handler._replace(request_deserializer=safe_parse, **{kind: guarded})
 
 
+# Keep-alive pings on links between our own processes: a peer that is stopped or cut off fails
+# the calls on its channel within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS instead of hanging them.
+KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS = 10_000, 5_000
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    # Servers accept those pings (gRPC's default answers pings more often than every 5 min with GOAWAY).
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, max_workers: int = 64,
@@ -134,15 +145,23 @@ def _read(path: str | None) -> bytes | None:
 
 
 def make_channel(address: str, *, tls_root_cert: str | None = None, tls_client_cert: str | None = None,
-                 tls_client_key: str | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """A channel; TLS when tls_root_cert is given, presenting tls_client_cert/key when given (mutual TLS)."""
+                 tls_client_key: str | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 keepalive: bool = False) -> grpc.Channel:
+    """A channel; TLS when tls_root_cert is given, presenting tls_client_cert/key when given (mutual TLS).
+    `keepalive`: ping the peer (links to baton's own servers, which accept the pings)."""
     opts = [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes), *(KEEPALIVE_OPTIONS if keepalive else [])]
     if tls_root_cert:
         creds = grpc.ssl_channel_credentials(_read(tls_root_cert), private_key=_read(tls_client_key),
                                              certificate_chain=_read(tls_client_cert))
         return grpc.secure_channel(address, creds, options=opts)
     return grpc.insecure_channel(address, options=opts)
+
+
+def failed_role(e: grpc.RpcError) -> str | None:
+    """The worker role a failed call names in its trailing metadata (see BatonError.failed_role)."""
+    md = e.trailing_metadata() if isinstance(e, grpc.Call) else None
+    return dict(md or ()).get(FAILED_ROLE_KEY)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -167,6 +186,8 @@ def set_health(servicer: health.HealthServicer, service_names: list[str], servin
 
 def _abort(context: grpc.ServicerContext, e: Exception, method: str):
     if isinstance(e, BatonError):
+        if e.failed_role:
+            context.set_trailing_metadata(((FAILED_ROLE_KEY, e.failed_role),))
         context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
     if isinstance(e, KVCodecError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

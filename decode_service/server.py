@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 
 from baton import grpc_util
 from baton.engine import PrefillOutput, QueueFull
 from baton.engine_loop import EngineLoop, StreamClosed
-from baton.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from baton.kv_codec import DTYPES, KVAssembler
 from baton.request import Request
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
@@ -18,12 +19,14 @@ from decode_service.worker import DecodeWorker
 
 log = logging.getLogger(__name__)
 SERVICE = "baton.v1.Decode"
+STALL_S = 15.0   # an engine loop that has not gone round for this long, with work to do, is stalled
+KEEPALIVE = decode_pb2.TokenEvent(keepalive=True)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0):
+    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0, stall_s: float = STALL_S):
         self.worker, self.loop = worker, worker.loop
-        self.attach_timeout_s = attach_timeout_s
+        self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         runner = self.loop.engine.runner
         self.max_kv_bytes = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim * \
             runner.dtype.itemsize * self.loop.engine.model.max_len
@@ -60,16 +63,35 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @grpc_util.rpc
     def Attach(self, request, context):
-        stream = self.worker.attach(request.request_id, request.timeout_s or self.attach_timeout_s)
+        rid, every = request.request_id, request.keepalive_s or None
         # The listener went away (cancel, deadline, router died): free the row now.
-        context.add_callback(lambda: self.worker.release(request.request_id))
+        context.add_callback(lambda: self.worker.release(rid))
         try:
-            for ev in stream:
+            timeout_s = request.timeout_s or self.attach_timeout_s
+            deadline = time.monotonic() + timeout_s
+            while (stream := self.worker.try_attach(rid, min(every or timeout_s, deadline - time.monotonic()))) is None:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"no K/V for request {rid!r} within {timeout_s:.1f} s")
+                yield from self._keepalive()
+            while True:
+                try:
+                    ev = stream.get(timeout=every)
+                except queue.Empty:
+                    yield from self._keepalive()
+                    continue
                 yield event_to_pb(ev)
+                if ev.finish_reason is not None:
+                    return
         except StreamClosed as e:
-            raise (Cancelled if "cancel" in str(e) else Unavailable)(str(e)) from None
+            # Closed without a last token: an abort while the engine runs, or the engine stopped.
+            raise (Cancelled if self.loop.alive else Unavailable)(str(e)) from None
         finally:
-            self.worker.release(request.request_id)
+            self.worker.release(rid)
+
+    def _keepalive(self):
+        """A keep-alive, only while the engine goes round: a hung engine falls silent."""
+        if self.loop.alive and time.monotonic() - self.loop.last_beat < self.stall_s:
+            yield KEEPALIVE
 
     @grpc_util.rpc
     def Abort(self, request, context):
@@ -95,7 +117,7 @@ class Watchdog(threading.Thread):
     """Health follows the engine: NOT_SERVING when its loop died or stalled with work to do.
     Also reclaims K/V that nobody attached to within the lease."""
 
-    def __init__(self, worker: DecodeWorker, health, services: list[str], stall_s: float = 15.0,
+    def __init__(self, worker: DecodeWorker, health, services: list[str], stall_s: float = STALL_S,
                  period_s: float = 0.5):
         super().__init__(name="decode-watchdog", daemon=True)
         self.worker, self.health, self.services = worker, health, services

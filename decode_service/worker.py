@@ -5,8 +5,8 @@ worker) and the router's `attach` that streams its tokens back. Whichever comes 
 waits for the other, each for a bounded lease; an abort may come at any point and wins.
 Rules (one place frees a slot):
 - K/V that nobody attaches to within `lease_s` is aborted: its row or queue slot is freed.
-- An attach that no K/V reaches within its timeout ends with DEADLINE_EXCEEDED; the router
-  then aborts the request everywhere.
+- An attach that no K/V reaches within its timeout ends with DEADLINE_EXCEEDED (the service asks
+  `try_attach` in short waits, sending keep-alives between); the router then aborts it everywhere.
 - An abort before the K/V arrives leaves a tombstone, so the late K/V is refused, not run.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from baton.engine import PrefillOutput
 from baton.engine_loop import EngineLoop, TokenStream
-from baton.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound
+from baton.errors import AlreadyExists, InvalidArgument, NotFound
 from baton.request import Request
 from baton.sampling import SamplingParams
 
@@ -92,16 +92,16 @@ class DecodeWorker:
             self.cond.notify_all()
 
     # ---- router side -------------------------------------------------------------------------
-    def attach(self, request_id: str, timeout_s: float) -> TokenStream:
-        """The request's token stream, once its K/V is here (waits at most timeout_s)."""
-        deadline = time.monotonic() + timeout_s
+    def try_attach(self, request_id: str, wait_s: float) -> TokenStream | None:
+        """The request's token stream if its K/V arrives within wait_s, else None (ask again)."""
+        deadline = time.monotonic() + max(0.0, wait_s)
         with self.cond:
             while request_id not in self.slots:
                 if request_id in self.tombstones:
                     raise NotFound(f"request {request_id!r} was aborted")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DeadlineExceeded(f"no K/V for request {request_id!r} within {timeout_s:.1f} s")
+                    return None
                 self.cond.wait(min(left, 0.5))
             slot = self.slots[request_id]
             if slot.attached:

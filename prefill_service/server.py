@@ -9,7 +9,7 @@ import grpc
 
 from baton import grpc_util
 from baton.engine import PrefillOutput, Prefiller
-from baton.errors import InvalidArgument, Unavailable
+from baton.errors import DecodeUnreachable, InvalidArgument
 from baton.kv_codec import dtype_name, encode
 from baton.request import Request
 from baton.sampling import SamplingParams
@@ -34,7 +34,7 @@ class KVPusher:
         with self.lock:
             if address not in self.stubs:
                 self.stubs[address] = decode_pb2_grpc.DecodeStub(
-                    grpc_util.make_channel(address, **self.tls))
+                    grpc_util.make_channel(address, keepalive=True, **self.tls))
             return self.stubs[address]
 
     def __call__(self, address: str, req: Request, pre: PrefillOutput, deadline_s: float) -> float:
@@ -73,7 +73,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except grpc.RpcError as e:  # the decode side refused or failed: say which side
             code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNAVAILABLE
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"decode worker {request.decode_address} unreachable: {code.name}") from None
+                raise DecodeUnreachable(f"decode worker {request.decode_address} unreachable: {code.name}") from None
             raise
         return prefill_pb2.PrefillResponse(first_token=r.first_token, num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
                                            compute_s=r.compute_s, transfer_s=r.transfer_s)

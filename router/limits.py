@@ -21,7 +21,7 @@ class Limits:
 
 def add_args(p) -> None:
     """Command-line flags for the limits and the router's capacity (router and `baton up`)."""
-    from router.server import RouterConfig  # here, not at the top: router.server imports this module
+    from router.config import RouterConfig
     d, c = Limits(), RouterConfig()
     g = p.add_argument_group("request limits")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
@@ -32,6 +32,9 @@ def add_args(p) -> None:
     g.add_argument("--max-queue", type=int, default=c.max_queue, help="accepted requests not yet decoding")
     g.add_argument("--max-running", type=int, default=c.max_running, help="concurrent streams")
     g.add_argument("--max-message-bytes", type=int, default=c.max_message_bytes, help="largest gRPC message accepted")
+    g.add_argument("--worker-silence-s", type=float, default=c.worker_silence_s,
+                   help="a decode worker that sends nothing on a request's stream (no token, no keep-alive) for "
+                        "this many seconds is treated as failed and the request migrates to another one")
 
 
 def from_args(a) -> Limits:

@@ -55,8 +55,10 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
 
 
 def router_config(a) -> RouterConfig:
+    if not a.worker_silence_s > 0:
+        raise SystemExit(f"--worker-silence-s must be > 0, got {a.worker_silence_s}")
     return RouterConfig(max_queue=a.max_queue, max_running=a.max_running, auth_token=a.auth_token,
-                        max_message_bytes=a.max_message_bytes)
+                        max_message_bytes=a.max_message_bytes, worker_silence_s=a.worker_silence_s)
 
 
 def main(argv=None) -> int:
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     watcher.stopped.set()
+    servicer.liveness.stopped.set()
     server.stop(3).wait(4)
     return 0
 

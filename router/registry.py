@@ -58,7 +58,7 @@ class Registry:
             if known is not None and known.address == info.address and known.pid == info.pid:
                 known.draining = False  # a heartbeat: keep its channel and load count
                 return known
-        channel = grpc_util.make_channel(info.address, **self.tls)
+        channel = grpc_util.make_channel(info.address, keepalive=True, **self.tls)
         w = WorkerHandle(info.role, info.worker_id, info.pid, info.node, info.address, channel,
                          _stub(info.role, channel), health_pb2_grpc.HealthStub(channel))
         with self.lock:

@@ -1,0 +1,26 @@
+"""The router's configuration: one frozen object, built from flags in router/main.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from baton import grpc_util
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_queue: int = 256                 # accepted requests not yet decoding
+    max_running: int = 1024              # concurrent streams
+    default_max_new_tokens: int = 128
+    prefill_timeout_s: float = 120.0
+    attach_timeout_s: float = 130.0
+    max_prefill_attempts: int = 3
+    max_migrations: int = 3
+    # A decode worker that sends nothing on a request's stream (no token, no keep-alive) for this
+    # long is failed for that request, which migrates; it asks for a keep-alive 4x as often.
+    worker_silence_s: float = 5.0
+    auth_token: str | None = None
+    max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES
+
+    @property
+    def keepalive_s(self) -> float:
+        return min(1.0, self.worker_silence_s / 4)

@@ -1,0 +1,302 @@
+"""One request's path through the router, from admission to its last token (RequestRun).
+
+1. `relay` picks the least-loaded decode worker and opens the request's token stream there
+   (Decode.Attach, with keep-alives every `keepalive_s`);
+2. `prefill_with_retry` has a prefill worker compute the prompt (+ tokens so far) and push the
+   K/V straight to that decode worker; a prefill worker that fails, or is marked dead while the
+   call is in flight, is left for another one; a client that goes away cancels the call;
+3. `relay` passes tokens on; a decode worker that fails, is silent past `worker_silence_s`
+   (stopped, hung, cut off) or dies while prefill runs for it is left: `migrate` starts over
+   at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
+   repeated);
+4. `settle`, called once when the RPC ends however it ends, counts the outcome, frees what the
+   request holds on every worker and gives back the load it reserved.
+Failure kinds come from status codes and trailing metadata (`baton-failed-role`), never from text.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from baton import grpc_util
+from baton.errors import BatonError, Cancelled, Unavailable
+from baton.request import Status
+from baton.sampling import SamplingParams
+from baton.v1 import decode_pb2, prefill_pb2, router_pb2
+from baton.wire import params_to_pb
+from router import metrics
+from router.books import Books
+from router.config import RouterConfig
+from router.registry import Registry, WorkerHandle
+
+log = logging.getLogger(__name__)
+# Codes that mean "that worker is gone or broken": try another one.
+WORKER_FAILURE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+POLL_S = 0.1     # how often an in-flight Prefill looks at its client and its workers
+
+
+class WorkerFailed(Exception):
+    """A worker failed this request (`role` says which side): retry or migrate."""
+
+    def __init__(self, role: str, why: str):
+        super().__init__(why)
+        self.role, self.why = role, why
+
+
+class RequestRun:
+    def __init__(self, rid: str, ids: list[int], params: SamplingParams, context, *, registry: Registry,
+                 config: RouterConfig, books: Books, auth):
+        self.rid, self.ids, self.params, self.context = rid, ids, params, context
+        self.registry, self.config, self.books, self.auth = registry, config, books, auth
+        self.status = Status.WAITING
+        self.lock = threading.Lock()
+        self.settled = False
+        self.error: BaseException | None = None
+        self.decode: WorkerHandle | None = None
+        self.prefill: WorkerHandle | None = None
+        self.held: list[WorkerHandle] = []          # loads reserved with registry.pick, not yet released
+        self.attach = None                          # the open Decode.Attach call
+        self.heard_s = time.monotonic()             # last message on the attach stream
+        self.silent = False                         # the attach stream was cut for silence
+        self.generated: list[int] = []
+        self.failed_decodes: set[str] = set()
+        self.migrations = 0
+        self.arrival = time.monotonic()
+        self.queue_s: float | None = None
+        self.first_token_s: float | None = None
+        self.kv_bytes, self.prefill_s, self.transfer_s = 0, 0.0, 0.0
+
+    # ---- the flow ----------------------------------------------------------------------------
+    def relay(self) -> Iterator[router_pb2.GenerateResponse]:
+        while True:
+            self._check_client()
+            decode = self.decode = self._pick("decode", exclude=self.failed_decodes)
+            try:
+                self.silent = False
+                self.heard_s = time.monotonic()
+                self.attach = decode.stub.Attach(decode_pb2.AttachRequest(
+                    request_id=self.rid, timeout_s=self.config.attach_timeout_s,
+                    keepalive_s=self.config.keepalive_s), metadata=self.auth)
+                if self.queue_s is None:
+                    self.queue_s = time.monotonic() - self.arrival
+                self.prefill_with_retry(decode)
+                yield from self._tokens()
+                return
+            except WorkerFailed as e:
+                if e.role != "decode":
+                    raise Unavailable(str(e)) from None
+                self.migrate(decode, e.why)
+            finally:
+                self._release(decode)
+
+    def _tokens(self) -> Iterator[router_pb2.GenerateResponse]:
+        try:
+            for ev in self.attach:
+                self.heard_s = time.monotonic()
+                if ev.keepalive:
+                    continue
+                if self.first_token_s is None:
+                    self.first_token_s = time.monotonic()
+                    self._start_running()
+                self.generated.append(ev.token_id)
+                resp = router_pb2.GenerateResponse(text=ev.text, token_ids=[ev.token_id])
+                if len(self.generated) == 1:
+                    resp.request_id = self.rid
+                if not ev.finish_reason:
+                    yield resp
+                    continue
+                self._fill_last(resp, ev.finish_reason)
+                yield resp
+                # gRPC resumes a stream only after the message went out on a live call: a client
+                # that cancelled before it got the last token never reaches this line.
+                self.status = Status.FINISHED
+                metrics.observe_request(resp)
+                log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
+                         "ttft_s=%.4f e2e_s=%.4f", self.rid, ("", "length", "stop")[resp.finish_reason],
+                         len(self.ids), len(self.generated), resp.ttft_s, resp.e2e_s)
+                return
+        except grpc.RpcError as e:
+            self._check_client()
+            if self.silent:
+                raise WorkerFailed("decode", f"silent for over {self.config.worker_silence_s:g} s") from None
+            if e.code() not in WORKER_FAILURE:
+                raise _from_rpc(e) from None
+            raise WorkerFailed("decode", f"stream failed: {e.code().name}") from None
+        raise WorkerFailed("decode", "stream ended without a finish")
+
+    def _fill_last(self, resp: router_pb2.GenerateResponse, finish_reason: int) -> None:
+        now = time.monotonic()
+        resp.finish_reason = finish_reason if finish_reason in (1, 2) else 2
+        resp.usage.prompt_tokens, resp.usage.completion_tokens = len(self.ids), len(self.generated)
+        resp.ttft_s, resp.e2e_s, resp.queue_s = self.first_token_s - self.arrival, now - self.arrival, self.queue_s
+        resp.prefill_s, resp.kv_transfer_s, resp.kv_bytes = self.prefill_s, self.transfer_s, self.kv_bytes
+        resp.migrations, resp.request_id = self.migrations, self.rid
+        self.books.add(kv_bytes=self.kv_bytes)
+
+    def prefill_with_retry(self, decode: WorkerHandle) -> None:
+        req = prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
+                                         params=params_to_pb(self.params), decode_address=decode.address,
+                                         generated_token_ids=self.generated)
+        tried: set[str] = set()
+        for _ in range(self.config.max_prefill_attempts):
+            worker = self.prefill = self._pick("prefill", exclude=tried,
+                                               prefer=decode if decode.role == "colocated" else None)
+            try:
+                pre = self._call_prefill(worker, decode, req, retry=bool(tried))
+                self.kv_bytes += pre.kv_bytes
+                self.prefill_s += pre.compute_s
+                self.transfer_s += pre.transfer_s
+                return
+            except WorkerFailed as e:
+                if e.role != "prefill" or worker is decode:   # a colocated worker failing fails both roles
+                    raise WorkerFailed("decode", e.why) from None
+                tried.add(worker.worker_id)
+                self.registry.mark_dead(worker, f"prefill failed: {e.why}")
+                self.books.add(prefill_retries=1)
+                log.warning("request %s: prefill on %s failed (%s); retrying elsewhere", self.rid, worker.worker_id, e.why)
+                _in_background(self._abort, worker)
+            finally:
+                self._release(worker)
+        raise Unavailable(f"prefill failed on {len(tried)} workers")
+
+    def _call_prefill(self, worker: WorkerHandle, decode: WorkerHandle, req, retry: bool) -> prefill_pb2.PrefillResponse:
+        """The Prefill call, cancelled as soon as the client goes away or either worker is marked dead."""
+        call = worker.stub.Prefill.future(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
+        try:
+            while True:
+                try:
+                    return call.result(timeout=POLL_S)
+                except grpc.FutureTimeoutError:
+                    pass
+                if not self.context.is_active():
+                    raise Cancelled("client went away")
+                for w, role in ((decode, "decode"), (worker, "prefill")):
+                    if not w.alive:
+                        raise WorkerFailed(role, f"{role} worker {w.worker_id} marked dead during prefill")
+        except grpc.RpcError as e:
+            self._check_client()
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS and retry:
+                return prefill_pb2.PrefillResponse()  # an earlier worker's transfer had landed after all
+            role = grpc_util.failed_role(e)
+            if role is not None:
+                raise WorkerFailed(role, f"{role} side failed: {e.code().name}") from None
+            if e.code() not in WORKER_FAILURE:
+                raise _from_rpc(e) from None  # the decode side refused it, or a bad request
+            raise WorkerFailed("prefill", e.code().name) from None
+        finally:
+            call.cancel()  # a no-op once it has finished
+
+    def migrate(self, decode: WorkerHandle, why: str) -> None:
+        """Leave a failed decode worker: the next round re-prefills prompt + tokens so far elsewhere."""
+        self.registry.mark_dead(decode, why)
+        self.failed_decodes.add(decode.worker_id)
+        if self.attach is not None:
+            self.attach.cancel()
+        _in_background(self._abort, decode)   # a stopped worker answers late or never
+        self.migrations += 1
+        self.books.add(migrations=1)
+        if self.migrations > self.config.max_migrations:
+            raise Unavailable(f"request {self.rid} failed on {self.migrations} decode workers")
+        log.warning("request %s: decode worker %s failed (%s); migrating with %d tokens",
+                    self.rid, decode.worker_id, why, len(self.generated))
+
+    def check_silence(self, now: float) -> None:
+        """Called by the liveness watcher: cut an attach stream that has been silent too long."""
+        attach = self.attach
+        if attach is not None and not self.silent and now - self.heard_s > self.config.worker_silence_s:
+            self.silent = True
+            attach.cancel()
+
+    # ---- books and resources ------------------------------------------------------------------
+    def _pick(self, role: str, **kw) -> WorkerHandle:
+        w = self.registry.pick(role, **kw)
+        with self.lock:
+            self.held.append(w)
+        return w
+
+    def _release(self, w: WorkerHandle) -> None:
+        with self.lock:
+            if w not in self.held:
+                return
+            self.held.remove(w)
+        self.registry.release(w)
+
+    def _start_running(self) -> None:
+        with self.lock:
+            if not self.settled and self.status is Status.WAITING:
+                self.status = Status.RUNNING
+                self.books.start_running()
+
+    def _check_client(self) -> None:
+        if not self.context.is_active():
+            raise Cancelled("client went away")
+
+    def settle(self) -> None:
+        """Once, when the RPC ends however it ends: count the outcome, free everything it holds."""
+        with self.lock:
+            if self.settled:
+                return
+            self.settled = True
+            if self.status is not Status.FINISHED:
+                failed = self.error is not None and not isinstance(self.error, Cancelled)
+                was_running, self.status = self.status is Status.RUNNING, Status.FAILED if failed else Status.CANCELLED
+            else:
+                was_running = True
+            held, self.held = self.held, []
+            self.books.settle(self.rid, was_running, self.status)
+        for w in held:
+            self.registry.release(w)
+        if self.status is not Status.FINISHED:
+            if self.attach is not None:
+                self.attach.cancel()
+            _in_background(lambda: (self._abort(self.decode), self._abort(self.prefill)))
+
+    def _abort(self, worker: WorkerHandle | None) -> None:
+        if worker is None:
+            return
+        try:
+            worker.stub.Abort(prefill_pb2.AbortRequest(request_id=self.rid), timeout=2, metadata=self.auth)
+        except grpc.RpcError:
+            pass  # dead workers hold nothing
+
+
+class LivenessWatcher(threading.Thread):
+    """Cuts the attach stream of any run whose decode worker has fallen silent (see RequestRun)."""
+
+    def __init__(self, period_s: float = 0.25):
+        super().__init__(name="router-liveness", daemon=True)
+        self.period_s = period_s
+        self.runs: set[RequestRun] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def watch(self, run: RequestRun) -> None:
+        with self.lock:
+            self.runs.add(run)
+
+    def forget(self, run: RequestRun) -> None:
+        with self.lock:
+            self.runs.discard(run)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            with self.lock:
+                runs = list(self.runs)
+            now = time.monotonic()
+            for r in runs:
+                r.check_silence(now)
+
+
+def _in_background(fn, *args) -> None:
+    threading.Thread(target=fn, args=args, daemon=True).start()
+
+
+def _from_rpc(e: grpc.RpcError) -> BatonError:
+    err = BatonError(e.details() or e.code().name)
+    err.code_name = e.code().name
+    return err
