@@ -10,78 +10,134 @@ import uuid
 from baton.model_loader import DTYPES
 
 
+ROUTER = "127.0.0.1:50051"
+# Failures of the channel itself (as opposed to an answer of the router): the address is wrong.
+_CANNOT_CONNECT = ("failed to connect", "connection refused", "dns resolution failed", "name resolution",
+                   "connect failed", "no route to host")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag shows its default: argparse's "(default: X)" unless the help says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (built in) or a local Hugging Face model directory")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = all")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable) (default: none)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
+def _add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default=os.environ.get("BATON_ROUTER", ROUTER),
+                   help=f"the router's gRPC address host:port (default: $BATON_ROUTER, else {ROUTER})")
+    p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
+                   help="the router's token (default: $BATON_AUTH_TOKEN, else none)")
+
+
+# Help for the request-limit flags that router.limits defines without it.
+_LIMIT_HELP = {"--max-new-tokens": "cap on a request's max_new_tokens",
+               "--max-stop-strings": "cap on a request's stop strings"}
+
+
+def _add_up_args(u: argparse.ArgumentParser) -> None:
+    u.add_argument("--host", default="127.0.0.1", help="address the router (and the HTTP API) listen on")
+    u.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+    _add_model_args(u)
+    u.add_argument("--prefill-workers", type=int, default=None,
+                   help="dedicated prefill workers (disaggregated pools; default: 1 with --decode-workers, "
+                        "none on one device (colocated workers), half the GPUs on two or more)")
+    u.add_argument("--decode-workers", type=int, default=None,
+                   help="dedicated decode workers (disaggregated pools; default: 1 with --prefill-workers, "
+                        "none on one device (colocated workers), the other half of the GPUs on two or more)")
+    u.add_argument("--colocated-workers", type=int, default=None,
+                   help="workers that each serve prefill and decode in one process, K/V in memory "
+                        "(default where prefill and decode would share a device: 1)")
+    u.add_argument("--max-batch", type=int, default=32, help="rows in a decode worker's running batch")
+    from router import limits as request_limits
+    request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
+    for flag, text in _LIMIT_HELP.items():   # router.limits defines these without help
+        action = u._option_string_actions[flag]
+        action.help = action.help or text
+    u.add_argument("--address", default=None,
+                   help="join this Ray cluster (default: start a local one for this process)")
+    u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
+    u.add_argument("--http-port", type=int, default=None,
+                   help="also serve an OpenAI-compatible HTTP API on this port (default: none)")
+    from router.http_gateway import config as http_config
+    http_config.add_args(u)  # --served-model-name, --http-max-body-bytes, --http-keep-alive, ...
+    u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
+                   help="clients (gRPC and HTTP) must send this token (default: $BATON_AUTH_TOKEN, else none)")
+    u.add_argument("--tls-cert", help="the servers' TLS certificate, PEM (default: none, plain TCP)")
+    u.add_argument("--tls-key", help="its private key, PEM (default: none)")
+    u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates (default: none)")
+    u.add_argument("--tls-mutual", action="store_true",
+                   help="workers demand a client certificate signed by --tls-root-cert (mutual TLS between workers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="stream a completion")
-    g.add_argument("prompt")
-    g.add_argument("--router", default="127.0.0.1:50051")
+    g = sub.add_parser("generate", help="stream a completion", formatter_class=HelpFormatter)
+    g.add_argument("prompt", help="the prompt (a user message: the chat template applies unless --raw)")
+    _add_router_args(g)
     g.add_argument("--local", action="store_true", help="run the engine in this process, no servers")
-    g.add_argument("--auth-token", default=None)
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    u = sub.add_parser("up", help="serve: router + prefill and decode workers on Ray")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=50051)
-    _add_model_args(u)
-    u.add_argument("--prefill-workers", type=int, default=None,
-                   help="dedicated prefill workers (disaggregated pools; default: colocated on one device, "
-                        "1 + 1 per pair of GPUs on two or more)")
-    u.add_argument("--decode-workers", type=int, default=None, help="dedicated decode workers (disaggregated pools)")
-    u.add_argument("--colocated-workers", type=int, default=None,
-                   help="workers that each serve prefill and decode in one process, K/V in memory "
-                        "(default where prefill and decode would share a device: 1)")
-    u.add_argument("--max-batch", type=int, default=32)
-    from router import limits as request_limits
-    request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
-    u.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
-    u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
-    u.add_argument("--http-port", type=int, default=None, help="also serve an OpenAI-compatible HTTP API")
-    from router.http_gateway import config as http_config
-    http_config.add_args(u)  # --http-max-body-bytes, --http-keep-alive, --http-max-connections, ...
-    u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
-    u.add_argument("--tls-cert")
-    u.add_argument("--tls-key")
-    u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates")
-    u.add_argument("--tls-mutual", action="store_true",
-                   help="workers demand a client certificate signed by --tls-root-cert (mutual TLS between workers)")
+    u = sub.add_parser("up", help="serve: router + prefill and decode workers on Ray", formatter_class=HelpFormatter)
+    _add_up_args(u)
     u.set_defaults(func=cmd_up)
 
     sub.add_parser("bench", help="the benchmark (see baton bench --help)", add_help=False)
 
-    for name, helptext in (("status", "workers, queue and batch sizes"), ("scale", "resize a worker pool")):
-        c = sub.add_parser(name, help=helptext)
-        c.add_argument("--router", default="127.0.0.1:50051")
-        c.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
-        if name == "status":
-            c.add_argument("--json", action="store_true")
-            c.set_defaults(func=cmd_status)
-        else:
-            c.add_argument("role", choices=["prefill", "decode", "colocated"])
-            c.add_argument("count", type=int)
-            c.set_defaults(func=cmd_scale)
+    s = sub.add_parser("status", help="workers, queue and batch sizes", formatter_class=HelpFormatter)
+    _add_router_args(s)
+    s.add_argument("--json", action="store_true", help="print the router's StatusResponse as JSON")
+    s.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("scale", help="resize a worker pool", formatter_class=HelpFormatter)
+    _add_router_args(c)
+    c.add_argument("role", choices=["prefill", "decode", "colocated"], help="the pool")
+    c.add_argument("count", type=int, help="its size wanted, >= 1")
+    c.set_defaults(func=cmd_scale)
     return parser
+
+
+def _with_router(args, call) -> int:
+    """`call(client)` against --router; a gRPC failure is one line on stderr, with a hint when the
+    router cannot be reached at all."""
+    import grpc
+
+    from router.client import RouterClient
+    try:
+        with RouterClient(args.router, auth_token=args.auth_token) as client:
+            return call(client) or 0
+    except grpc.RpcError as e:
+        details = (e.details() or "").replace("\n", " ")
+        if e.code() == grpc.StatusCode.UNAVAILABLE and any(n in details.lower() for n in _CANNOT_CONNECT):
+            print(f"baton: cannot reach the router at {args.router} ({details}); start one with `baton up`, "
+                  "or pass --router HOST:PORT or set BATON_ROUTER", file=sys.stderr)
+        else:
+            print(f"baton: {e.code().name}: {details}", file=sys.stderr)
+        return 1
 
 
 def cmd_up(args) -> int:
@@ -90,16 +146,14 @@ def cmd_up(args) -> int:
 
 
 def cmd_status(args) -> int:
-    import json
+    return _with_router(args, lambda client: _print_status(client.status(), args.json))
 
-    from google.protobuf.json_format import MessageToDict
 
-    from router.client import RouterClient
-    with RouterClient(args.router, auth_token=args.auth_token) as c:
-        st = c.status()
-    if args.json:
-        print(json.dumps(MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
-        return 0
+def _print_status(st, as_json: bool) -> None:
+    if as_json:
+        import json
+        print(json.dumps(status_dict(st)))
+        return
     s = st.stats
     print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}); "
           f"completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
@@ -107,44 +161,68 @@ def cmd_status(args) -> int:
     for w in st.workers:
         print(f"{w.role:8} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
               f"{w.running:>5} {w.batch_width:>5}")
-    return 0
+
+
+def status_dict(msg) -> dict:
+    """A message as JSON-ready dict with every field, 64-bit integers as numbers (protobuf's JSON
+    mapping writes them as strings)."""
+    from google.protobuf.json_format import MessageToDict
+    return _int64_to_int(msg.DESCRIPTOR, MessageToDict(msg, preserving_proto_field_name=True,
+                                                       always_print_fields_with_no_presence=True))
+
+
+def _int64_to_int(descriptor, d: dict) -> dict:
+    from google.protobuf.descriptor import FieldDescriptor as F
+    wide = (F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64)
+    for f in descriptor.fields:
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            d[f.name] = [_int64_to_int(f.message_type, x) for x in v] if isinstance(v, list) \
+                else _int64_to_int(f.message_type, v)
+        elif f.type in wide:
+            d[f.name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+    return d
 
 
 def cmd_scale(args) -> int:
-    import grpc
-
-    from router.client import RouterClient
-    try:
-        with RouterClient(args.router, auth_token=args.auth_token) as c:
-            print(f"{args.role} workers: {c.scale(args.role, args.count)}")
-        return 0
-    except grpc.RpcError as e:
-        print(f"baton: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
+    return _with_router(args, lambda client: print(f"{args.role} workers: {client.scale(args.role, args.count)}"))
 
 
-def _sampling(args):
-    from baton.sampling import SamplingParams
+def _sampling_fields(args) -> dict:
+    """The sampling flags as SamplingParams / GenerateRequest fields."""
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     if args.seed is not None:
         kw["seed"] = args.seed
-    params = SamplingParams(**kw)
-    params.validate()
-    return params
+    return kw
+
+
+def _stream(client, args) -> None:
+    wrote = False
+    try:
+        for r in client.generate(args.prompt, raw=args.raw, **_sampling_fields(args)):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            wrote = True
+    finally:
+        if wrote:   # the error, if any, starts on a line of its own
+            sys.stdout.write("\n")
 
 
 def cmd_generate(args) -> int:
     if not args.local:
-        from router.client import generate_cli  # the gRPC client
-        return generate_cli(args)
+        return _with_router(args, lambda client: _stream(client, args))
     from baton.config import EngineConfig
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
     from baton.model_loader import encode_prompt, load_model
     from baton.request import Request
+    from baton.sampling import SamplingParams
     try:
-        params = _sampling(args)
+        params = SamplingParams(**_sampling_fields(args))
+        params.validate()
     except ValueError as e:
         print(f"baton: {e}", file=sys.stderr)
         return 2
