@@ -1,0 +1,45 @@
+"""RequestRun's silence bound, without servers: it cuts a decode worker's stream only while the
+router relays it, never while the request's prefill is still queued or running elsewhere."""
+from __future__ import annotations
+
+import time
+
+from router.books import Books
+from router.config import RouterConfig
+from router.request_run import RequestRun
+from baton.sampling import SamplingParams
+
+
+class _Attach:
+    """An attach call that yields what it is given and records cancel()."""
+
+    def __init__(self, events=()):
+        self.events, self.cancelled = list(events), False
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _run(silence_s: float = 1.0) -> RequestRun:
+    return RequestRun("r1", [1, 2, 3], SamplingParams(), context=None, registry=None,
+                      config=RouterConfig(worker_silence_s=silence_s), books=Books(8, 8), auth=None)
+
+
+def test_silence_during_a_long_prefill_does_not_cut_the_stream():
+    run = _run()
+    run.attach = _Attach()                      # opened, then prefill queues behind a burst
+    run.check_silence(time.monotonic() + 60)
+    assert not run.attach.cancelled and not run.silent
+
+
+def test_silence_while_relaying_cuts_the_stream():
+    run = _run()
+    run.attach = _Attach()
+    run.heard_s, run.listening = time.monotonic(), True   # what _tokens() sets when relaying starts
+    run.check_silence(time.monotonic() + 0.5)
+    assert not run.attach.cancelled
+    run.check_silence(time.monotonic() + 2.0)
+    assert run.attach.cancelled and run.silent
