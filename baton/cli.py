@@ -226,8 +226,10 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         print(f"baton: {e}", file=sys.stderr)
         return 2
-    model = load_model(args.model, args.dtype, args.device)
-    loop = EngineLoop(Engine(model, EngineConfig(model=args.model, dtype=args.dtype))).start()
+    # The loop thread loads the model and runs it (baton/device_thread.py).
+    loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device),
+                                     EngineConfig(model=args.model, dtype=args.dtype))).start()
+    model = loop.engine.model
     try:
         req = Request(uuid.uuid4().hex, encode_prompt(model.tokenizer, args.prompt, args.raw), params)
         for ev in loop.submit(req):

@@ -1,7 +1,11 @@
 """Runs an Engine on its own thread and streams each request's tokens to its caller.
 
-The engine is single-threaded: every call from other threads (submit, abort) goes through
-the loop's inbox and is applied between two steps. Each request gets a `TokenStream`.
+The engine is single-threaded: every call from other threads (submit, abort, call) goes
+through the loop's inbox and is applied between two steps. Each request gets a `TokenStream`.
+
+Given a factory instead of an Engine, the loop thread also builds the engine (loads the model):
+then one thread does all of the process's model work, which is what torch's OpenMP needs on a
+CPU (see baton/device_thread.py).
 """
 from __future__ import annotations
 
@@ -48,8 +52,10 @@ class TokenStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine], idle_wait_s: float = 0.05):
+        self._make = engine if callable(engine) and not isinstance(engine, Engine) else None
+        self.engine: Engine | None = None if self._make else engine
+        self.ready = threading.Event()      # the engine exists (built on the loop thread, if given a factory)
         self.idle_wait_s = idle_wait_s
         self.streams: dict[str, TokenStream] = {}
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -61,8 +67,12 @@ class EngineLoop:
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
 
-    def start(self) -> "EngineLoop":
+    def start(self, timeout: float | None = None) -> "EngineLoop":
+        """Start the loop thread; returns once the engine exists (re-raises its construction error)."""
         self.thread.start()
+        self.ready.wait(timeout)
+        if self.engine is None:
+            raise RuntimeError("the engine could not be built") from self.error
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -115,7 +125,7 @@ class EngineLoop:
         self.inbox.put(apply)
         self.wake.set()
 
-    def call(self, fn: Callable[[Engine], object], timeout: float = 10.0) -> object:
+    def call(self, fn: Callable[[Engine], object], timeout: float | None = 10.0) -> object:
         """Run fn(engine) on the loop thread between two steps and return its result."""
         box: queue.SimpleQueue = queue.SimpleQueue()
         self.inbox.put(lambda: box.put(_capture(fn, self.engine)))
@@ -140,6 +150,9 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            if self._make is not None:
+                self.engine = self._make()
+            self.ready.set()
             while not self.stopped.is_set():
                 self.last_beat = time.monotonic()
                 self._drain_inbox()
@@ -157,6 +170,7 @@ class EngineLoop:
             log.exception("engine loop failed")
             self.error = e
         finally:
+            self.ready.set()
             err = StreamClosed(f"engine stopped: {self.error!r}" if self.error else "engine stopped")
             for rid in list(self.streams):
                 self._close(rid, err)

@@ -64,7 +64,6 @@ class Worker:
             torch.set_num_threads(args.threads)
         self.role, self.args = role, args
         self.worker_id = args.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
-        model = load_model(args.model, args.dtype, args.device)
         cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                            max_batch=args.max_batch, max_queue=args.max_queue)
         tls = dict(auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -76,16 +75,21 @@ class Worker:
             from baton.request import Request
             from baton.sampling import SamplingParams
             from decode_service.server import serve
-            self.loop = EngineLoop(Engine(model, cfg)).start()
+            # The loop thread loads the model and runs it: one thread for all model work (device_thread.py).
+            self.loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
             list(self.loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
             self.server, self.port, self.watchdog = serve(self.loop, args.host, args.port, lease_s=args.lease_s,
                                                           colocated=role == "colocated",
                                                           tls_root_cert=args.tls_root_cert, **tls)
         else:
+            from baton.device_thread import DeviceThread
             from baton.engine import Prefiller
             from baton.model_runner import ModelRunner
             from prefill_service.server import serve
-            self.server, self.port = serve(Prefiller(ModelRunner(model.model)), model.max_len, args.host, args.port,
+            self.device = DeviceThread()
+            model = self.device.run(load_model, args.model, args.dtype, args.device)
+            prefiller = self.device.run(lambda: Prefiller(ModelRunner(model.model)))
+            self.server, self.port = serve(prefiller, model.max_len, args.host, args.port, device=self.device,
                                            tls_root_cert=args.tls_root_cert, **tls)
         self.address = f"{args.host}:{self.port}"
 

@@ -147,8 +147,11 @@ def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_toke
     if colocated:
         from decode_service.colocated import ColocatedPrefill
         from prefill_service import server as prefill_server
-        remote = prefill_server.prefill_worker(loop.engine.prefiller, loop.engine.model.max_len, auth_token=auth_token,
-                                               tls_cert=tls_cert, tls_key=tls_key, tls_root_cert=tls_root_cert)
+        # A prefill for another decode worker runs on the engine's thread too, between two steps.
+        remote = prefill_server.prefill_worker(
+            loop.engine.prefiller, loop.engine.model.max_len, auth_token=auth_token, tls_cert=tls_cert,
+            tls_key=tls_key, tls_root_cert=tls_root_cert,
+            compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None))
         prefill_server.add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
         services.append(prefill_server.SERVICE)
     health = grpc_util.add_health_and_reflection(server, services)

@@ -8,6 +8,7 @@ import time
 import grpc
 
 from baton import grpc_util
+from baton.device_thread import DeviceThread
 from baton.engine import PrefillOutput, Prefiller
 from baton.errors import DecodeUnreachable, InvalidArgument
 from baton.kv_codec import dtype_name, encode
@@ -93,10 +94,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
-                   tls_root_cert=None, transfer_timeout_s: float = 30.0) -> PrefillWorker:
+                   tls_root_cert=None, transfer_timeout_s: float = 30.0, compute=None) -> PrefillWorker:
     """A PrefillWorker that pushes K/V over gRPC. It presents its own certificate to decode
-    workers, which matters when they demand one (mutual TLS)."""
-    return PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s)
+    workers, which matters when they demand one (mutual TLS). `compute` runs the model on the
+    process's model thread (default: the calling thread)."""
+    return PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s,
+                         compute=compute)
 
 
 def add_servicer(worker, server) -> None:
@@ -104,11 +107,15 @@ def add_servicer(worker, server) -> None:
 
 
 def serve(prefiller: Prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, auth_token=None,
-          tls_cert=None, tls_key=None, tls_root_cert=None, tls_client_ca=None, transfer_timeout_s: float = 30.0):
-    """Warm up, start the Prefill service; returns (server, port)."""
-    prefiller.prefill([1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
+          tls_cert=None, tls_key=None, tls_root_cert=None, tls_client_ca=None, transfer_timeout_s: float = 30.0,
+          device: DeviceThread | None = None):
+    """Warm up, start the Prefill service; returns (server, port). `device`: the thread that loaded
+    the model, which then runs every prefill (baton/device_thread.py)."""
+    run = device.run if device else (lambda fn, *a: fn(*a))
+    run(prefiller.prefill, [1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
     worker = prefill_worker(prefiller, max_len, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                            tls_root_cert=tls_root_cert, transfer_timeout_s=transfer_timeout_s)
+                            tls_root_cert=tls_root_cert, transfer_timeout_s=transfer_timeout_s,
+                            compute=lambda reqs: run(prefiller.prefill_many, reqs))
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                                           tls_client_ca=tls_client_ca)
     add_servicer(worker, server)

@@ -17,6 +17,8 @@ from baton.request import Request
 
 # send(decode_address, request, prefill_output, deadline_s) -> seconds the transfer took
 KVSender = Callable[[str, Request, PrefillOutput, float], float]
+# compute(requests) -> their prefills, on the process's one model thread (baton/device_thread.py)
+Compute = Callable[[list[Request]], list[PrefillOutput]]
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class PrefillResult:
 
 class PrefillWorker:
     def __init__(self, prefiller: Prefiller, max_len: int, send: KVSender, transfer_timeout_s: float = 30.0,
-                 token_budget: int = 4096):
+                 token_budget: int = 4096, compute: Compute | None = None):
         self.prefiller, self.max_len, self.send = prefiller, max_len, send
+        self.compute = compute or prefiller.prefill_many
         self.transfer_timeout_s = transfer_timeout_s
         self.token_budget = token_budget       # prompt tokens prefilled together in one pass
         self.pending: list[tuple[Request, Future]] = []
@@ -91,7 +94,7 @@ class PrefillWorker:
                     group.append(self.pending.pop(0))
             try:
                 t = time.monotonic()
-                outs = self.prefiller.prefill_many([r for r, _ in group])
+                outs = self.compute([r for r, _ in group])
                 took = time.monotonic() - t
                 for (_, f), pre in zip(group, outs):
                     f.set_result((pre, took))
