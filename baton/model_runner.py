@@ -130,7 +130,7 @@ class ModelRunner:
     def qkv(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """h (..., hidden) -> q (..., Hq, D), k and v (..., Hkv, D); q and k rotated."""
         L = self.layers[li]
-        x = _linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias)
+        x = _linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias).contiguous()  # heads contiguous for attention
         D, nq, nkv = self.head_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = x[..., :nq].unflatten(-1, (self.num_heads, D))
         k = x[..., nq:nq + nkv].unflatten(-1, (self.num_kv_heads, D))
