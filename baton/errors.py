@@ -28,6 +28,10 @@ class NotFound(BatonError):
     code_name = "NOT_FOUND"
 
 
+class KVCodecError(InvalidArgument, ValueError):
+    """K/V bytes that do not match their header (baton.kv_codec)."""
+
+
 class AlreadyExists(BatonError):
     code_name = "ALREADY_EXISTS"
 

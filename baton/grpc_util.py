@@ -13,7 +13,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from baton.errors import FAILED_ROLE_KEY, BatonError, InvalidArgument
-from baton.kv_codec import KVCodecError
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +188,6 @@ def _abort(context: grpc.ServicerContext, e: Exception, method: str):
         if e.failed_role:
             context.set_trailing_metadata(((FAILED_ROLE_KEY, e.failed_role),))
         context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
-    if isinstance(e, KVCodecError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):  # a downstream call failed: pass its code on
         context.abort(e.code(), f"upstream: {e.details()}")
     log.exception("internal error in %s", method)

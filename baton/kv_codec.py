@@ -11,13 +11,13 @@ from collections.abc import Iterator
 
 import torch
 
+from baton.errors import KVCodecError  # noqa: F401 (re-exported: callers catch it from here)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK_BYTES = 1 << 20   # 1 MiB: well under gRPC's 4 MiB default message limit
 
 
-class KVCodecError(ValueError):
-    pass
 
 
 def dtype_name(dtype: torch.dtype) -> str:
