@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from baton import grpc_util
-from router import limits as request_limits
+from router import limits as request_limits, metrics
 from router.health import RouterHealth
 from router.limits import Limits
 from router.registry import Registry
@@ -40,6 +40,7 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
                  health_period_s: float = 1.0):
     """Start the Router service; returns (server, bound_port, servicer, health_thread)."""
     tokenizer, context = load_tokenizer(model)
+    metrics.set_model_name(metrics.served_name(model))   # the vllm: metrics' model_name label
     registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
     server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,

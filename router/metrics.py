@@ -12,13 +12,21 @@ scrape time from a live source:
   which may run in another process.
 
 `exposition(collector)` renders REGISTRY plus one such collector in the Prometheus text format.
+
+Besides baton's own names, the metrics vLLM's Grafana dashboards query are exported under vLLM's
+names and types (`vllm:time_to_first_token_seconds`, `vllm:num_requests_running`, ...), labelled
+`model_name` = the served model name (`set_model_name`: the router sets its model's, the HTTP
+gateway its --served-model-name). deploy/grafana/baton.json is a dashboard over them.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
+
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,6 +39,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, float("inf"))
+_TOKENS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, float("inf"))
 _KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, float("inf"))
 
 TTFT = Histogram("baton_ttft_seconds", "Time to first token: request arrival at the router to its first token.",
@@ -47,11 +56,64 @@ GENERATED = Counter("baton_generated_tokens", "Completion tokens of finished req
 FINISHED = Counter("baton_finished_requests", "Finished requests by finish reason (length, stop).",
                    ["finish_reason"], registry=REGISTRY)
 
+PROMPT_TOKENS = Counter("baton_prompt_tokens", "Prompt tokens of finished requests.", registry=REGISTRY)
+
+# vLLM's names and types, labelled by the served model name (see set_model_name).
+_M = ["model_name"]
+
+
+def _vllm_histogram(name: str, doc: str, buckets) -> Histogram:
+    return Histogram(name, doc, _M, buckets=buckets, registry=REGISTRY)
+
+
+V_TTFT = _vllm_histogram("vllm:time_to_first_token_seconds", "Time to first token (baton_ttft_seconds).",
+                         _LATENCY_BUCKETS)
+V_TPOT = _vllm_histogram("vllm:time_per_output_token_seconds",
+                         "Time per output token after the first, one sample per request (baton_tpot_seconds).",
+                         _TPOT_BUCKETS)
+V_ITL = _vllm_histogram("vllm:inter_token_latency_seconds", "Mean inter-token latency, one sample per request.",
+                        _TPOT_BUCKETS)
+V_E2E = _vllm_histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency (baton_e2e_seconds).",
+                        _LATENCY_BUCKETS)
+V_QUEUE = _vllm_histogram("vllm:request_queue_time_seconds",
+                          "Arrival at the router to its decode worker taking the request (queue_s).", _LATENCY_BUCKETS)
+V_PROMPT_LEN = _vllm_histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.", _TOKENS_BUCKETS)
+V_GEN_LEN = _vllm_histogram("vllm:request_generation_tokens", "Generated tokens per finished request.",
+                            _TOKENS_BUCKETS)
+V_PROMPT = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", _M, registry=REGISTRY)
+V_GEN = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", _M, registry=REGISTRY)
+V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason (length, stop).",
+                    _M + ["finished_reason"], registry=REGISTRY)
+
 HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
                         ["endpoint", "code"], registry=REGISTRY)
 
 _FINISH = {1: "length", 2: "stop"}
 _lock = threading.Lock()
+_model_name = ""
+
+
+def served_name(model: str) -> str:
+    """A model as the router got it (a name or a directory) -> the name it is served under."""
+    return Path(model).name if ("/" in model or os.sep in model) else model
+
+
+def set_model_name(name: str) -> None:
+    """The `model_name` label of the vllm: metrics from now on; its series start at 0."""
+    global _model_name
+    if not name or name == _model_name:
+        return
+    _model_name = name
+    for h in (V_TTFT, V_TPOT, V_ITL, V_E2E, V_QUEUE, V_PROMPT_LEN, V_GEN_LEN, V_PROMPT, V_GEN):
+        h.labels(name)
+    for reason in _FINISH.values():
+        V_SUCCESS.labels(name, reason)
+
+
+def model_name(model: str = "") -> str:
+    """The label: the name set, else `model`'s served name, else "baton"."""
+    return _model_name or served_name(model) or "baton"
+
 _seen_by_router: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent request ids
 _SEEN_MAX = 8192
 
@@ -75,19 +137,34 @@ def observe_request(last, source: str = "router") -> None:
             del _seen_by_router[rid]
             return
     try:
-        completion = int(last.usage.completion_tokens)
-        ttft, e2e = float(last.ttft_s), float(last.e2e_s)
+        prompt, completion = int(last.usage.prompt_tokens), int(last.usage.completion_tokens)
+        ttft, e2e, queue = float(last.ttft_s), float(last.e2e_s), float(last.queue_s)
+        finish = _FINISH.get(int(last.finish_reason), "stop")
+        m = model_name()
         if ttft > 0:
             TTFT.observe(ttft)
+            V_TTFT.labels(m).observe(ttft)
         if e2e > 0:
             E2E.observe(e2e)
+            V_E2E.labels(m).observe(e2e)
         if completion > 1 and e2e >= ttft > 0:
-            TPOT.observe((e2e - ttft) / (completion - 1))
+            tpot = (e2e - ttft) / (completion - 1)
+            TPOT.observe(tpot)
+            V_TPOT.labels(m).observe(tpot)
+            V_ITL.labels(m).observe(tpot)
+        if queue > 0:
+            V_QUEUE.labels(m).observe(queue)
         if last.kv_bytes:
             KV_BYTES.inc(int(last.kv_bytes))
             KV_TRANSFER.observe(max(0.0, float(last.kv_transfer_s)))
         GENERATED.inc(completion)
-        FINISHED.labels(_FINISH.get(int(last.finish_reason), "stop")).inc()
+        PROMPT_TOKENS.inc(prompt)
+        FINISHED.labels(finish).inc()
+        V_PROMPT_LEN.labels(m).observe(prompt)
+        V_GEN_LEN.labels(m).observe(completion)
+        V_PROMPT.labels(m).inc(prompt)
+        V_GEN.labels(m).inc(completion)
+        V_SUCCESS.labels(m, finish).inc()
     except Exception:  # metrics must never break a request
         log.exception("observe_request failed")
 
@@ -96,9 +173,32 @@ def observe_request(last, source: str = "router") -> None:
 _OUTCOMES = ("completed", "failed", "cancelled", "rejected")
 
 
-def _families(stats, workers: Iterable) -> list[Metric]:
+def kv_usage(workers: Iterable) -> float:
+    """K/V bytes of live rows over bytes held, summed over live decode-side workers (0 when none hold any)."""
+    used = held = 0
+    for w in workers:
+        s = w.stats if isinstance(w.stats, dict) else {}
+        if w.role in ("decode", "colocated") and getattr(w, "alive", True):
+            used, held = used + s.get("kv_used_bytes", 0), held + s.get("kv_cache_bytes", 0)
+    return used / held if held else 0.0
+
+
+def _families(stats, workers: Iterable, model: str = "") -> list[Metric]:
     """Metric families from a StatsResponse and worker records (.role, .worker_id, .stats dict, .alive)."""
-    out: list[Metric] = []
+    workers = list(workers)
+    m = [model_name(model)]
+    v_running = GaugeMetricFamily("vllm:num_requests_running", "Queries in decode batches.", labels=_M)
+    v_running.add_metric(m, float(stats.running))
+    v_waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Accepted queries not yet decoding.", labels=_M)
+    v_waiting.add_metric(m, float(stats.waiting))
+    usage = kv_usage(workers)
+    v_kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (baton_kv_cache_usage_ratio).",
+                             labels=_M)
+    v_kv.add_metric(m, usage)
+    kv_ratio = GaugeMetricFamily("baton_kv_cache_usage_ratio",
+                                 "K/V bytes of live rows / bytes of the batch KV caches, over decode workers.")
+    kv_ratio.add_metric([], usage)
+    out: list[Metric] = [v_running, v_waiting, v_kv, kv_ratio]
     req = CounterMetricFamily("baton_requests", "Requests by outcome (completed, failed, cancelled, rejected).",
                               labels=["outcome"])
     for o in _OUTCOMES:
@@ -164,7 +264,7 @@ class ServicerCollector:
                 log.debug("worker stats refresh failed: %s", e)
         with s.registry.lock:
             workers = list(s.registry.workers.values())
-        yield from _families(s.stats_pb(), workers)
+        yield from _families(s.stats_pb(), workers, getattr(s, "model_name", ""))
 
 
 class RouterStatusCollector:
@@ -184,7 +284,7 @@ class RouterStatusCollector:
             return
         up.add_metric([], 1.0)
         yield up
-        yield from _families(st.stats, [_WorkerView(w) for w in st.workers])
+        yield from _families(st.stats, [_WorkerView(w) for w in st.workers], st.model)
 
 
 class _Combined:

@@ -101,6 +101,7 @@ class Gateway:
         (as vLLM) for a model this server does not serve. Without --served-model-name the router's
         --model as given (e.g. a directory) is accepted too."""
         served = await self.model_id()
+        metrics.set_model_name(served)   # the vllm: metrics' model_name label: the name clients use
         if name is None or name == served:
             return served
         router_model = await self.router_model()
