@@ -217,7 +217,8 @@ def cmd_generate(args) -> int:
     from baton.config import EngineConfig
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
-    from baton.model_loader import encode_prompt, load_model
+    from baton.model_files import encode_prompt
+    from baton.model_loader import load_model
     from baton.request import Request
     from baton.sampling import SamplingParams
     try:

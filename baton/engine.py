@@ -22,7 +22,8 @@ from baton.kv_cache import BatchKVCache
 from baton.model_loader import LoadedModel
 from baton.model_runner import ModelRunner, PromptChunk
 from baton.request import FinishReason, Request, Status, TokenEvent
-from baton.sampling import SamplingParams, sample_batch, sample_one
+from baton.sampler import sample_batch, sample_one
+from baton.sampling import SamplingParams
 
 
 class QueueFull(Exception):

@@ -7,32 +7,19 @@ Workers register with it (`python -m prefill_service --router 127.0.0.1:50051`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from baton import grpc_util
+from baton.model_files import load_tokenizer
 from router import limits as request_limits, metrics
 from router.health import RouterHealth
 from router.limits import Limits
 from router.registry import Registry
 from router.server import SERVICE, RouterConfig, RouterServicer
-
-
-def load_tokenizer(model: str):
-    """The tokenizer and context length, without loading weights. (None, ctx) when the model has none."""
-    from transformers import AutoTokenizer
-    from baton.model_loader import smollm2_dir
-    path = smollm2_dir() if model == "smollm2" else Path(model)
-    cfg = json.loads((path / "config.json").read_text())
-    context = int(cfg.get("max_position_embeddings", 2048))
-    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    return tok, context
 
 
 def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, config: RouterConfig = RouterConfig(),

@@ -10,7 +10,7 @@ import grpc
 
 from baton import grpc_util
 from baton.errors import FailedPrecondition, InvalidArgument
-from baton.model_loader import encode_prompt
+from baton.model_files import encode_prompt
 from baton.sampling import SamplingParams
 from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
 from router.books import Books

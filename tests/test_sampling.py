@@ -6,7 +6,8 @@ import torch
 
 from baton.config import EngineConfig
 from baton.engine import Engine
-from baton.sampling import SamplingParams, sample_one
+from baton.sampler import sample_one
+from baton.sampling import SamplingParams
 from tiny_model import EOS
 
 

@@ -4,7 +4,8 @@ import torch
 
 from baton.config import EngineConfig
 from baton.engine import Engine
-from baton.model_loader import encode_prompt, load_model
+from baton.model_files import encode_prompt
+from baton.model_loader import load_model
 from baton.sampling import SamplingParams
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",

@@ -51,8 +51,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def flops_per_token(model: str) -> tuple[float, float]:
     """(prefill, decode) FLOPs per token of a Llama-family model: 2 x the parameters each token
     goes through (layers; decode adds the LM head, which a prompt runs for its last token only)."""
-    from baton.model_loader import smollm2_dir
-    cfg = json.loads(((smollm2_dir() if model == "smollm2" else Path(model)) / "config.json").read_text())
+    from baton.model_files import model_dir
+    cfg = json.loads((model_dir(model) / "config.json").read_text())
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     d = cfg.get("head_dim") or h // heads

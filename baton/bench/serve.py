@@ -74,7 +74,7 @@ def load_tokenizer(name: str):
     try:
         from transformers import AutoTokenizer
         if name == "smollm2":
-            from baton.model_loader import smollm2_dir
+            from baton.model_files import smollm2_dir
             name = smollm2_dir()
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure: fall back to words, say so

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -23,8 +22,8 @@ from baton.bench.workload import Query
 
 
 def _vocab_size(model: str) -> int:
-    from baton.model_loader import smollm2_dir
-    path = smollm2_dir() if model == "smollm2" else Path(model)
+    from baton.model_files import model_dir
+    path = model_dir(model)
     return int(json.loads((path / "config.json").read_text())["vocab_size"])
 
 

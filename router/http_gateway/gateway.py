@@ -120,7 +120,7 @@ class Gateway:
             if not self._tokenizer_tried:
                 self._tokenizer_tried = True
                 try:
-                    from router.main import load_tokenizer
+                    from baton.model_files import load_tokenizer
                     self._tokenizer, self.max_model_len = load_tokenizer(model)
                 except Exception as e:  # another machine's path, or no tokenizer: plain prompts then
                     log.info("no local tokenizer for %s (%s): chat prompts are built without a template", model, e)
