@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 
-from baton import grpc_util
+from baton import faults, grpc_util
 from baton.engine import PrefillOutput, QueueFull
 from baton.engine_loop import EngineLoop, StreamClosed
 from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -34,6 +34,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @grpc_util.rpc
     def TransferKV(self, request_iterator, context):
         t0 = time.monotonic()
+        faults.injector().check_call("transfer_fail")
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("a K/V transfer must start with a header")
@@ -43,7 +44,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         params = params_from_pb(h.params)
         num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
         self.worker.check_header(h.request_id, DTYPES[h.dtype], tuple(h.shape), num_tokens, params)
-        asm = KVAssembler(h.dtype, list(h.shape), h.nbytes, self.max_kv_bytes)
+        asm = KVAssembler(h.dtype, list(h.shape), h.nbytes, self.max_kv_bytes,
+                          h.crc32 if h.HasField("crc32") else None)
         for chunk in request_iterator:
             if chunk.WhichOneof("payload") != "data":
                 raise InvalidArgument("only data chunks may follow the header")
@@ -63,6 +65,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @grpc_util.rpc
     def Attach(self, request, context):
+        faults.injector().check_call("attach_fail")
         rid, every = request.request_id, request.keepalive_s or None
         # The listener went away (cancel, deadline, router died): free the row now.
         context.add_callback(lambda: self.worker.release(rid))
@@ -110,7 +113,8 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
-        attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"])
+        attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
+        faults_fired=faults.injector().counts())
 
 
 class Watchdog(threading.Thread):

@@ -7,11 +7,11 @@ import time
 
 import grpc
 
-from baton import grpc_util
+from baton import faults, grpc_util
 from baton.device_thread import DeviceThread
 from baton.engine import PrefillOutput, Prefiller
 from baton.errors import DecodeUnreachable, InvalidArgument
-from baton.kv_codec import dtype_name, encode
+from baton.kv_codec import DAMAGED, checksum, dtype_name, encode, wire_bytes
 from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -19,6 +19,7 @@ from baton.wire import params_from_pb, params_to_pb
 from prefill_service.worker import PrefillWorker
 
 SERVICE = "baton.v1.Prefill"
+RESENDS = 2   # a transfer the decode worker refused as damaged in transit is sent again this often
 
 
 class KVPusher:
@@ -39,18 +40,28 @@ class KVPusher:
             return self.stubs[address]
 
     def __call__(self, address: str, req: Request, pre: PrefillOutput, deadline_s: float) -> float:
-        kv = pre.kv
+        kv, injector = pre.kv, faults.injector()
+        deadline_s = injector.transfer_timeout_s or deadline_s
+        data = wire_bytes(kv)
         header = decode_pb2.KVHeader(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, generated_token_ids=req.output_ids,
             next_token=pre.token_id, params=params_to_pb(req.params), dtype=dtype_name(kv.dtype),
-            shape=list(kv.shape), nbytes=kv.numel() * kv.element_size())
+            shape=list(kv.shape), nbytes=len(data), crc32=checksum(data))
 
         def chunks():
             yield decode_pb2.KVChunk(header=header)
-            for data in encode(kv):
-                yield decode_pb2.KVChunk(data=bytes(data))
+            for piece in injector.kv_chunks(encode(data), deadline_s):
+                yield decode_pb2.KVChunk(data=bytes(piece))
         t = time.monotonic()
-        self._stub(address).TransferKV(chunks(), timeout=deadline_s, metadata=self.auth)
+        for resend in range(RESENDS + 1):
+            try:
+                self._stub(address).TransferKV(chunks(), timeout=deadline_s, metadata=self.auth)
+                break
+            except grpc.RpcError as e:  # damaged on the way (the refusal left nothing behind): send again
+                damaged = isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.INVALID_ARGUMENT \
+                    and (e.details() or "").startswith(DAMAGED)
+                if not damaged or resend == RESENDS:
+                    raise
         return time.monotonic() - t
 
 
@@ -60,6 +71,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @grpc_util.rpc
     def Prefill(self, request, context):
+        faults.injector().check_call("prefill_fail")
         if not request.decode_address:
             raise InvalidArgument("decode_address must name the decode worker (host:port)")
         params = params_from_pb(request.params)
@@ -90,7 +102,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         s = self.worker.stats
         return prefill_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
                                                kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
-                                               completed=s["prefills"], pid=os.getpid())
+                                               completed=s["prefills"], pid=os.getpid(),
+                                               faults_fired=faults.injector().counts())
 
 
 def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
