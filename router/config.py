@@ -18,6 +18,9 @@ class RouterConfig:
     # A decode worker that sends nothing on a request's stream (no token, no keep-alive) for this
     # long is failed for that request, which migrates; it asks for a keep-alive 4x as often.
     worker_silence_s: float = 5.0
+    # With no live worker for a role, wait this long for one before UNAVAILABLE: a worker marked
+    # dead by one failed call is back at the next health poll (1 s), a restarted one re-registers.
+    worker_wait_s: float = 2.0
     auth_token: str | None = None
     max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES
 

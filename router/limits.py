@@ -35,6 +35,8 @@ def add_args(p) -> None:
     g.add_argument("--worker-silence-s", type=float, default=c.worker_silence_s,
                    help="a decode worker that sends nothing on a request's stream (no token, no keep-alive) for "
                         "this many seconds is treated as failed and the request migrates to another one")
+    g.add_argument("--worker-wait-s", type=float, default=c.worker_wait_s,
+                   help="with no live worker for a request, wait this many seconds for one before UNAVAILABLE")
 
 
 def from_args(a) -> Limits:

@@ -45,8 +45,11 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
 def router_config(a) -> RouterConfig:
     if not a.worker_silence_s > 0:
         raise SystemExit(f"--worker-silence-s must be > 0, got {a.worker_silence_s}")
+    if not a.worker_wait_s >= 0:
+        raise SystemExit(f"--worker-wait-s must be >= 0, got {a.worker_wait_s}")
     return RouterConfig(max_queue=a.max_queue, max_running=a.max_running, auth_token=a.auth_token,
-                        max_message_bytes=a.max_message_bytes, worker_silence_s=a.worker_silence_s)
+                        max_message_bytes=a.max_message_bytes, worker_silence_s=a.worker_silence_s,
+                        worker_wait_s=a.worker_wait_s)
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WORKER_FAILURE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                   grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 POLL_S = 0.1     # how often an in-flight Prefill looks at its client and its workers
+PICK_POLL_S = 0.05   # how often a request with no live worker looks again
 
 
 class WorkerFailed(Exception):
@@ -217,7 +218,17 @@ class RequestRun:
 
     # ---- books and resources ------------------------------------------------------------------
     def _pick(self, role: str, **kw) -> WorkerHandle:
-        w = self.registry.pick(role, **kw)
+        """A live worker for the role, waiting up to worker_wait_s for one (see RouterConfig)."""
+        deadline = time.monotonic() + self.config.worker_wait_s
+        while True:
+            try:
+                w = self.registry.pick(role, **kw)
+                break
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                self._check_client()
+                time.sleep(PICK_POLL_S)
         with self.lock:
             self.held.append(w)
         return w

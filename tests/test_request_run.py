@@ -43,3 +43,40 @@ def test_silence_while_relaying_cuts_the_stream():
     assert not run.attach.cancelled
     run.check_silence(time.monotonic() + 2.0)
     assert run.attach.cancelled and run.silent
+
+
+class _Registry:
+    """No live worker until `live_after` pick attempts have failed."""
+
+    def __init__(self, live_after: int):
+        self.live_after, self.attempts = live_after, 0
+
+    def pick(self, role, **kw):
+        from baton.errors import Unavailable
+        self.attempts += 1
+        if self.attempts <= self.live_after:
+            raise Unavailable(f"no live {role} worker")
+        return f"{role}-worker"
+
+
+class _LiveClient:
+    def is_active(self):
+        return True
+
+
+def test_a_request_waits_briefly_for_a_worker_marked_dead_to_come_back():
+    run = RequestRun("r1", [1], SamplingParams(), context=_LiveClient(), registry=_Registry(live_after=3),
+                     config=RouterConfig(worker_wait_s=5.0), books=Books(8, 8), auth=None)
+    assert run._pick("decode") == "decode-worker" and run.held == ["decode-worker"]
+
+
+def test_no_live_worker_within_the_wait_is_unavailable():
+    import pytest
+
+    from baton.errors import Unavailable
+    run = RequestRun("r1", [1], SamplingParams(), context=_LiveClient(), registry=_Registry(live_after=10 ** 9),
+                     config=RouterConfig(worker_wait_s=0.2), books=Books(8, 8), auth=None)
+    t = time.monotonic()
+    with pytest.raises(Unavailable):
+        run._pick("decode")
+    assert time.monotonic() - t < 2
