@@ -5,11 +5,15 @@ from __future__ import annotations
 # Trailing-metadata key that names the side of a call that failed (a worker role), so callers
 # decide on codes and metadata, never on error text.
 FAILED_ROLE_KEY = "baton-failed-role"
+# Trailing-metadata key for a failure's kind where the status code alone does not tell the caller
+# what to do (e.g. "kv-damaged": send the same K/V again).
+REASON_KEY = "baton-reason"
 
 
 class BatonError(Exception):
     code_name = "INTERNAL"
     failed_role: str | None = None     # sent as FAILED_ROLE_KEY trailing metadata when set
+    reason: str | None = None          # sent as REASON_KEY trailing metadata when set
 
 
 class InvalidArgument(BatonError):

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.errors import FAILED_ROLE_KEY, BatonError, InvalidArgument
+from baton.errors import FAILED_ROLE_KEY, REASON_KEY, BatonError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,17 @@ def make_channel(address: str, *, tls_root_cert: str | None = None, tls_client_c
 
 def failed_role(e: grpc.RpcError) -> str | None:
     """The worker role a failed call names in its trailing metadata (see BatonError.failed_role)."""
+    return _trailing(e, FAILED_ROLE_KEY)
+
+
+def reason(e: grpc.RpcError) -> str | None:
+    """The failure kind a failed call names in its trailing metadata (see BatonError.reason)."""
+    return _trailing(e, REASON_KEY)
+
+
+def _trailing(e: grpc.RpcError, key: str) -> str | None:
     md = e.trailing_metadata() if isinstance(e, grpc.Call) else None
-    return dict(md or ()).get(FAILED_ROLE_KEY)
+    return dict(md or ()).get(key)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -185,8 +194,9 @@ def set_health(servicer: health.HealthServicer, service_names: list[str], servin
 
 def _abort(context: grpc.ServicerContext, e: Exception, method: str):
     if isinstance(e, BatonError):
-        if e.failed_role:
-            context.set_trailing_metadata(((FAILED_ROLE_KEY, e.failed_role),))
+        md = tuple((k, v) for k, v in ((FAILED_ROLE_KEY, e.failed_role), (REASON_KEY, e.reason)) if v)
+        if md:
+            context.set_trailing_metadata(md)
         context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
     if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):  # a downstream call failed: pass its code on
         context.abort(e.code(), f"upstream: {e.details()}")

@@ -18,11 +18,12 @@ from baton.errors import KVCodecError  # noqa: F401 (re-exported: callers catch 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK_BYTES = 1 << 20   # 1 MiB: well under gRPC's 4 MiB default message limit
-DAMAGED = "K/V damaged in transit"   # opens every KVDamaged message: the sender may send again
+DAMAGED = "K/V damaged in transit"   # opens every KVDamaged message (callers act on its reason)
 
 
 class KVDamaged(KVCodecError):
     """The bytes that arrived are not the ones sent (too many, too few, checksum): a resend may pass."""
+    reason = "kv-damaged"
 
     def __init__(self, why: str):
         super().__init__(f"{DAMAGED}: {why}")

@@ -11,7 +11,7 @@ from baton import faults, grpc_util
 from baton.device_thread import DeviceThread
 from baton.engine import PrefillOutput, Prefiller
 from baton.errors import DecodeUnreachable, InvalidArgument
-from baton.kv_codec import DAMAGED, checksum, dtype_name, encode, wire_bytes
+from baton.kv_codec import KVDamaged, checksum, dtype_name, encode, wire_bytes
 from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -58,9 +58,7 @@ class KVPusher:
                 self._stub(address).TransferKV(chunks(), timeout=deadline_s, metadata=self.auth)
                 break
             except grpc.RpcError as e:  # damaged on the way (the refusal left nothing behind): send again
-                damaged = isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.INVALID_ARGUMENT \
-                    and (e.details() or "").startswith(DAMAGED)
-                if not damaged or resend == RESENDS:
+                if grpc_util.reason(e) != KVDamaged.reason or resend == RESENDS:
                     raise
         return time.monotonic() - t
 

@@ -104,7 +104,9 @@ def test_chaos_faults_never_give_wrong_tokens_or_hang_or_leak(model_dir):
             else:
                 assert code in CLEAR, f"unclear failure {code}: {got}"
         assert sum(fired.values()) >= 10 and len(fired) >= 6, fired
-        assert outcomes["OK"] >= 0.6 * N, outcomes   # most succeed through resends, retries and migration
+        # Nearly all succeed through resends, retries, migration and the router waiting for a worker
+        # marked dead by one failed call (200/200 in a quiet run; margin for a loaded CI machine).
+        assert outcomes["OK"] >= 0.85 * N, outcomes
         # Nothing leaks: the router's books settle, every worker's rows, queue and K/V are freed.
         wait_for(lambda: (s := client.stats()).running == 0 and s.waiting == 0, 20, what="router drained")
         after = client.stats()
