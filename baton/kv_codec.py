@@ -41,8 +41,9 @@ def wire_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def checksum(data: memoryview | bytes) -> int:
-    return zlib.crc32(data)
+def checksum(data: memoryview | bytes, running: int = 0) -> int:
+    """crc32 of the bytes, continuing `running` (the checksum of the bytes before them)."""
+    return zlib.crc32(data, running)
 
 
 def encode(tensor: torch.Tensor | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
@@ -78,7 +79,7 @@ class KVAssembler:
         self.buf[self.filled:end] = data
         self.filled = end
         if self.crc32 is not None:
-            self.running_crc = zlib.crc32(data, self.running_crc)
+            self.running_crc = checksum(data, self.running_crc)
 
     def tensor(self) -> torch.Tensor:
         if self.filled != len(self.buf):

@@ -63,6 +63,11 @@ def model_dir(model: str) -> Path:
     return smollm2_dir() if model == "smollm2" else Path(model)
 
 
+def model_config(model: str) -> dict:
+    """The model's config.json (sizes, vocabulary, context), without loading it."""
+    return json.loads((model_dir(model) / "config.json").read_text())
+
+
 def has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in TOKENIZER_FILES)
 
@@ -71,8 +76,7 @@ def load_tokenizer(model: str):
     """The tokenizer and context length, without loading weights. (None, ctx) when the model has none."""
     from transformers import AutoTokenizer
     path = model_dir(model)
-    cfg = json.loads((path / "config.json").read_text())
-    context = int(cfg.get("max_position_embeddings", 2048))
+    context = int(model_config(model).get("max_position_embeddings", 2048))
     return (AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None), context
 
 

@@ -62,8 +62,8 @@ class RequestRun:
         self.prefill: WorkerHandle | None = None
         self.held: list[WorkerHandle] = []          # loads reserved with registry.pick, not yet released
         self.attach = None                          # the open Decode.Attach call
-        self.heard_s = time.monotonic()             # last message read off the attach stream
-        self.listening = False                      # relaying the attach stream (prefill is over)
+        self.heard_s: float | None = None           # last message read off the attach stream; None until
+                                                    # it is relayed (prefill over): silence counts from then
         self.silent = False                         # the attach stream was cut for silence
         self.generated: list[int] = []
         self.failed_decodes: set[str] = set()
@@ -79,7 +79,7 @@ class RequestRun:
             self._check_client()
             decode = self.decode = self._pick("decode", exclude=self.failed_decodes)
             try:
-                self.silent = self.listening = False
+                self.silent, self.heard_s = False, None
                 self.attach = decode.stub.Attach(decode_pb2.AttachRequest(
                     request_id=self.rid, timeout_s=self.config.attach_timeout_s,
                     keepalive_s=self.config.keepalive_s), metadata=self.auth)
@@ -98,7 +98,7 @@ class RequestRun:
     def _tokens(self) -> Iterator[router_pb2.GenerateResponse]:
         # Silence counts from here: while prefill runs (it may queue behind a burst) nobody reads the
         # stream, and the decode worker's liveness is the health check's (see _call_prefill).
-        self.heard_s, self.listening = time.monotonic(), True
+        self.heard_s = time.monotonic()
         try:
             for ev in self.attach:
                 self.heard_s = time.monotonic()
@@ -211,8 +211,8 @@ class RequestRun:
 
     def check_silence(self, now: float) -> None:
         """Called by the liveness watcher: cut an attach stream that has been silent too long."""
-        attach = self.attach
-        if attach is not None and self.listening and not self.silent and now - self.heard_s > self.config.worker_silence_s:
+        attach, heard = self.attach, self.heard_s
+        if attach is not None and heard is not None and not self.silent and now - heard > self.config.worker_silence_s:
             self.silent = True
             attach.cancel()
 

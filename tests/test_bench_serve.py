@@ -15,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from baton.bench import serve
-from baton.bench.serve import ServeConfig, arrival_times, make_prompts, markdown_table, run_serve_bench
+from baton.bench.serve import ServeConfig, arrival_times, make_prompts, run_serve_bench
+from baton.bench.serve_report import markdown_table
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from baton.bench.serve import ServeConfig, markdown_table, run_serve_bench
+from baton.bench.serve import ServeConfig, run_serve_bench
+from baton.bench.serve_report import markdown_table
 from baton.procs import Proc
 
 # `baton up` flags per topology: the default (colocated on one device) and a prefill + decode pair.
@@ -51,8 +52,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def flops_per_token(model: str) -> tuple[float, float]:
     """(prefill, decode) FLOPs per token of a Llama-family model: 2 x the parameters each token
     goes through (layers; decode adds the LM head, which a prompt runs for its last token only)."""
-    from baton.model_files import model_dir
-    cfg = json.loads((model_dir(model) / "config.json").read_text())
+    from baton.model_files import model_config
+    cfg = model_config(model)
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     d = cfg.get("head_dim") or h // heads

@@ -11,7 +11,6 @@ them. The workload is the one of issue 11: seeded random prompts of 64-192 token
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -22,9 +21,8 @@ from baton.bench.workload import Query
 
 
 def _vocab_size(model: str) -> int:
-    from baton.model_files import model_dir
-    path = model_dir(model)
-    return int(json.loads((path / "config.json").read_text())["vocab_size"])
+    from baton.model_files import model_config
+    return int(model_config(model)["vocab_size"])
 
 
 def random_queries(n: int, rate: float | None, seed: int, vocab: int) -> list[Query]:
