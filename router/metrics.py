@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
