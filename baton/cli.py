@@ -49,11 +49,6 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
                    help="the router's token (default: $BATON_AUTH_TOKEN, else none)")
 
 
-# Help for the request-limit flags that router.limits defines without it.
-_LIMIT_HELP = {"--max-new-tokens": "cap on a request's max_new_tokens",
-               "--max-stop-strings": "cap on a request's stop strings"}
-
-
 def _add_up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--host", default="127.0.0.1", help="address the router (and the HTTP API) listen on")
     u.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
@@ -70,9 +65,6 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--max-batch", type=int, default=32, help="rows in a decode worker's running batch")
     from router import limits as request_limits
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
-    for flag, text in _LIMIT_HELP.items():   # router.limits defines these without help
-        action = u._option_string_actions[flag]
-        action.help = action.help or text
     u.add_argument("--address", default=None,
                    help="join this Ray cluster (default: start a local one for this process)")
     u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
@@ -80,6 +72,9 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
                    help="also serve an OpenAI-compatible HTTP API on this port (default: none)")
     from router.http_gateway import config as http_config
     http_config.add_args(u)  # --served-model-name, --http-max-body-bytes, --http-keep-alive, ...
+    u.add_argument("--request-timeout", type=float, default=None,
+                   help="the HTTP API's deadline for each generation, seconds: a request still running then "
+                        "gets 504 (default: none)")
     u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
                    help="clients (gRPC and HTTP) must send this token (default: $BATON_AUTH_TOKEN, else none)")
     u.add_argument("--tls-cert", help="the servers' TLS certificate, PEM (default: none, plain TCP)")
@@ -152,15 +147,25 @@ def cmd_status(args) -> int:
 def _print_status(st, as_json: bool) -> None:
     if as_json:
         import json
-        print(json.dumps(status_dict(st)))
+        d = status_dict(st)
+        for w, info in zip(d["workers"], st.workers):
+            w["kv_usage_percent"] = kv_usage_percent(info)
+        print(json.dumps(d))
         return
     s = st.stats
-    print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}); "
-          f"completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
-    print(f"{'role':8} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5}")
+    print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}, "
+          f"batch limit {st.max_batch or '?'}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
+    print(f"{'role':9} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5} "
+          f"{'kv used':>7}")
     for w in st.workers:
-        print(f"{w.role:8} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
-              f"{w.running:>5} {w.batch_width:>5}")
+        kv = f"{kv_usage_percent(w):.1f}%" if w.role != "prefill" else "-"
+        print(f"{w.role:9} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
+              f"{w.running:>5} {w.batch_width:>5} {kv:>7}")
+
+
+def kv_usage_percent(w) -> float:
+    """A worker's K/V bytes of live rows over the bytes its batch cache holds, in percent (0 when none)."""
+    return round(100 * w.kv_used_bytes / w.kv_cache_bytes, 1) if w.kv_cache_bytes else 0.0
 
 
 def status_dict(msg) -> dict:

@@ -56,7 +56,7 @@ def up(args) -> int:
         if args.http_port:
             from router.http_gateway import config as http_config, start_gateway
             gateway = start_gateway(router_address, args.host, args.http_port, auth_token=args.auth_token,
-                                    model_name=args.served_model_name,
+                                    model_name=args.served_model_name, request_timeout_s=args.request_timeout,
                                     limits=http_config.from_args(args, args.max_message_bytes))
         if not done.is_set():
             print(f"baton: serving {args.model} on {args.host}:{port} "

@@ -2,41 +2,64 @@
 the field and its allowed range."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from baton.errors import InvalidArgument
 from baton.sampling import SamplingParams
 
+_CONTEXT = "the model's context: max_position_embeddings in its config.json"
+
 
 @dataclass(frozen=True)
 class Limits:
-    max_prompt_tokens: int = 4096        # never more than the model's context minus max_new_tokens
-    max_new_tokens: int = 2048
+    # None = the model's context (for_context() fills them in when the router knows the model).
+    max_prompt_tokens: int | None = None   # the prompt plus max_new_tokens must fit the context as well
+    max_new_tokens: int | None = None
     max_stop_strings: int = 8
     max_stop_length: int = 64
     max_prompt_chars: int = 64 * 1024
     max_request_id_length: int = 128
 
+    def for_context(self, context: int) -> Limits:
+        """These limits with the token caps left unset taken from the model's context."""
+        return dataclasses.replace(self, max_prompt_tokens=self.max_prompt_tokens or context,
+                                   max_new_tokens=self.max_new_tokens or context)
+
 
 def add_args(p) -> None:
-    """Command-line flags for the limits and the router's capacity (router and `baton up`)."""
+    """Command-line flags for the limits and the router's capacity (router and `baton up`); each help
+    says what the limit does and shows its default."""
     from router.config import RouterConfig
     d, c = Limits(), RouterConfig()
     g = p.add_argument_group("request limits")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
-                   help="cap on prompt tokens (never more than the context minus max_new_tokens)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
-    g.add_argument("--max-stop-length", type=int, default=d.max_stop_length, help="characters per stop string")
-    g.add_argument("--max-queue", type=int, default=c.max_queue, help="accepted requests not yet decoding")
-    g.add_argument("--max-running", type=int, default=c.max_running, help="concurrent streams")
-    g.add_argument("--max-message-bytes", type=int, default=c.max_message_bytes, help="largest gRPC message accepted")
+                   help="longer prompts get INVALID_ARGUMENT (HTTP 400); the prompt plus max_new_tokens must also "
+                        f"fit the context (default: {_CONTEXT})")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="largest max_new_tokens (HTTP max_tokens) a request may ask for; more gets INVALID_ARGUMENT "
+                        f"(HTTP 400) (default: {_CONTEXT})")
+    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="stop strings a request may give (default: %(default)s)")
+    g.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                   help="characters per stop string (default: %(default)s)")
+    g.add_argument("--max-queue", type=int, default=c.max_queue,
+                   help="accepted requests not yet decoding; more get RESOURCE_EXHAUSTED (HTTP 429) "
+                        "(default: %(default)s)")
+    g.add_argument("--max-running", type=int, default=c.max_running,
+                   help="requests in flight (waiting or decoding); more get RESOURCE_EXHAUSTED (HTTP 429) "
+                        "(default: %(default)s)")
+    g.add_argument("--max-message-bytes", type=int, default=c.max_message_bytes,
+                   help="largest gRPC message accepted, bytes; a larger request gets RESOURCE_EXHAUSTED "
+                        "(HTTP 413) (default: %(default)s)")
     g.add_argument("--worker-silence-s", type=float, default=c.worker_silence_s,
                    help="a decode worker that sends nothing on a request's stream (no token, no keep-alive) for "
-                        "this many seconds is treated as failed and the request migrates to another one")
+                        "this many seconds is treated as failed and the request migrates to another one "
+                        "(default: %(default)s)")
     g.add_argument("--worker-wait-s", type=float, default=c.worker_wait_s,
-                   help="with no live worker for a request, wait this many seconds for one before UNAVAILABLE")
+                   help="with no live worker for a request, wait this many seconds for one before UNAVAILABLE "
+                        "(default: %(default)s)")
 
 
 def from_args(a) -> Limits:
@@ -67,12 +90,16 @@ def validate_sampling(limits: Limits, *, max_new_tokens: int, temperature: float
 
 
 def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: int) -> None:
+    """The prompt is within --max-prompt-tokens and, with max_new_tokens, within the model's context;
+    the message names the prompt, which is what the client has to shorten."""
     if num_tokens == 0:
         raise InvalidArgument("prompt must not be empty")
-    allowed = min(limits.max_prompt_tokens, context - max_new_tokens)
-    if num_tokens > allowed:
-        raise InvalidArgument(f"prompt has {num_tokens} tokens; at most {allowed} allowed "
-                              f"(context {context} minus max_new_tokens {max_new_tokens}, cap {limits.max_prompt_tokens})")
+    if num_tokens > limits.max_prompt_tokens:
+        raise InvalidArgument(f"the prompt has {num_tokens} tokens; at most {limits.max_prompt_tokens} allowed "
+                              "(--max-prompt-tokens)")
+    if num_tokens + max_new_tokens > context:
+        raise InvalidArgument(f"the prompt has {num_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                              f"the model's context of {context} tokens")
 
 
 def check_request_id(limits: Limits, request_id: str) -> None:

@@ -54,16 +54,20 @@ def router_config(a) -> RouterConfig:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="router", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 = a free one (default: %(default)s)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 or a local Hugging Face model directory: its tokenizer and context; the workers "
+                        "load the weights (default: %(default)s)")
     request_limits.add_args(p)
-    p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"))
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--tls-root-cert")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus GET /metrics on this port (0 = a free one)")
+    p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
+                   help="clients and workers must send this token (default: $BATON_AUTH_TOKEN, else none)")
+    p.add_argument("--tls-cert", help="the router's TLS certificate, PEM (default: none, plain TCP)")
+    p.add_argument("--tls-key", help="its private key, PEM (default: none)")
+    p.add_argument("--tls-root-cert", help="CA that signed the workers' certificates (default: none)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus GET /metrics on this port, 0 = a free one (default: none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
     server, port, servicer, watcher = start_router(a.model, a.host, a.port, config=router_config(a),

@@ -128,6 +128,19 @@ class Registry:
             w.alive = ok
 
 
+def worker_stats(reply) -> dict:
+    """What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats)."""
+    return {"running": reply.running, "waiting": reply.waiting, "batch_width": reply.batch_width,
+            "kv_cache_bytes": reply.kv_cache_bytes, "kv_used_bytes": reply.kv_used_bytes,
+            # The rows of its decode batch (its --max-batch), once WorkerStatsResponse carries it.
+            "max_batch": getattr(reply, "max_batch", 0)}
+
+
+def max_batch(workers) -> int:
+    """The largest decode batch (rows) among the workers that decode, as their Stats last reported it."""
+    return max((w.stats.get("max_batch", 0) for w in workers if _serves(w, "decode")), default=0)
+
+
 def _serves(w: WorkerHandle, role: str) -> bool:
     return w.role == role or w.role == "colocated"
 

@@ -16,7 +16,7 @@ from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
 from router.books import Books
 from router.config import RouterConfig
 from router.limits import Limits, check_prompt, check_request_id, validate_sampling
-from router.registry import Registry
+from router.registry import Registry, max_batch, worker_stats
 from router.request_run import LivenessWatcher, RequestRun
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, registry: Registry, tokenizer, context_len: int, model_name: str,
                  config: RouterConfig = RouterConfig(), limits: Limits = Limits(), scaler=None):
         self.registry, self.tokenizer, self.context_len = registry, tokenizer, context_len
-        self.model_name, self.config, self.limits = model_name, config, limits
+        self.model_name, self.config, self.limits = model_name, config, limits.for_context(context_len)
         self.scaler = scaler                  # callable(role, count) -> count, from the deployment
         self.auth = grpc_util.auth_metadata(config.auth_token)
         self.books = Books(config.max_queue, config.max_running)
@@ -93,18 +93,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     @grpc_util.rpc
     def Status(self, request, context):
-        workers = []
         with self.registry.lock:
             handles = list(self.registry.workers.values())
         for w in handles:
             try:
-                s = w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=1, metadata=self.auth)
-                w.stats = {"running": s.running, "waiting": s.waiting, "batch_width": s.batch_width,
-                           "kv_cache_bytes": s.kv_cache_bytes, "kv_used_bytes": s.kv_used_bytes}
+                w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=1, metadata=self.auth))
             except grpc.RpcError:
                 pass
-            workers.append(w.to_pb())
-        return router_pb2.StatusResponse(workers=workers, stats=self.stats_pb(), max_queue=self.config.max_queue,
+        return router_pb2.StatusResponse(workers=[w.to_pb() for w in handles], stats=self.stats_pb(),
+                                         max_batch=max_batch(handles), max_queue=self.config.max_queue,
                                          model=self.model_name, topology=self.registry.topology())
 
     @grpc_util.rpc

@@ -1,16 +1,27 @@
 """The `baton` command line explains itself: every flag has help and shows its default, the router's
 address comes from BATON_ROUTER, a router that cannot be reached gets a one-line hint (no traceback),
-and `baton status --json` prints 64-bit counters as numbers. Against an in-process router with no
-workers (Status needs none)."""
+and `baton status --json` prints 64-bit counters as numbers, the workers' batch size and their K/V
+usage. Request limits default to the model's context, and a prompt too long for it is named as such
+(gRPC and HTTP). Against an in-process router with no workers (Status and validation need none), and
+`baton status` against a loopback cluster."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
+import grpc
+import httpx2 as httpx
 import pytest
 
 from baton.cli import build_parser, main
+from baton.v1 import prefill_pb2, router_pb2
+from loopback import loopback_cluster
+from router import limits as request_limits
 from test_http_input import router  # noqa: F401 - the fixture: an in-process router, no workers
+from tiny_model import save_tiny
+
+CONTEXT = 1024   # the tiny model's max_position_embeddings
 
 
 def _help_entries(command: str, capsys, monkeypatch) -> dict[str, str]:
@@ -71,3 +82,98 @@ def test_unreachable_router_gets_a_one_line_hint(argv, capsys):
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.err, out.err
     assert "127.0.0.1:1" in lines[0] and "--router" in lines[0] and "BATON_ROUTER" in lines[0]
+
+
+def test_up_help_names_every_flag_with_its_default(capsys, monkeypatch):
+    entries = _help_entries("up", capsys, monkeypatch)
+    for flag in ("--request-timeout", "--served-model-name", "--max-batch", "--max-new-tokens", "--max-prompt-tokens",
+                 "--auth-token", "--tls-cert", "--host", "--port", "--dtype", "--device"):
+        assert "default" in entries[flag], (flag, entries[flag])
+    for flag in ("--max-new-tokens", "--max-prompt-tokens"):
+        assert "the model's context" in entries[flag], entries[flag]
+    assert build_parser().parse_args(["up", "--request-timeout", "7.5"]).request_timeout == 7.5
+
+
+def test_limit_flags_explain_themselves_where_they_are_defined():
+    """router.limits gives every flag its help (the router's own --help as well as `baton up`'s)."""
+    p = argparse.ArgumentParser()
+    request_limits.add_args(p)
+    for a in p._actions:
+        if a.option_strings and a.dest != "help":
+            assert a.help and "default" in a.help, a.option_strings
+
+
+def test_limits_default_to_the_model_context(tmp_path):
+    from router.main import start_router
+    up = build_parser().parse_args(["up"])
+    assert request_limits.from_args(up).for_context(CONTEXT) == request_limits.Limits(
+        max_prompt_tokens=CONTEXT, max_new_tokens=CONTEXT)
+    chosen = request_limits.from_args(build_parser().parse_args(["up", "--max-new-tokens", "16"]))
+    assert chosen.for_context(CONTEXT).max_new_tokens == 16   # a flag given wins
+    server, _, servicer, watcher = start_router(save_tiny(tmp_path / "model"), "127.0.0.1", 0)
+    try:
+        assert servicer.limits.max_new_tokens == servicer.limits.max_prompt_tokens == CONTEXT
+    finally:
+        watcher.stopped.set()
+        server.stop(0).wait(2)
+
+
+OVER = "the prompt has 1000 tokens; with {}=64 it exceeds the model's context of 1024 tokens"
+
+
+def test_over_context_error_names_the_prompt_over_grpc(router):  # noqa: F811
+    from router.client import RouterClient
+    with RouterClient(router) as client, pytest.raises(grpc.RpcError) as e:
+        list(client.stub.Generate(router_pb2.GenerateRequest(prompt_token_ids=[1] * 1000, max_new_tokens=64),
+                                  timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == OVER.format("max_new_tokens")
+    with RouterClient(router) as client, pytest.raises(grpc.RpcError) as e:   # within the context, over the cap
+        list(client.stub.Generate(router_pb2.GenerateRequest(prompt_token_ids=[1] * 1025, max_new_tokens=1),
+                                  timeout=10))
+    assert e.value.details().startswith("the prompt has 1025 tokens; at most 1024 allowed"), e.value.details()
+
+
+def test_over_context_error_names_the_prompt_over_http(router):  # noqa: F811
+    from router.http_gateway import start_gateway
+    gw = start_gateway(router, "127.0.0.1", 0)
+    try:
+        r = httpx.post(gw.url + "/v1/completions", json={"model": "model", "prompt": [1] * 1000, "max_tokens": 64},
+                       timeout=30)
+    finally:
+        gw.stop()
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == OVER.format("max_tokens")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A router and one colocated worker started with --max-batch 8 (loopback_cluster's)."""
+    with loopback_cluster(save_tiny(tmp_path_factory.mktemp("tiny") / "model"), colocated=1) as c:
+        yield c
+
+
+@pytest.mark.skipif("max_batch" not in prefill_pb2.WorkerStatsResponse.DESCRIPTOR.fields_by_name,
+                    reason="needs WorkerStatsResponse.max_batch (prefill.proto), filled by the decode worker")
+def test_status_reports_the_workers_max_batch(cluster, capsys):
+    assert main(["status", "--json", "--router", cluster["router"].address]) == 0
+    assert json.loads(capsys.readouterr().out)["max_batch"] == 8   # loopback_cluster's --max-batch
+
+
+def test_status_shows_kv_usage_per_worker(cluster, capsys):
+    from router.client import RouterClient
+    address = cluster["router"].address
+    with RouterClient(address) as client:
+        stream = client.generate_stream(list(range(1, 101)), max_new_tokens=900, ignore_eos=True, timeout=60)
+        try:
+            next(stream)   # decoding: the worker's batch holds this request's K/V for ~1 s at least
+            assert main(["status", "--json", "--router", address]) == 0
+        finally:
+            stream.cancel()
+    st = json.loads(capsys.readouterr().out)
+    [w] = st["workers"]
+    assert w["role"] == "colocated" and type(w["kv_usage_percent"]) is float and 0 < w["kv_usage_percent"] <= 100, w
+    assert type(st["max_batch"]) is int
+    assert main(["status", "--router", address]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "kv used" in table[1] and re.fullmatch(r"\d+\.\d%", table[2].split()[-1]), table
