@@ -19,11 +19,11 @@ import torch
 from baton.config import EngineConfig
 from baton.detokenizer import IncrementalDetokenizer
 from baton.kv_cache import BatchKVCache
-from baton.model_loader import LoadedModel
+from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
 from baton.request import FinishReason, Request, Status, TokenEvent
-from baton.sampler import sample_batch, sample_one
-from baton.sampling import SamplingParams
+from baton.sampler import sample_rows
+from baton.sampling import Logprobs, SamplingParams
 
 
 class QueueFull(Exception):
@@ -34,11 +34,14 @@ class QueueFull(Exception):
 class PrefillOutput:
     token_id: int          # the next token (output index len(generated))
     kv: torch.Tensor       # (L, 2, Hkv, P, D), model dtype, P = prompt + generated tokens
+    logprobs: Logprobs | None = None   # the token's, when the request asked for them
 
 
 class Prefiller:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None):
         self.runner = runner
+        # min_tokens masks EOS on the first token too (the model's own EOS ids unless told)
+        self.eos_ids = eos_ids_of(runner.hf, None) if eos_ids is None else eos_ids
 
     def prefill(self, prompt_ids: list[int], params: SamplingParams, generated: list[int] = ()) -> PrefillOutput:
         """Prefill the prompt plus any tokens already generated (a migrated request)."""
@@ -47,7 +50,10 @@ class Prefiller:
     def prefill_many(self, reqs: list[Request]) -> list[PrefillOutput]:
         """Several queries in one pass, each on its own (see ModelRunner.prefill_many)."""
         outs = self.runner.prefill_many([r.all_ids for r in reqs])
-        return [PrefillOutput(sample_one(logits, r.params, len(r.output_ids)), kv) for r, (logits, kv) in zip(reqs, outs)]
+        if not outs:
+            return []
+        picks = sample_rows(torch.stack([lg for lg, _ in outs]), reqs, self.eos_ids)   # logits (n, V)
+        return [PrefillOutput(t, kv, lp) for (t, lp), (_, kv) in zip(picks, outs)]
 
 
 class DecodeBatch:
@@ -72,7 +78,7 @@ class DecodeBatch:
         """Embed a prefilled request; emits its newest token. It joins the batch unless already done."""
         if req.detok is None and self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.all_ids, req.params.stop)
-        event = req.append_token(pre.token_id, self.eos_ids, self.max_len)
+        event = req.append_token(pre.token_id, self.eos_ids, self.max_len, pre.logprobs)
         if not req.done:
             self.index[req.request_id] = self.cache.insert(pre.kv)
             self.rows.append(req)
@@ -114,13 +120,14 @@ class DecodeBatch:
             return []
         last = [r.output_ids[-1] for r in self.rows]
         logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
-        tokens = sample_batch(logits, [r.params for r in self.rows], [len(r.output_ids) for r in self.rows])
-        events = [r.append_token(t, self.eos_ids, self.max_len) for r, t in zip(self.rows, tokens)]
+        picks = sample_rows(logits, self.rows, self.eos_ids)
+        events = [r.append_token(t, self.eos_ids, self.max_len, lp) for r, (t, lp) in zip(self.rows, picks)]
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
-        return events + self.admit_group([(req, PrefillOutput(sample_one(lg, req.params, len(req.output_ids)), c.kv))
-                                          for (req, c), lg in zip(chunks, prompt_logits) if lg is not None])
+        done = [(req, c, lg) for (req, c), lg in zip(chunks, prompt_logits) if lg is not None]
+        picks = sample_rows(torch.stack([lg for *_, lg in done]), [r for r, *_ in done], self.eos_ids) if done else []
+        return events + self.admit_group([(req, PrefillOutput(t, c.kv, lp)) for (req, c, _), (t, lp) in zip(done, picks)])
 
 
 class Engine:
@@ -130,7 +137,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         self.runner = ModelRunner(model.model)
-        self.prefiller = Prefiller(self.runner)
+        self.prefiller = Prefiller(self.runner, model.eos_ids)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
         self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()      # to prefill here
         self.prefilling: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()  # chunks under way

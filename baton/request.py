@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from baton.detokenizer import IncrementalDetokenizer
-from baton.sampling import SamplingParams
+from baton.sampling import Logprobs, SamplingParams
 
 
 class Status(enum.Enum):
@@ -33,6 +33,7 @@ class TokenEvent:
     text: str                                # new final text since the previous event
     index: int                               # position of the token in the output
     finish_reason: FinishReason | None = None
+    logprobs: Logprobs | None = None         # when the request asked for them
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[Logprobs] = field(default_factory=list)   # per output token, when asked for
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     detok: IncrementalDetokenizer | None = None
@@ -56,9 +58,12 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def append_token(self, token_id: int, eos_ids: frozenset[int], max_len: int) -> TokenEvent:
+    def append_token(self, token_id: int, eos_ids: frozenset[int], max_len: int,
+                     logprobs: Logprobs | None = None) -> TokenEvent:
         """Record a new token, decide whether the request is finished, return its event."""
         self.output_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
         if self.first_token_s is None:
             self.first_token_s = time.monotonic()
         text = self.detok.add(token_id) if self.detok else ""
@@ -71,7 +76,7 @@ class Request:
             if self.detok:
                 text += self.detok.flush()
             self.finish(Status.FINISHED, reason)
-        return TokenEvent(self.request_id, token_id, text, len(self.output_ids) - 1, reason)
+        return TokenEvent(self.request_id, token_id, text, len(self.output_ids) - 1, reason, logprobs)
 
     def finish(self, status: Status, reason: FinishReason | None) -> None:
         self.status, self.finish_reason = status, reason

@@ -1,14 +1,34 @@
 """Per-row token choice.
 
-A sampled token depends only on its row's logits, its parameters and (seed, index of the
-token): each token draws from a generator seeded by both, so a query's text is the same
-whatever its batch-mates, and wherever (prefill or decode worker) the token is drawn.
+A sampled token depends only on its row's logits, its parameters, its own token history and
+(seed, index of the token): each token draws from a generator seeded by both, so a query's text
+is the same whatever its batch-mates, and wherever (prefill or decode worker) the token is drawn.
+
+Before the choice, a row's logits go through its processors, in vLLM's order: `logit_bias` added,
+EOS masked while fewer than `min_tokens` are out, then the repetition penalty over prompt + output
+tokens (HF/vLLM: a positive logit divided by it, a negative one multiplied), then the frequency and
+presence penalties over output tokens (OpenAI: logit - frequency * count - presence * [count > 0]).
+Then temperature, top-k, top-p. A request carries its prompt and output ids everywhere (a
+migrated request's output ids travel as `generated_token_ids`), so this state is never lost.
+
+Log-probabilities are those of the raw model logits (log-softmax before any processor or
+temperature, vLLM's default `raw_logprobs`), in float64 for a float64 model and float32 otherwise.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
 import torch
 
-from baton.sampling import SamplingParams
+from baton.sampling import Logprobs, SamplingParams
+
+
+class Row(Protocol):
+    """What the sampler reads of a request (baton.request.Request has it)."""
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
 
 
 def _token_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -17,8 +37,32 @@ def _token_generator(seed: int, index: int, device: torch.device) -> torch.Gener
     return g
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (exact tests); every other dtype is processed in float32."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int]) -> torch.Tensor:
+    """logits (V,) -> the row's processed logits (V,), a new tensor."""
+    p, x = row.params, _wide(logits).clone()
+    dev, V = x.device, x.shape[-1]
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
+        x[ids] += torch.tensor([b for _, b in p.logit_bias], dtype=x.dtype, device=dev)
+    if len(row.output_ids) < p.min_tokens and eos_ids and not p.ignore_eos:
+        x[torch.tensor(sorted(eos_ids), device=dev)] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(row.prompt_ids + row.output_ids, device=dev).unique()   # (S,)
+        s = x[seen]
+        x[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
+        counts = torch.bincount(torch.tensor(row.output_ids, device=dev), minlength=V)[:V].to(x.dtype)  # (V,)
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    return x
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
-    """logits (V,) -> token id; `index` is the position of this token in the output."""
+    """logits (V,), already processed -> token id; `index` is the position of this token in the output."""
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
@@ -35,10 +79,24 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     return int(torch.multinomial(probs, 1, generator=g))
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
-    """logits (n, V) -> n token ids. Greedy rows share one argmax."""
-    out = torch.argmax(logits, dim=-1).tolist()
-    for r, p in enumerate(params):
-        if not p.greedy:
-            out[r] = sample_one(logits[r], p, indices[r])
+def logprobs_of(logits: torch.Tensor, token: int, k: int) -> Logprobs:
+    """logits (V,) raw -> the chosen token's log-probability and the k most likely tokens'."""
+    lp = torch.log_softmax(_wide(logits), dim=-1)                   # (V,)
+    top = torch.topk(lp, k) if k else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return Logprobs(float(lp[token]), pairs)
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[Row],
+                eos_ids: Collection[int] = ()) -> list[tuple[int, Logprobs | None]]:
+    """logits (n, V) -> per row (token id, its Logprobs if asked for). Plain greedy rows share one argmax."""
+    tokens = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
+    out = []
+    for r, row in enumerate(rows):
+        p = row.params
+        if p.processed or not p.greedy:
+            scores = process(logits[r], row, eos_ids) if p.processed else logits[r]
+            tokens[r] = sample_one(scores, p, len(row.output_ids))
+        lp = logprobs_of(logits[r], tokens[r], p.logprobs) if p.logprobs is not None else None
+        out.append((tokens[r], lp))
     return out

@@ -1,9 +1,33 @@
 """Sampling parameters: what a request asks of the sampler (no torch here, so the router and
-the gateway validate them without loading it). The sampler itself is baton/sampler.py."""
+the gateway validate them without loading it). The sampler itself is baton/sampler.py.
+
+`SamplingParams.validate` is the one place that checks them: the router (INVALID_ARGUMENT), the
+HTTP gateway (400) and the workers call it, and its `InvalidParam` names the field."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20            # most likely tokens returned per token (OpenAI's top_logprobs cap)
+MAX_LOGIT_BIAS = 1024        # entries in logit_bias
+PENALTY_RANGE = 2.0          # presence / frequency penalties in [-2, 2] (OpenAI)
+MAX_REPETITION_PENALTY = 10.0
+
+
+class InvalidParam(ValueError):
+    """A sampling parameter out of range; `field` names it (as SamplingParams spells it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities of one output token, from the raw logits (see baton/sampler.py)."""
+    logprob: float                               # the chosen token's
+    top: tuple[tuple[int, float], ...] = ()      # (token_id, logprob) of the most likely tokens, best first
 
 
 @dataclass(frozen=True)
@@ -15,22 +39,68 @@ class SamplingParams:
     seed: int = field(default_factory=lambda: random.getrandbits(63))
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0     # subtracted from the logit of every token already in the output
+    frequency_penalty: float = 0.0    # subtracted once per occurrence of the token in the output
+    repetition_penalty: float = 1.0   # HF/vLLM: logits of prompt or output tokens divided (> 0) or multiplied (< 0) by it
+    min_tokens: int = 0               # EOS is masked until this many tokens are out
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token_id, bias in [-100, 100]) added to the logits
+    logprobs: int | None = None       # None: none; k: the chosen token's logprob and the k most likely
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> None:
-        """Raise ValueError naming the field and its allowed range."""
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidParam naming the field and its allowed range. With `vocab_size`, logit_bias's
+        token ids are checked against the vocabulary too."""
+        self._validate_basic()
+        self._validate_processors(vocab_size)
+
+    def _validate_basic(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InvalidParam("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature >= 0.0) or self.temperature > 100:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise InvalidParam("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidParam("top_k", f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.seed < 2 ** 64:
-            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+            raise InvalidParam("seed", f"seed must be in [0, 2^64), got {self.seed}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise InvalidParam("stop", "stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidParam("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    def _validate_processors(self, vocab_size: int | None) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -PENALTY_RANGE <= v <= PENALTY_RANGE):
+                raise InvalidParam(name, f"{name} must be in [-2, 2], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidParam("repetition_penalty", f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] "
+                               f"(1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidParam("min_tokens", f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                               f"got {self.min_tokens}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParam("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, "
+                               f"got {len(self.logit_bias)}")
+        top = vocab_size if vocab_size is not None else 2 ** 32
+        for token, bias in self.logit_bias:
+            if not 0 <= token < top:
+                raise InvalidParam("logit_bias", f"logit_bias token ids must be in [0, {top}), got {token}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} "
+                                   f"for token {token}")
+
+
+def bias_pairs(bias: dict) -> tuple[tuple[int, float], ...]:
+    """A {token_id: bias} mapping as SamplingParams holds it: sorted (token_id, bias) pairs."""
+    return tuple(sorted((int(k), float(v)) for k, v in bias.items()))

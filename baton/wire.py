@@ -1,21 +1,60 @@
 """Conversions between engine objects and baton.v1 messages, at the edge only."""
 from __future__ import annotations
 
+import dataclasses
+
+from baton.errors import InvalidArgument
 from baton.request import TokenEvent
-from baton.sampling import SamplingParams
+from baton.sampling import InvalidParam, Logprobs, SamplingParams, bias_pairs
 from baton.v1 import common_pb2, decode_pb2
 
 
 def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                                     top_k=p.top_k, seed=p.seed, stop=list(p.stop), ignore_eos=p.ignore_eos)
+    m = common_pb2.SamplingParams(
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+        stop=list(p.stop), ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
+        logit_bias=dict(p.logit_bias))
+    if p.logprobs is not None:
+        m.logprobs = p.logprobs
+    return m
 
 
 def params_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p or 1.0,
-                          top_k=m.top_k, seed=m.seed, stop=tuple(m.stop), ignore_eos=m.ignore_eos)
+                          top_k=m.top_k, seed=m.seed, stop=tuple(m.stop), ignore_eos=m.ignore_eos,
+                          **_processors(m))
+
+
+def _processors(m) -> dict:
+    """The logit processors and logprobs of a SamplingParams or GenerateRequest message (same field names)."""
+    return dict(presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
+                repetition_penalty=m.repetition_penalty or 1.0, min_tokens=m.min_tokens,
+                logit_bias=bias_pairs(m.logit_bias), logprobs=m.logprobs if m.HasField("logprobs") else None)
+
+
+def sampling_from_request(r, base: SamplingParams, vocab_size: int | None = None) -> SamplingParams:
+    """The router's SamplingParams for a GenerateRequest: `base` (checked against the router's limits)
+    with the request's logit processors and logprobs, validated (INVALID_ARGUMENT naming the field)."""
+    params = dataclasses.replace(base, **_processors(r))
+    try:
+        params.validate(vocab_size)
+    except InvalidParam as e:
+        raise InvalidArgument(str(e)) from None
+    return params
+
+
+def logprobs_to_pb(lp: Logprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(logprob=lp.logprob, top=[common_pb2.TokenLogprob(token_id=t, logprob=v)
+                                                             for t, v in lp.top])
+
+
+def logprobs_from_pb(m: common_pb2.TokenLogprobs) -> Logprobs:
+    return Logprobs(m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
 
 
 def event_to_pb(e: TokenEvent) -> decode_pb2.TokenEvent:
-    return decode_pb2.TokenEvent(token_id=e.token_id, text=e.text, index=e.index,
-                                 finish_reason=int(e.finish_reason or 0))
+    m = decode_pb2.TokenEvent(token_id=e.token_id, text=e.text, index=e.index, finish_reason=int(e.finish_reason or 0))
+    if e.logprobs is not None:
+        m.logprobs.CopyFrom(logprobs_to_pb(e.logprobs))
+    return m

@@ -14,7 +14,7 @@ from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceE
 from baton.kv_codec import DTYPES, KVAssembler
 from baton.request import Request
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
-from baton.wire import event_to_pb, params_from_pb
+from baton.wire import event_to_pb, logprobs_from_pb, params_from_pb
 from decode_service.worker import DecodeWorker
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgument(f"next_token must be in [0, {vocab})")
         req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids))
         try:
-            self.worker.admit(req, PrefillOutput(h.next_token, kv), time.monotonic() - t0)
+            lp = logprobs_from_pb(h.next_token_logprobs) if h.HasField("next_token_logprobs") else None
+            self.worker.admit(req, PrefillOutput(h.next_token, kv, lp), time.monotonic() - t0)
         except QueueFull as e:
             raise ResourceExhausted(str(e)) from None
         except ValueError as e:

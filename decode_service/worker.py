@@ -42,6 +42,7 @@ class DecodeWorker:
         runner = loop.engine.runner
         self.kv_shape = (runner.num_layers, 2, runner.num_kv_heads, runner.head_dim)
         self.dtype = runner.dtype
+        self.vocab_size = runner.vocab_size
         self.max_len = loop.engine.model.max_len
 
     # ---- K/V side --------------------------------------------------------------------------
@@ -60,7 +61,7 @@ class DecodeWorker:
         if num_tokens >= self.max_len:
             raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}")
         try:
-            params.validate()
+            params.validate(self.vocab_size)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         with self.cond:

@@ -15,7 +15,7 @@ from baton.kv_codec import KVDamaged, checksum, dtype_name, encode, wire_bytes
 from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from baton.wire import params_from_pb, params_to_pb
+from baton.wire import logprobs_to_pb, params_from_pb, params_to_pb
 from prefill_service.worker import PrefillWorker
 
 SERVICE = "baton.v1.Prefill"
@@ -47,6 +47,8 @@ class KVPusher:
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, generated_token_ids=req.output_ids,
             next_token=pre.token_id, params=params_to_pb(req.params), dtype=dtype_name(kv.dtype),
             shape=list(kv.shape), nbytes=len(data), crc32=checksum(data))
+        if pre.logprobs is not None:
+            header.next_token_logprobs.CopyFrom(logprobs_to_pb(pre.logprobs))
 
         def chunks():
             yield decode_pb2.KVChunk(header=header)
@@ -73,10 +75,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if not request.decode_address:
             raise InvalidArgument("decode_address must name the decode worker (host:port)")
         params = params_from_pb(request.params)
-        try:
-            params.validate()
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
         req = Request(request.request_id, list(request.prompt_token_ids), params,
                       output_ids=list(request.generated_token_ids))
         try:

@@ -49,7 +49,12 @@ class PrefillWorker:
         return len(self.active)
 
     def check(self, req: Request) -> None:
-        """Refuse what no worker could prefill: no tokens, too many, ids outside the vocabulary."""
+        """Refuse what no worker could prefill: bad sampling parameters, no tokens, too many, ids
+        outside the vocabulary."""
+        try:
+            req.params.validate(self.prefiller.runner.vocab_size)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
         ids = req.all_ids
         if not ids:
             raise InvalidArgument("prompt_token_ids must not be empty")

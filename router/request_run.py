@@ -109,6 +109,8 @@ class RequestRun:
                     self._start_running()
                 self.generated.append(ev.token_id)
                 resp = router_pb2.GenerateResponse(text=ev.text, token_ids=[ev.token_id])
+                if ev.HasField("logprobs"):
+                    resp.logprobs.append(ev.logprobs)
                 if len(self.generated) == 1:
                     resp.request_id = self.rid
                 if not ev.finish_reason:
