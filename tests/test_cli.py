@@ -24,12 +24,12 @@ from tiny_model import save_tiny
 CONTEXT = 1024   # the tiny model's max_position_embeddings
 
 
-def _help_entries(command: str, capsys, monkeypatch) -> dict[str, str]:
-    """`baton COMMAND --help` as {flag: its help text} (a wide terminal: a flag's help is on its line or
+def _help_entries(argv: list[str], capsys, monkeypatch) -> dict[str, str]:
+    """`baton ARGV --help` as {flag: its help text} (a wide terminal: a flag's help is on its line or
     the next, indented)."""
     monkeypatch.setenv("COLUMNS", "10000")
     with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
+        main([*argv, "--help"])
     assert e.value.code == 0
     entries, flag = {}, None
     for line in capsys.readouterr().out.splitlines():
@@ -44,16 +44,26 @@ def _help_entries(command: str, capsys, monkeypatch) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("command", ["up", "generate", "status", "scale"])
-def test_every_flag_has_help_that_shows_its_default(command, capsys, monkeypatch):
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
-    flags = {a.option_strings[0] for a in sub._actions if a.option_strings and a.dest != "help"}
-    entries = _help_entries(command, capsys, monkeypatch)
+def _check_help(entries: dict[str, str], flags: set[str]) -> None:
     assert flags and flags <= set(entries), flags - set(entries)
     for flag in flags:
         text = entries[flag]
-        assert "default" in text and "default: None" not in text, (flag, text)
+        assert ("default" in text or "(required)" in text) and "default: None" not in text, (flag, text)
         assert not text.startswith("(default"), (flag, "no help text, only a default")
+
+
+@pytest.mark.parametrize("command", ["up", "generate", "status", "scale"])
+def test_every_flag_has_help_that_shows_its_default(command, capsys, monkeypatch):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    _check_help(_help_entries([command], capsys, monkeypatch),
+                {a.option_strings[0] for a in sub._actions if a.option_strings and a.dest != "help"})
+
+
+@pytest.mark.parametrize("bench", [[], ["serve"], ["endpoint"], ["topologies"]])
+def test_every_bench_flag_has_help_that_shows_its_default(bench, capsys, monkeypatch):
+    """`baton bench` and its modes have parsers of their own: every flag they list."""
+    entries = _help_entries(["bench", *bench], capsys, monkeypatch)
+    _check_help(entries, set(entries) - {"-h"})
 
 
 def test_baton_router_is_the_default_router_address(monkeypatch):
@@ -85,7 +95,7 @@ def test_unreachable_router_gets_a_one_line_hint(argv, capsys):
 
 
 def test_up_help_names_every_flag_with_its_default(capsys, monkeypatch):
-    entries = _help_entries("up", capsys, monkeypatch)
+    entries = _help_entries(["up"], capsys, monkeypatch)
     for flag in ("--request-timeout", "--served-model-name", "--max-batch", "--max-new-tokens", "--max-prompt-tokens",
                  "--auth-token", "--tls-cert", "--host", "--port", "--dtype", "--device"):
         assert "default" in entries[flag], (flag, entries[flag])

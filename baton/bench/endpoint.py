@@ -114,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
                    help=f"baton up topologies to start, comma-separated, from {list(TOPOLOGIES)} (default: all)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
-                   help="a running OpenAI-compatible server to drive with the same load (repeatable)")
+                   help="a running OpenAI-compatible server to drive with the same load (repeatable; default: none)")
     p.add_argument("--peer-model", default=None, help="model name to send to peers (default: their first)")
     p.add_argument("--model", default="smollm2", help="model baton serves (default: smollm2)")
     p.add_argument("--dtype", default="float32", help="dtype baton serves (default: float32)")
@@ -126,8 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--slo-tpot-ms", type=float, default=250, help="goodput SLO on TPOT (default: 250)")
     p.add_argument("--tokenizer", default="smollm2",
                    help="tokenizer that sizes the prompts: smollm2, a directory, or none (default: smollm2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines while a load runs")
-    p.add_argument("--out", default="docs/bench/endpoint", help="folder for results.json and results.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines while a load runs (default: progress)")
+    p.add_argument("--out", default="docs/bench/endpoint", help="folder for results.json and results.md (default: %(default)s)")
     a = p.parse_args(argv)
     unknown = set(a.topologies.split(",")) - set(TOPOLOGIES) - {""}
     if unknown:

@@ -49,17 +49,21 @@ def run_system(name, model, args, queries):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="baton bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--quick", action="store_true", help="a small workload: under 5 minutes on 2 CPU cores")
-    p.add_argument("--queries", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (queries/s)")
-    p.add_argument("--burst", action="store_true", help="all queries arrive at once")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--systems", default=",".join(ALL))
-    p.add_argument("--sweep", default=None, help="comma-separated arrival rates to sweep for baton and orca")
-    p.add_argument("--out", default="docs/bench")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 or a local Hugging Face model directory (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="weights and activations (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small workload: under 5 minutes on 2 CPU cores (default: the full workload)")
+    p.add_argument("--queries", type=int, default=None, help="queries in the workload (default: 48, 24 with --quick)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="Poisson arrival rate, queries/s (default: 4, 8 with --quick)")
+    p.add_argument("--burst", action="store_true", help="all queries arrive at once (default: Poisson arrivals)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows of each system's decode batch (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
+    p.add_argument("--systems", default=",".join(ALL), help="systems to run, comma-separated (default: %(default)s)")
+    p.add_argument("--sweep", default=None,
+                   help="comma-separated arrival rates to sweep for baton and orca (default: no sweep)")
+    p.add_argument("--out", default="docs/bench", help="folder for the report (default: %(default)s)")
     return p.parse_args(argv)
 
 

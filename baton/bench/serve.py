@@ -268,15 +268,15 @@ def _goodput(specs: list[str] | None) -> dict[str, float]:
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a required flag has no default to show
-        return action.help if action.required else super()._get_help_string(action)
+    def _get_help_string(self, action):  # a required flag has no default to show; some say theirs in words
+        return action.help if action.required or "(default" in (action.help or "") else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> tuple[ServeConfig, str | None]:
     p = argparse.ArgumentParser(prog="baton bench serve", description=__doc__, formatter_class=_Help)
     a = p.add_argument
-    a("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (no /v1)")
-    a("--model", default=None, help="model name to send; None = the first one GET /v1/models lists")
+    a("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (no /v1) (required)")
+    a("--model", default=None, help="model name to send (default: the first one GET /v1/models lists)")
     a("--endpoint", choices=["completions", "chat"], default="completions",
       help="completions: /v1/completions with a prompt; chat: /v1/chat/completions with one user message")
     a("--dataset", choices=["random", "chat"], default="random",
@@ -287,7 +287,7 @@ def parse_args(argv=None) -> tuple[ServeConfig, str | None]:
     a("--output-len-min", type=int, default=32, help="fewest output tokens asked (max_tokens)")
     a("--output-len-max", type=int, default=96, help="most output tokens asked (max_tokens)")
     a("--request-rate", type=float, default=math.inf, help="Poisson arrival rate in requests/s; inf = all at once")
-    a("--max-concurrency", type=int, default=None, help="most requests in flight at once; None = no cap")
+    a("--max-concurrency", type=int, default=None, help="most requests in flight at once (default: no cap)")
     a("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
     a("--tokenizer", default="smollm2",
       help="tokenizer that sizes prompts: smollm2, a local tokenizer directory, or none (sizes in words)")
@@ -295,10 +295,11 @@ def parse_args(argv=None) -> tuple[ServeConfig, str | None]:
     a("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
       help="ask the server to generate exactly max_tokens (ignore_eos)")
     a("--goodput", nargs="+", metavar="KEY:MS", default=None,
-      help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el; ms)")
-    a("--api-key", default=None, help="bearer token; None = $OPENAI_API_KEY when set, else no Authorization header")
+      help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el; ms) (default: none)")
+    a("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY when set, else no Authorization header)")
     a("--timeout", type=float, default=600.0, help="per-request connect/read timeout (s)")
-    a("--result-file", default=None, help="write the result (metrics, config, per-request data) as JSON here")
+    a("--result-file", default=None,
+      help="write the result (metrics, config, per-request data) as JSON here (default: not written)")
     a("--no-progress", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     try:

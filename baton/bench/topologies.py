@@ -37,14 +37,17 @@ def random_queries(n: int, rate: float | None, seed: int, vocab: int) -> list[Qu
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="baton bench topologies", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="smollm2 or a local Hugging Face model directory")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate of the second run (queries/s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pin", action="store_true", help="pin the disaggregated workers each to half of the cores")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 or a local Hugging Face model directory (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="weights and activations (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows of the decode batch (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=32, help="queries per run (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=4.0,
+                   help="Poisson arrival rate of the second run, queries/s (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the disaggregated workers each to half of the cores (default: not pinned)")
     a = p.parse_args(argv)
     rows = []
     for load, rate in (("burst", None), (f"{a.rate:g} q/s", a.rate)):
