@@ -187,3 +187,16 @@ def test_status_shows_kv_usage_per_worker(cluster, capsys):
     assert main(["status", "--router", address]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "kv used" in table[1] and re.fullmatch(r"\d+\.\d%", table[2].split()[-1]), table
+
+
+def test_router_keeps_max_batch_from_the_workers_stats():
+    """What Status fills StatusResponse.max_batch from: the decode-side workers' Stats replies."""
+    from types import SimpleNamespace
+
+    from router.registry import max_batch, worker_stats
+    reply = dict(running=1, waiting=0, batch_width=9, kv_cache_bytes=100, kv_used_bytes=25)
+    workers = [SimpleNamespace(role="decode", stats=worker_stats(SimpleNamespace(**reply, max_batch=8))),
+               SimpleNamespace(role="colocated", stats=worker_stats(SimpleNamespace(**reply, max_batch=16))),
+               SimpleNamespace(role="prefill", stats=worker_stats(SimpleNamespace(**reply, max_batch=99)))]
+    assert max_batch(workers) == 16 and max_batch(workers[2:]) == 0 and max_batch([]) == 0
+    assert worker_stats(SimpleNamespace(**reply))["max_batch"] == 0   # a worker that does not report it
