@@ -77,7 +77,7 @@ def rx_tx_bytes(pid: int, dev: str = "e0") -> tuple[int, int]:
 class Lab:
     """The hub, the root's link to it, and one namespace per worker; all links shaped alike."""
 
-    def __init__(self, rate: str = "1gbit", delay_ms: float = 1.0, loss_pct: float = 0.0):
+    def __init__(self, rate: str | None = "1gbit", delay_ms: float = 1.0, loss_pct: float = 0.0):
         self.sfx = uuid.uuid4().hex[:6]
         self.net = self._free_subnet()
         self.hub = f"bhub{self.sfx}"
@@ -86,7 +86,7 @@ class Lab:
         self.links: list[tuple[str | None, str]] = []     # (namespace or None for root, device): every shaped end
         self.netem = has_netem()
         self.rate, self.delay_ms, self.loss_pct = rate, delay_ms, loss_pct
-        self.relay_delay_ms = 0.0 if self.netem else delay_ms
+        self.relay_delay_ms = 0.0 if self.netem and rate else delay_ms
         self.hosts = 1
         try:
             self._add_ns(self.hub)
@@ -99,9 +99,14 @@ class Lab:
 
     @property
     def emulated(self) -> str:
-        how = (f"tc netem delay {self.delay_ms:g} ms loss {self.loss_pct:g} %" if self.netem else
-               f"{self.delay_ms:g} ms one-way delay per worker by a userspace relay (no sch_netem); no loss")
-        return f"tc tbf {self.rate} each way on every veth; {how}"
+        if self.relay_delay_ms:
+            how = f"{self.delay_ms:g} ms one-way delay per worker by a userspace relay (no sch_netem); no loss"
+        elif self.netem and self.rate:
+            how = f"tc netem delay {self.delay_ms:g} ms loss {self.loss_pct:g} %"
+        else:
+            how = "no added delay or loss"
+        shaped = f"tc tbf {self.rate} each way on every veth" if self.rate else "veths unshaped"
+        return f"{shaped}; {how}"
 
     @staticmethod
     def _free_subnet() -> str:
@@ -133,9 +138,11 @@ class Lab:
             self.shape(*end, self.rate)
         return ip
 
-    def shape(self, ns: str | None, dev: str, rate: str) -> None:
+    def shape(self, ns: str | None, dev: str, rate: str | None) -> None:
         """tbf at `rate` on the device's egress (1 ms of bytes as burst, at least 128 KiB: a GSO
-        packet must fit), netem under it where there is one."""
+        packet must fit), netem under it where there is one. rate None: the veth as it is."""
+        if rate is None:
+            return
         bits = int(float(rate.rstrip("kmgbit")) * {"k": 1e3, "m": 1e6, "g": 1e9}[rate.rstrip("bit")[-1]])
         burst = max(128 << 10, bits // 8 // 1000)
         tc = ["ip", "netns", "exec", ns, "tc"] if ns else ["tc"]
@@ -209,7 +216,7 @@ def _serving(address: str) -> bool:
 
 
 @contextlib.contextmanager
-def net_cluster(model_dir: str, roles: dict[str, str], *, rate: str = "1gbit", delay_ms: float = 1.0,
+def net_cluster(model_dir: str, roles: dict[str, str], *, rate: str | None = "1gbit", delay_ms: float = 1.0,
                 loss_pct: float = 0.0, router_args=(), worker_args=()):
     """A router in the root namespace and one worker per `roles` entry (name -> role) in its own
     namespace, registered through their relays; yields (lab, router Proc, {name: NetWorker})."""
