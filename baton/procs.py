@@ -13,7 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Proc:
-    def __init__(self, args: list[str], env: dict | None = None, ready_timeout: float = 120.0):
+    """`python -m args...` in its own session; `address` once it printed BATON_READY. With
+    wait=False it starts loading and `wait_ready()` joins it later, so that several load at once."""
+
+    def __init__(self, args: list[str], env: dict | None = None, ready_timeout: float = 120.0, wait: bool = True):
         self.args = args
         self.p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
@@ -21,14 +24,16 @@ class Proc:
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        self.address = self._wait_ready(ready_timeout)
+        self.address: str | None = None
+        if wait:
+            self.wait_ready(ready_timeout)
 
     def _pump(self) -> None:
         for line in self.p.stdout:
             self.log.append(line)
             self.lines.put(line)
 
-    def _wait_ready(self, timeout: float) -> str:
+    def wait_ready(self, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -38,7 +43,8 @@ class Proc:
                     break
                 continue
             if line.startswith("BATON_READY"):
-                return dict(kv.split("=", 1) for kv in line.split()[1:])["address"]
+                self.address = dict(kv.split("=", 1) for kv in line.split()[1:])["address"]
+                return self.address
         self.kill()
         raise RuntimeError(f"{self.args[0]} did not start:\n" + "".join(self.log[-40:]))
 
@@ -62,6 +68,30 @@ class Proc:
         if self.p.poll() is None:
             os.kill(self.p.pid, signal.SIGKILL)
             self.p.wait(10)
+
+
+def start_all(argvs: list[list[str]], env: dict | None = None, ready_timeout: float = 120.0) -> list[Proc]:
+    """Start every process at once (each loads its model meanwhile), then wait for all to be ready."""
+    procs = [Proc(argv, env=env, wait=False) for argv in argvs]
+    try:
+        for p in procs:
+            p.wait_ready(ready_timeout)
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs
+
+
+def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
+    """SIGTERM to all at once, then wait; whoever outlives `timeout` is killed."""
+    for p in procs:
+        p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def wait_for(pred, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):

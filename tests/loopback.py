@@ -6,7 +6,8 @@ import contextlib
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from baton.procs import Proc, wait_for
+from baton.launch import local_cluster, pools
+from baton.procs import wait_for
 
 
 def health(address: str, service: str = "", metadata=()) -> str:
@@ -22,26 +23,16 @@ def health(address: str, service: str = "", metadata=()) -> str:
 @contextlib.contextmanager
 def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_args=(), worker_args=(), env=None,
                      colocated: int = 0):
-    """`colocated` > 0 starts that many colocated workers (each serves prefill and decode) instead
-    of the prefill and decode pools."""
-    procs = []
-    if colocated:
-        prefill, decode = 0, colocated
+    """The tests' cluster: float64, one thread and 8 rows per worker; `colocated` > 0 starts that
+    many colocated workers (each serves prefill and decode) instead of the prefill and decode pools.
+    Yields {"router", "prefill", "decode", "procs"} once the router is SERVING."""
+    flags = ["--dtype", "float64", "--threads", "1", "--max-batch", "8", *worker_args]
+    c = None
     try:
-        router = Proc(["router", "--port", "0", "--model", model_dir, *router_args], env=env)
-        procs.append(router)
-        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
-                  "--threads", "1", "--max-batch", "8", *worker_args]
-        workers = [Proc(["prefill_service", *common], env=env) for _ in range(prefill)]
-        workers += [Proc(["decode_service", *common, *(["--colocated"] if colocated else [])], env=env)
-                    for _ in range(decode)]
-        procs += workers
-        wait_for(lambda: health(router.address) == "SERVING", 60, what="router SERVING")
-        yield {"router": router, "prefill": workers[:prefill], "decode": workers[prefill:], "procs": procs}
+        with local_cluster(model_dir, pools(prefill, decode, colocated, flags), router_args, env) as c:
+            wait_for(lambda: health(c.router.address) == "SERVING", 60, what="router SERVING")
+            yield {"router": c.router, "prefill": c.prefill, "decode": c.decode, "procs": c.procs}
     except BaseException:
-        for p in procs:  # the processes' own words, for whoever reads the failure
+        for p in c.procs if c else ():   # the processes' own words, for whoever reads the failure
             print(f"---- {p.args[0]} (pid {p.pid}) ----\n" + "".join(p.log[-60:]))
         raise
-    finally:
-        for p in procs:
-            p.stop()

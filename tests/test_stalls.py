@@ -10,7 +10,10 @@ import time
 
 import pytest
 
+from baton.config import EngineConfig
+from baton.engine import Engine
 from baton.procs import wait_for
+from baton.sampling import SamplingParams
 from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
@@ -18,6 +21,7 @@ from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 SILENCE_S = 2.0      # the router's --worker-silence-s in these tests
 BOUND_S = 30.0       # every stream ends within this, stopped worker or not (a stop lasts STOP_S)
 STOP_S = 12.0
+LONG = 800          # tokens per stream in the decode stops: about 1 s on a fast machine (prompts <= 40, context 1024)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +29,25 @@ def model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def _expected(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of each prompt: generate()'s for short streams; for long ones the engine's
+    in process, all rows in one batch (tests/test_engine_exact.py proves the engine equal to
+    generate() whatever the batch-mates): one generate() per prompt of LONG tokens costs seconds."""
+    if max_new_tokens < LONG:
+        ref = tiny_llama()
+        return [reference_greedy(ref, p, max_new_tokens, ignore_eos=True) for p in prompts]
+    done = Engine(tiny_llama(), EngineConfig(max_batch=len(prompts))).generate(
+        prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    return [r.output_ids for r in done]
+
+
 def _run_with_a_stop(c, stopped, n: int, max_new_tokens: int, seed: int, wait_first: bool):
-    """n greedy streams; once they are under way `stopped` gets SIGSTOP for STOP_S, then SIGCONT."""
-    rng, ref = random.Random(seed), tiny_llama()
+    """n greedy streams; once they are under way `stopped` gets SIGSTOP for STOP_S, then SIGCONT.
+    Streams must outlast the wait for every first token (a fresh worker's first prefill is slow),
+    else the stopped worker may have sent all its tokens before the stop: hence LONG tokens."""
+    rng = random.Random(seed)
     prompts = [[rng.randrange(1, EOS) for _ in range(rng.randint(4, 40))] for _ in range(n)]
+    expected = _expected(prompts, max_new_tokens)
     with RouterClient(c["router"].address) as client, cf.ThreadPoolExecutor(n) as pool:
         base = client.stats()
         calls = [client.generate_stream(p, max_new_tokens=max_new_tokens, ignore_eos=True, timeout=BOUND_S)
@@ -44,8 +63,8 @@ def _run_with_a_stop(c, stopped, n: int, max_new_tokens: int, seed: int, wait_fi
             results = list(pool.map(finish, range(n)))
         finally:
             stopped.signal(signal.SIGCONT)
-        for p, (ids, took) in zip(prompts, results):
-            assert ids == reference_greedy(ref, p, max_new_tokens, ignore_eos=True)
+        for want, (ids, took) in zip(expected, results):
+            assert ids == want
             assert took < STOP_S, f"a stream waited {took:.1f} s for the stopped worker"
         wait_for(lambda: (s := client.stats()).running == 0 and s.waiting == 0, 10, what="router drained")
         after = client.stats()
@@ -59,7 +78,7 @@ def _run_with_a_stop(c, stopped, n: int, max_new_tokens: int, seed: int, wait_fi
 def test_sigstop_decode_worker_streams_migrate_exact(model_dir):
     args = ["--worker-silence-s", str(SILENCE_S)]
     with loopback_cluster(model_dir, prefill=1, decode=2, router_args=args) as c:
-        after, base, worst = _run_with_a_stop(c, c["decode"][0], 8, 200, seed=21, wait_first=True)
+        after, base, worst = _run_with_a_stop(c, c["decode"][0], 8, LONG, seed=21, wait_first=True)
         assert after.migrations > base.migrations
         print(f"decode SIGSTOP: slowest stream {worst:.1f} s after the stop")
 
@@ -67,7 +86,7 @@ def test_sigstop_decode_worker_streams_migrate_exact(model_dir):
 def test_sigstop_colocated_worker_streams_migrate_exact(model_dir):
     args = ["--worker-silence-s", str(SILENCE_S)]
     with loopback_cluster(model_dir, colocated=2, router_args=args) as c:
-        after, base, worst = _run_with_a_stop(c, c["decode"][0], 8, 200, seed=22, wait_first=True)
+        after, base, worst = _run_with_a_stop(c, c["decode"][0], 8, LONG, seed=22, wait_first=True)
         assert after.migrations > base.migrations
 
 

@@ -6,7 +6,8 @@ import subprocess
 import grpc
 import pytest
 
-from baton.procs import Proc, wait_for
+from baton.launch import local_cluster, pools
+from baton.procs import wait_for
 from router.client import RouterClient
 from tiny_model import reference_greedy, save_tiny, tiny_llama
 
@@ -27,21 +28,12 @@ def tls_cluster(tmp_path, cert, key, worker_flags=()):
     generation over TLS equals generate()."""
     model_dir = save_tiny(tmp_path / "model")
     tls = ["--tls-cert", cert, "--tls-key", key, "--tls-root-cert", cert]
-    procs = []
-    try:
-        router = Proc(["router", "--port", "0", "--model", model_dir, *tls])
-        procs.append(router)
-        common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", router.address,
-                  "--threads", "1", *tls, *worker_flags]
-        procs += [Proc(["prefill_service", *common]), Proc(["decode_service", *common])]
-        with RouterClient(router.address, tls_root_cert=cert) as client:
-            wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 30, what="workers")
+    flags = ["--dtype", "float64", "--threads", "1", *tls, *worker_flags]
+    with local_cluster(model_dir, pools(1, 1, flags=flags), router_args=tls) as c:
+        with RouterClient(c.router.address, tls_root_cert=cert) as client:
             ids = wait_for(lambda: _try(client), 30, what="a generation over TLS")
             assert ids == reference_greedy(tiny_llama(), [4, 5, 6], 6, ignore_eos=True)
-        yield {"router": router, "prefill": procs[1], "decode": procs[2]}
-    finally:
-        for p in procs:
-            p.stop()
+        yield {"router": c.router, "prefill": c.prefill[0], "decode": c.decode[0]}
 
 
 def test_tls_everywhere(tmp_path):

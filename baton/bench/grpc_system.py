@@ -9,7 +9,7 @@ import threading
 import time
 
 from baton.bench.systems import RunResult
-from baton.procs import Proc, wait_for
+from baton.launch import local_cluster
 
 
 class BatonGrpcSystem:
@@ -36,22 +36,13 @@ class BatonGrpcSystem:
 
     def run(self, queries, progress=None) -> RunResult:
         from router.client import RouterClient
-        procs = []
-        try:
-            router = Proc(["router", "--port", "0", "--model", self.model_name, "--max-queue", "100000",
-                           "--log-level", "WARNING"])
-            procs.append(router)
-            common = ["--port", "0", "--model", self.model_name, "--dtype", self.dtype, "--router", router.address,
-                      "--max-batch", str(self.max_batch), "--max-queue", "100000", "--log-level", "WARNING",
-                      "--device", self.device]
-            procs += [Proc(argv) for argv in self._workers(common)]
-            client = RouterClient(router.address)
-            wait_for(lambda: client.stats().decode_workers and client.stats().prefill_workers, 60, what="workers")
+        flags = ["--dtype", self.dtype, "--max-batch", str(self.max_batch), "--max-queue", "100000",
+                 "--log-level", "WARNING", "--device", self.device]
+        router_args = ["--max-queue", "100000", "--log-level", "WARNING"]
+        with local_cluster(self.model_name, self._workers(flags), router_args) as c, \
+                RouterClient(c.router.address) as client:
             client.complete([1, 2, 3], max_new_tokens=2)  # warm: the first request pays for lazy set-up
             return self._replay(client, queries, progress)
-        finally:
-            for p in procs:
-                p.stop()
 
     def _replay(self, client, queries, progress) -> RunResult:
         times: dict[int, list[float]] = {q.index: [] for q in queries}

@@ -8,8 +8,8 @@ import argparse
 import time
 
 from baton.engine import Engine
+from baton.launch import local_cluster, pools
 from baton.model_loader import load_model
-from baton.procs import Proc, wait_for
 from baton.request import Request
 from baton.sampling import SamplingParams
 
@@ -33,26 +33,17 @@ def main(argv=None) -> None:
             engine.generate([ids], SamplingParams(max_new_tokens=1))
             best = min(best, time.monotonic() - t)
         colocated[n] = best
-    procs = []
-    try:
-        router = Proc(["router", "--port", "0", "--model", a.model, "--log-level", "WARNING"])
-        procs.append(router)
-        common = ["--port", "0", "--model", a.model, "--dtype", a.dtype, "--router", router.address, "--log-level", "WARNING"]
-        procs += [Proc(["prefill_service", *common]), Proc(["decode_service", *common])]
-        with RouterClient(router.address) as c:
-            wait_for(lambda: c.stats().decode_workers and c.stats().prefill_workers, 60, what="workers")
-            c.complete([1, 2, 3], max_new_tokens=1)
-            print("| prompt tokens | K/V bytes | transfer s | TTFT gRPC s | TTFT colocated s | transfer / TTFT |")
-            print("|---:|---:|---:|---:|---:|---:|")
-            for n, ids in prompts.items():
-                runs = [c.complete(ids, max_new_tokens=1, raw=True)[2] for _ in range(a.repeats)]
-                last = min(runs, key=lambda r: r.ttft_s)
-                print(f"| {n} | {last.kv_bytes / 2**20:.1f} MiB | {last.kv_transfer_s:.3f} | {last.ttft_s:.3f} | "
-                      f"{colocated[n]:.3f} | {last.kv_transfer_s / last.ttft_s:.1%} |", flush=True)
-    finally:
-        for proc in procs:
-            proc.stop()
-
+    flags = ["--dtype", a.dtype, "--log-level", "WARNING"]
+    with local_cluster(a.model, pools(1, 1, flags=flags), ["--log-level", "WARNING"]) as cluster, \
+            RouterClient(cluster.router.address) as c:
+        c.complete([1, 2, 3], max_new_tokens=1)
+        print("| prompt tokens | K/V bytes | transfer s | TTFT gRPC s | TTFT colocated s | transfer / TTFT |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for n, ids in prompts.items():
+            runs = [c.complete(ids, max_new_tokens=1, raw=True)[2] for _ in range(a.repeats)]
+            last = min(runs, key=lambda r: r.ttft_s)
+            print(f"| {n} | {last.kv_bytes / 2**20:.1f} MiB | {last.kv_transfer_s:.3f} | {last.ttft_s:.3f} | "
+                  f"{colocated[n]:.3f} | {last.kv_transfer_s / last.ttft_s:.1%} |", flush=True)
 
 if __name__ == "__main__":
     main()
