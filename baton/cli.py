@@ -153,8 +153,9 @@ def _print_status(st, as_json: bool) -> None:
         print(json.dumps(d))
         return
     s = st.stats
-    print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}, "
-          f"batch limit {st.max_batch or '?'}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
+    batch = f", {st.max_batch} rows per decode batch" if st.max_batch else ""   # 0: no worker reported it
+    print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}"
+          f"{batch}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
     print(f"{'role':9} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5} "
           f"{'kv used':>7}")
     for w in st.workers:
