@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/baton/v1/*.proto)
 STUBS  := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 
-.PHONY: install protos serve test bench clean
+.PHONY: install protos serve test bench clean soak
 
 install: $(STAMP) protos
 
@@ -36,6 +36,10 @@ test: install
 bench: install
 	$(VENV)/bin/baton bench endpoint --out docs/bench/endpoint $(ENDPOINT_ARGS)
 	$(VENV)/bin/baton bench --sweep 2,4,8 --out docs/bench $(BENCH_ARGS)
+
+# Not in CI: mixed load with cancels, deadlines, SIGKILL and SIGSTOP of workers for SOAK_MINUTES (30).
+soak: install
+	$(PY) tests/soak.py --minutes $(or $(SOAK_MINUTES),30)
 
 clean:
 	rm -rf $(VENV) baton/v1/*_pb2*.py baton/v1/*_pb2*.pyi
