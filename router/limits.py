@@ -3,11 +3,10 @@ the field and its allowed range."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from baton.errors import InvalidArgument
-from baton.sampling import SamplingParams
+from baton.sampling import InvalidParam, SamplingParams, bias_pairs
 
 _CONTEXT = "the model's context: max_position_embeddings in its config.json"
 
@@ -67,26 +66,32 @@ def from_args(a) -> Limits:
                   max_stop_strings=a.max_stop_strings, max_stop_length=a.max_stop_length)
 
 
-def validate_sampling(limits: Limits, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                      seed: int | None, stop: list[str], ignore_eos: bool) -> SamplingParams:
+def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> SamplingParams:
+    """A GenerateRequest's sampling fields as SamplingParams: the router's limits first, then every
+    field's range (SamplingParams.validate); the InvalidArgument names the field."""
+    max_new_tokens = r.max_new_tokens or default_max_new_tokens
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new_tokens}")
-    if not math.isfinite(temperature) or not 0.0 <= temperature <= 100.0:
-        raise InvalidArgument(f"temperature must be in [0, 100] (0 = greedy), got {temperature}")
-    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= top_k <= 1_000_000:
-        raise InvalidArgument(f"top_k must be in [0, 1000000] (0 = off), got {top_k}")
-    if len(stop) > limits.max_stop_strings:
-        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
-    for s in stop:
+    if not 0 <= r.top_k <= 1_000_000:
+        raise InvalidArgument(f"top_k must be in [0, 1000000] (0 = off), got {r.top_k}")
+    if len(r.stop) > limits.max_stop_strings:
+        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(r.stop)}")
+    for s in r.stop:
         if not 1 <= len(s) <= limits.max_stop_length:
             raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}")
-    kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-              stop=tuple(stop), ignore_eos=ignore_eos)
-    if seed is not None:
-        kw["seed"] = seed
-    return SamplingParams(**kw)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=float(r.temperature), top_p=float(r.top_p or 1.0),
+              top_k=r.top_k, stop=tuple(r.stop), ignore_eos=r.ignore_eos, presence_penalty=r.presence_penalty,
+              frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty or 1.0,
+              min_tokens=r.min_tokens, logit_bias=bias_pairs(r.logit_bias),
+              logprobs=r.logprobs if r.HasField("logprobs") else None)
+    if r.HasField("seed"):
+        kw["seed"] = r.seed
+    params = SamplingParams(**kw)
+    try:
+        params.validate()   # logit_bias's token ids against the vocabulary: the workers, which know it
+    except InvalidParam as e:
+        raise InvalidArgument(str(e)) from None
+    return params
 
 
 def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: int) -> None:

@@ -39,10 +39,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _parse(self, r: router_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
         rid = r.request_id or uuid.uuid4().hex
         check_request_id(self.limits, rid)
-        params = validate_sampling(
-            self.limits, max_new_tokens=r.max_new_tokens or self.config.default_max_new_tokens,
-            temperature=r.temperature, top_p=r.top_p or 1.0, top_k=r.top_k,
-            seed=r.seed if r.HasField("seed") else None, stop=list(r.stop), ignore_eos=r.ignore_eos)
+        params = validate_sampling(self.limits, r, self.config.default_max_new_tokens)
         if r.prompt_token_ids:
             ids = list(r.prompt_token_ids)
             # Without a tokenizer the prefill worker checks ids against the model's vocabulary.
