@@ -62,15 +62,11 @@ def _create(oa: OpenAI, kind: str, **fields):
 REJECTED = [
     ("chat", "response_format", {"type": "json_object"}), ("chat", "response_format", JSON_SCHEMA),
     ("chat", "tools", [TOOL]), ("chat", "tool_choice", "required"), ("chat", "tool_choice", "auto"),
-    ("chat", "logit_bias", {"5": 100}), ("chat", "logprobs", True), ("chat", "top_logprobs", 2),
-    ("chat", "n", 2), ("chat", "presence_penalty", 0.5), ("chat", "frequency_penalty", -0.5),
-    ("chat", "min_tokens", 4), ("chat", "repetition_penalty", 1.2), ("chat", "min_p", 0.1),
+    ("chat", "min_p", 0.1),
     ("chat", "stop_token_ids", [5]), ("chat", "guided_json", {"type": "object"}), ("chat", "echo", True),
     ("chat", "add_generation_prompt", False), ("chat", "reasoning_effort", "high"),
-    ("completions", "logprobs", 1), ("completions", "logprobs", 0), ("completions", "echo", True),
-    ("completions", "suffix", "w9"), ("completions", "best_of", 2), ("completions", "n", 2),
-    ("completions", "logit_bias", {"5": 100}), ("completions", "presence_penalty", 1.0),
-    ("completions", "min_tokens", 2), ("completions", "repetition_penalty", 0.9),
+    ("completions", "echo", True),
+    ("completions", "suffix", "w9"), ("completions", "best_of", 2),
     ("completions", "response_format", {"type": "json_object"}), ("completions", "use_beam_search", True),
     ("completions", "skip_special_tokens", False), ("completions", "include_stop_str_in_output", True),
 ]
@@ -97,6 +93,40 @@ def test_parameters_at_their_neutral_value_pass_to_the_router(gw, kind, fields):
     with pytest.raises(openai.InternalServerError) as e:   # past the gateway: the router has no worker
         _create(gw[1], kind, **fields)
     assert e.value.status_code == 503, e.value.body
+
+
+HONOURED = [   # past the gateway's checks: on to the router (no worker here: 503)
+    ("chat", dict(n=2, logprobs=True, top_logprobs=20, presence_penalty=2, frequency_penalty=-2, min_tokens=4,
+                  repetition_penalty=1.2, logit_bias={"5": 100, "7": -100})),
+    ("completions", dict(n=16, logprobs=5, presence_penalty=0.5, frequency_penalty=0.5, min_tokens=4,
+                         repetition_penalty=0.9, logit_bias={"5": -3.5})),
+]
+
+
+@pytest.mark.parametrize("kind, fields", HONOURED)
+def test_honoured_parameters_in_range_pass_to_the_router(gw, kind, fields):
+    with pytest.raises(openai.InternalServerError) as e:
+        _create(gw[1], kind, **fields)
+    assert e.value.status_code == 503, e.value.body
+
+
+OUT_OF_RANGE = [
+    ("chat", "presence_penalty", dict(presence_penalty=2.5)), ("chat", "frequency_penalty", dict(frequency_penalty=-3)),
+    ("completions", "repetition_penalty", dict(repetition_penalty=0)), ("chat", "min_tokens", dict(min_tokens=5)),
+    ("chat", "logit_bias", dict(logit_bias={"5": 101})), ("completions", "logit_bias", dict(logit_bias={"w": 1})),
+    ("chat", "top_logprobs", dict(logprobs=True, top_logprobs=21)), ("chat", "top_logprobs", dict(top_logprobs=2)),
+    ("completions", "logprobs", dict(logprobs=21)), ("chat", "n", dict(n=0)), ("completions", "n", dict(n=17)),
+]
+
+
+@pytest.mark.parametrize("kind, param, fields", OUT_OF_RANGE, ids=[f"{k}-{f}" for k, _, f in OUT_OF_RANGE])
+def test_honoured_parameter_out_of_range_is_400_naming_it(gw, kind, param, fields):
+    """Checked by SamplingParams.validate (the one place) or the field's type; max_tokens is 4 here."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(gw[1], kind, **fields)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == param, err
+    assert param in err["message"], err
 
 
 @pytest.mark.parametrize("kind", ["chat", "completions"])

@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse, Response
 
 from baton.v1 import router_pb2
 from router import metrics
+from router.http_gateway.choices import Calls, choice_requests
 from router.http_gateway.config import HttpLimits
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.gateway import Gateway
+from router.http_gateway.logprobs import TokenText
 from router.http_gateway.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateBody,
-                                        TokenizeRequest, parse_request)
+                                        TokenizeRequest, check_sampling, parse_request)
 from router.http_gateway.streaming import (CancellingStream, ClientGone, collect, full_response, sse_events,
                                            unless_disconnected)
 
@@ -83,7 +85,9 @@ class BodyLimit:
 
 
 def _generate_request(gw: Gateway, body: GenerateBody, fields: dict, max_tokens: int | None, chat: bool):
-    req = router_pb2.GenerateRequest(request_id=uuid.uuid4().hex, **fields, **body.sampling_fields(max_tokens))
+    sampling = body.sampling_fields(max_tokens)
+    check_sampling(sampling, chat)
+    req = router_pb2.GenerateRequest(request_id=uuid.uuid4().hex, **fields, **sampling)
     size = req.ByteSize()
     if size > gw.max_message_bytes:   # gRPC would refuse to send it, as RESOURCE_EXHAUSTED (a 429)
         raise APIError(413, f"the request is too large: {size} bytes once encoded for the router, which takes at "
@@ -125,25 +129,29 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
                 fields = {"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_token_ids": p}
                 max_tokens = body.max_tokens or 16   # OpenAI's default for completions
             req = _generate_request(gw, body, fields, max_tokens, chat)
-            call = gw.stub.Generate(req, timeout=gw.request_timeout_s, metadata=gw.metadata)
+            token_text = TokenText(await gw.tokenizer() if body.num_logprobs is not None else None)
+            calls = Calls([gw.stub.Generate(r, timeout=gw.request_timeout_s, metadata=gw.metadata)
+                           for r in choice_requests(req, body.n)])
             try:
-                first = await unless_disconnected(request, call, call.read())
+                firsts = await unless_disconnected(request, calls, calls.first_messages())
             except grpc.RpcError as e:
                 raise rpc_error(e, chat) from None
-            if first is grpc.aio.EOF:
+            if any(m is grpc.aio.EOF for m in firsts):
+                calls.cancel()
                 raise APIError(502, "the router ended the stream without a token", "server_error")
-            rid = req.request_id
+            streams, rid = list(zip(calls.calls, firsts)), req.request_id
             meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()), "model": model_id}
             if body.stream:
                 count(endpoint, 200)
-                return CancellingStream(sse_events(call, first, body, meta, chat), call,
+                return CancellingStream(sse_events(streams, body, meta, chat, token_text), calls,
                                         headers={"X-Request-Id": rid, "Cache-Control": "no-cache"})
             try:
-                result = await unless_disconnected(request, call, collect(call, first))
+                result = await unless_disconnected(request, calls, asyncio.gather(*(collect(*s) for s in streams)))
             except grpc.RpcError as e:
+                calls.cancel()
                 raise rpc_error(e, chat) from None
             count(endpoint, 200)
-            return JSONResponse(full_response(result, body, meta, chat), headers={"X-Request-Id": rid})
+            return JSONResponse(full_response(list(result), body, meta, chat, token_text), headers={"X-Request-Id": rid})
         except APIError as e:
             count(endpoint, e.status)
             return e.response()

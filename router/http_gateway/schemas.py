@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from baton.sampling import InvalidParam, SamplingParams, bias_pairs
 from router.http_gateway import unsupported
 from router.http_gateway.errors import APIError
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 MAX_JSON_DEPTH = 32   # a chat body needs 5 levels; a client's tool schemas a few more
+MAX_N = 16            # choices per request: each is a request of its own to the router
 
 
 # ---- the raw body ----------------------------------------------------------------------------------
@@ -85,7 +87,14 @@ class GenerateBody(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    # baton extensions (send with the openai client's extra_body=...)
+    n: int = Field(1, ge=1, le=MAX_N)
+    # Logit processors: their ranges are checked in one place, baton.sampling.SamplingParams.validate
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    # vLLM's extras and baton's (send with the openai client's extra_body=...)
+    repetition_penalty: float | None = None
+    min_tokens: int | None = Field(None, ge=0, le=U32_MAX)
     top_k: int | None = Field(None, ge=0, le=U32_MAX)
     ignore_eos: bool = False
     return_token_ids: bool = False
@@ -99,13 +108,23 @@ class GenerateBody(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many most likely tokens to return per token (None: no logprobs)."""
+        return None
+
     def sampling_fields(self, max_tokens: int | None) -> dict:
         """The GenerateRequest fields other than the prompt (every value in its protobuf range)."""
         f = dict(max_new_tokens=max_tokens or 0, temperature=1.0 if self.temperature is None else self.temperature,
                  top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=self.stops(),
-                 ignore_eos=self.ignore_eos)
+                 ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty or 0.0,
+                 frequency_penalty=self.frequency_penalty or 0.0,
+                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                 min_tokens=self.min_tokens or 0, logit_bias=self.logit_bias or {})
         if self.seed is not None:
             f["seed"] = self.seed
+        if self.num_logprobs is not None:
+            f["logprobs"] = self.num_logprobs
         return f
 
 
@@ -139,11 +158,29 @@ class ChatCompletionRequest(GenerateBody):
     UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = unsupported.CHAT
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=U32_MAX)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=U32_MAX)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(GenerateBody):
     UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = unsupported.COMPLETIONS
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=U32_MAX)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -195,6 +232,22 @@ class DetokenizeRequest(BaseModel):
         if any(t < 0 or t > U32_MAX for t in v):
             raise ValueError("token ids must be in [0, 2^32)")
         return v
+
+
+def check_sampling(fields: dict, chat: bool) -> None:
+    """GenerateRequest fields through the one validation of sampling parameters (SamplingParams.validate),
+    its refusal as a 400 naming the field as the HTTP API spells it. A max_tokens left to the server's
+    default is checked by the router."""
+    kw = {k: v for k, v in fields.items() if k in SamplingParams.__dataclass_fields__}
+    kw.update(max_new_tokens=fields["max_new_tokens"] or U32_MAX, stop=tuple(fields["stop"]),
+              logit_bias=bias_pairs(fields["logit_bias"]))
+    try:
+        SamplingParams(**kw).validate()
+    except InvalidParam as e:
+        param = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs" if chat else "logprobs"}.get(e.field, e.field)
+        msg = str(e).replace("max_new_tokens", "max_tokens")
+        raise APIError(400, param + msg.removeprefix(e.field) if msg.startswith(e.field) else msg, param=param,
+                       code="invalid_value") from None
 
 
 def _loc(loc) -> str:

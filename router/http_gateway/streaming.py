@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,7 +15,9 @@ from fastapi.responses import StreamingResponse
 
 from baton.v1 import router_pb2
 from router import metrics
+from router.http_gateway.choices import merge
 from router.http_gateway.errors import APIError, rpc_error
+from router.http_gateway.logprobs import CompletionLogprobs, TokenText, chat_content, choice_logprobs
 from router.http_gateway.schemas import GenerateBody
 
 # The one finish-reason table: the proto's FinishReason names, as OpenAI spells them.
@@ -72,44 +75,60 @@ class CancellingStream(StreamingResponse):
 
 
 
-def usage(last) -> dict:
-    p, c = int(last.usage.prompt_tokens), int(last.usage.completion_tokens)
+def usage(lasts) -> dict:
+    """OpenAI's usage over the choices' last messages: the prompt counted once, the completions summed."""
+    p, c = int(lasts[0].usage.prompt_tokens), sum(int(m.usage.completion_tokens) for m in lasts)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def collect(call, first):
-    text, ids, last = [first.text], list(first.token_ids), first
+@dataclass
+class Choice:
+    """One choice's whole answer."""
+    text: str
+    ids: list[int]
+    logprobs: list          # TokenLogprobs, one per id (empty unless asked for)
+    last: Any               # its last GenerateResponse: finish reason and usage
+
+
+async def collect(call, first) -> Choice:
+    text, ids, lps, last = [first.text], list(first.token_ids), list(first.logprobs), first
     while not last.finish_reason:
         msg = await call.read()
         if msg is grpc.aio.EOF:
             raise APIError(502, "the router ended the stream before the finish", "server_error")
         text.append(msg.text)
         ids.extend(msg.token_ids)
+        lps.extend(msg.logprobs)
         last = msg
     metrics.observe_request(last, source="gateway")
-    return "".join(text), ids, last
+    return Choice("".join(text), ids, lps, last)
 
 
-def full_response(result, body: GenerateBody, meta: dict, chat: bool) -> dict:
-    text, ids, last = result
-    choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason, "stop"), "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    if body.return_token_ids:
-        choice["token_ids"] = ids
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-            "usage": usage(last)}
+def full_response(choices: list[Choice], body: GenerateBody, meta: dict, chat: bool, token_text: TokenText) -> dict:
+    out = []
+    for i, c in enumerate(choices):
+        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(c.last.finish_reason, "stop"),
+                                  "logprobs": choice_logprobs(c.ids, c.logprobs, token_text, chat)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        if body.return_token_ids:
+            choice["token_ids"] = c.ids
+        out.append(choice)
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
+            "usage": usage([c.last for c in choices])}
 
 
-async def sse_events(call, first, body: GenerateBody, meta: dict, chat: bool):
-    """The SSE body: one chunk per router message, the finish (and usage) chunk, then [DONE]; an
-    error after the first token becomes a last `data: {"error": ...}` event."""
+async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, token_text: TokenText):
+    """The SSE body: per choice (its `index`), one chunk per router message and its finish chunk; then
+    the usage chunk (if asked for) and [DONE]. An error after the first token becomes a last
+    `data: {"error": ...}` event. `streams`: (call, first message) per choice."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    completion_lps = [CompletionLogprobs(token_text) for _ in streams]
 
-    def chunk(text: str | None, ids=None, finish=None, role=False) -> bytes:
-        c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def chunk(i: int, text: str | None, ids=None, finish=None, role=False, lps=None) -> bytes:
+        c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": lps}
         if chat:
             delta: dict[str, Any] = {}
             if role:
@@ -126,26 +145,31 @@ async def sse_events(call, first, body: GenerateBody, meta: dict, chat: bool):
             out["usage"] = None
         return sse(out)
 
+    def logprobs(i: int, msg):
+        if not msg.logprobs:
+            return None
+        if chat:
+            return {"content": chat_content(msg.token_ids, msg.logprobs, token_text)}
+        return completion_lps[i].add(msg.token_ids, msg.logprobs)
+
     if chat:
-        yield chunk("", role=True)
-    msg = first
+        for i in range(len(streams)):
+            yield chunk(i, "", role=True)
+    lasts = []
     try:
-        while True:
-            if msg.text or (body.return_token_ids and msg.token_ids):
-                yield chunk(msg.text, msg.token_ids)
+        async for i, msg in merge(streams):
+            lps = logprobs(i, msg)
+            if msg.text or (body.return_token_ids and msg.token_ids) or lps:
+                yield chunk(i, msg.text, msg.token_ids, lps=lps)
             if msg.finish_reason:
                 metrics.observe_request(msg, source="gateway")
-                yield chunk(None if chat else "", [] if body.return_token_ids else None,
+                lasts.append(msg)
+                yield chunk(i, None if chat else "", [] if body.return_token_ids else None,
                             finish=FINISH.get(msg.finish_reason, "stop"))
-                if body.include_usage:
-                    yield sse({**meta, "object": obj, "choices": [], "usage": usage(msg)})
-                break
-            msg = await call.read()
-            if msg is grpc.aio.EOF:
-                raise APIError(502, "the router ended the stream before the finish", "server_error")
+        if body.include_usage:
+            yield sse({**meta, "object": obj, "choices": [], "usage": usage(lasts)})
     except grpc.RpcError as e:
         yield sse(rpc_error(e, chat).body())
     except APIError as err:
         yield sse(err.body())
     yield b"data: [DONE]\n\n"
-

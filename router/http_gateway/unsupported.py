@@ -18,17 +18,12 @@ from router.http_gateway.errors import APIError
 # name -> (the values that change nothing, besides null / absent; what baton would have to do)
 Rule = tuple[tuple[Any, ...], str]
 
+# Honoured (in schemas.py, checked by baton.sampling.SamplingParams.validate): n, logprobs, top_logprobs,
+# presence_penalty, frequency_penalty, logit_bias, and vLLM's repetition_penalty and min_tokens.
 COMMON: dict[str, Rule] = {
     # OpenAI
-    "n": ((1,), "several choices per request"),
-    "logprobs": ((False,), "return log-probabilities"),
-    "presence_penalty": ((0,), "penalise tokens already present"),
-    "frequency_penalty": ((0,), "penalise tokens by their frequency"),
-    "logit_bias": (({},), "bias token logits"),
     "echo": ((False,), "echo the prompt"),
     # vLLM's extra sampling fields
-    "repetition_penalty": ((1,), "penalise repeated tokens"),
-    "min_tokens": ((0,), "hold back EOS and stop strings for a minimum length"),
     "min_p": ((0,), "min-p sampling"),
     "use_beam_search": ((False,), "beam search"),
     "length_penalty": ((1,), "beam search"),
@@ -51,7 +46,6 @@ COMMON: dict[str, Rule] = {
 
 CHAT: dict[str, Rule] = {
     **COMMON,
-    "top_logprobs": ((0,), "return the most likely tokens' log-probabilities"),
     "tools": (([],), "call tools (no tool parser yet)"),
     "tool_choice": (("none",), "call tools (no tool parser yet)"),
     "functions": (([],), "call functions (no tool parser yet)"),
