@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,3 +38,14 @@ def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_a
         for p in c.procs if c else ():   # the processes' own words, for whoever reads the failure
             print(f"---- {p.args[0]} (pid {p.pid}) ----\n" + "".join(p.log[-60:]))
         raise
+
+
+def kill_with_work_in_flight(client, worker_id: str, pid: int, timeout: float = 20.0) -> None:
+    """SIGSTOP a worker, wait until the router has dispatched a request to it (its load > 0), then
+    SIGKILL it: the worker dies holding work, which the router must retry or migrate."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: any(w.worker_id == worker_id and w.load > 0 for w in client.status().workers), timeout,
+                 interval=0.01, what=f"a request dispatched to {worker_id}")
+    finally:
+        os.kill(pid, signal.SIGKILL)

@@ -59,8 +59,11 @@ def test_router_and_gateway_in_one_process_count_once():
     assert _value("baton_e2e_seconds_count") == n + 2
 
 
-def test_observe_request_never_raises():
-    metrics.observe_request(object())   # logged, not raised
+def test_a_malformed_response_is_logged_not_raised_nor_counted(caplog):
+    n = _value("baton_e2e_seconds_count")
+    metrics.observe_request(object())   # a bug upstream must not fail the request it describes
+    assert _value("baton_e2e_seconds_count") == n
+    assert any(r.name == "router.metrics" for r in caplog.records)
 
 
 def _fake_servicer():

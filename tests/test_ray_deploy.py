@@ -11,6 +11,7 @@ import pytest
 
 from baton.procs import Proc, wait_for
 from deploy.drill import Load, restarted, workers
+from loopback import kill_with_work_in_flight
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
 
@@ -78,15 +79,17 @@ def test_scale_prefill_under_load(up, ref):
     assert len(workers(c, "prefill")) == 1
 
 
-def test_sigkill_prefill_under_load(up, ref):
+def test_sigkill_prefill_holding_requests_retries_them(up, ref):
     c = up["client"]
     c.scale("prefill", 2)
+    before = c.stats().prefill_retries
     with _load(c) as load:
         time.sleep(1)
         victim = workers(c, "prefill")[0]
-        os.kill(victim.pid, signal.SIGKILL)
+        kill_with_work_in_flight(c, victim.worker_id, victim.pid)
         time.sleep(3)
     _check(load, ref, min_done=4)
+    assert c.stats().prefill_retries > before
     # Ray restarts it and it registers again under the same id.
     wait_for(lambda: restarted(c, victim), 60, what="prefill worker restarted")
 

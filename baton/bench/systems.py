@@ -88,10 +88,12 @@ class BatonSystem(IterationSystem):
         self.engine.add_request(Request(f"q{q.index}", list(q.prompt_ids), _params(q)))
 
     def step(self):
-        n = len(self.engine.batch)
+        # Every row computes one token, but attends over the batch's common width: the columns
+        # left of a shorter row's K/V are padding (masked, computed all the same).
+        cache = self.engine.batch.cache
+        self.computed += cache.num_rows * cache.width
+        self.useful += sum(cache.lens)
         events = self.engine.step()
-        self.computed += n          # one token per running row: no padded positions
-        self.useful += n
         return [(self._index[e.request_id], e.token_id) for e in events]
 
     def busy(self) -> bool:
