@@ -10,7 +10,7 @@ import grpc
 from baton import faults, grpc_util
 from baton.device_thread import DeviceThread
 from baton.engine import PrefillOutput, Prefiller
-from baton.errors import DecodeUnreachable, InvalidArgument
+from baton.errors import Cancelled, DecodeUnreachable, InvalidArgument
 from baton.kv_codec import KVDamaged, checksum, dtype_name, encode, wire_bytes
 from baton.request import Request
 from baton.sampling import SamplingParams
@@ -30,6 +30,7 @@ class KVPusher:
         self.auth = grpc_util.auth_metadata(auth_token)
         self.tls = dict(tls_root_cert=tls_root_cert, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key)
         self.stubs: dict[str, decode_pb2_grpc.DecodeStub] = {}
+        self.pushing: dict[tuple[str, str], grpc.Future] = {}   # (request id, decode address) -> TransferKV
         self.lock = threading.Lock()
 
     def _stub(self, address: str) -> decode_pb2_grpc.DecodeStub:
@@ -54,15 +55,30 @@ class KVPusher:
             yield decode_pb2.KVChunk(header=header)
             for piece in injector.kv_chunks(encode(data), deadline_s):
                 yield decode_pb2.KVChunk(data=bytes(piece))
-        t = time.monotonic()
+        t, key = time.monotonic(), (req.request_id, address)
         for resend in range(RESENDS + 1):
+            call = self._stub(address).TransferKV.future(chunks(), timeout=deadline_s, metadata=self.auth)
+            with self.lock:
+                self.pushing[key] = call
             try:
-                self._stub(address).TransferKV(chunks(), timeout=deadline_s, metadata=self.auth)
+                call.result()
                 break
+            except grpc.FutureCancelledError:
+                raise Cancelled(f"K/V transfer of {req.request_id!r} to {address} cancelled") from None
             except grpc.RpcError as e:  # damaged on the way (the refusal left nothing behind): send again
                 if grpc_util.reason(e) != KVDamaged.reason or resend == RESENDS:
                     raise
+            finally:
+                with self.lock:
+                    self.pushing.pop(key, None)
         return time.monotonic() - t
+
+    def cancel(self, request_id: str, address: str | None = None) -> None:
+        """Stop pushing the request's K/V (to `address`, or to any decode worker)."""
+        with self.lock:
+            calls = [c for (rid, a), c in self.pushing.items() if rid == request_id and address in (None, a)]
+        for call in calls:
+            call.cancel()
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -77,6 +93,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         params = params_from_pb(request.params)
         req = Request(request.request_id, list(request.prompt_token_ids), params,
                       output_ids=list(request.generated_token_ids))
+        # The router cancels this call when its client goes away or a worker is marked dead: the
+        # push stops then, not at its own deadline (add_callback runs when the call ends, however).
+        answered, cancel = threading.Event(), getattr(self.worker, "cancel_transfer", None)
+        if cancel is not None:   # (decode_service/colocated.py's ColocatedPrefill has none yet)
+            context.add_callback(lambda: answered.is_set() or cancel(req.request_id, request.decode_address))
         try:
             r = self.worker.prefill(req, request.decode_address)
         except grpc.RpcError as e:  # the decode side refused or failed: say which side
@@ -84,6 +105,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise DecodeUnreachable(f"decode worker {request.decode_address} unreachable: {code.name}") from None
             raise
+        finally:
+            answered.set()
         return prefill_pb2.PrefillResponse(first_token=r.first_token, num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
                                            compute_s=r.compute_s, transfer_s=r.transfer_s)
 

@@ -117,6 +117,13 @@ class PrefillWorker:
         self.aborted[request_id] = now
         for rid in [r for r, t in self.aborted.items() if now - t > 300]:
             del self.aborted[rid]
+        self.cancel_transfer(request_id)
+
+    def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
+        """Stop pushing the request's K/V (to `address`, or anywhere), if the sender can."""
+        cancel = getattr(self.send, "cancel", None)
+        if cancel is not None:
+            cancel(request_id, address)
 
     def _check_alive(self, request_id: str) -> None:
         if request_id in self.aborted:
