@@ -29,7 +29,7 @@ serve: install
 	$(VENV)/bin/baton up
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS)
 
 # The served endpoint first (baton up in each topology, plus any --peer in ENDPOINT_ARGS), then the
 # in-process comparison of batching schemes.
