@@ -97,6 +97,10 @@ def test_kv_over_shaped_veth_is_exact_and_a_cut_link_migrates(model_dir):
         assert result["ids"] == reference_greedy(ref, prompt, NEW, ignore_eos=True)
         assert result["last"].migrations >= 1
         assert c.stats().migrations >= 1
+        # The router cancelled the Prefill call that was pushing into the cut link: the prefill
+        # worker dropped that push at once (not at its 30 s deadline), the link still down.
+        wait_for(lambda: _stats({"pf": ws["pf"]})["pf"].running == 0, 5, interval=0.1,
+                 what="the prefill worker's push into the cut link cancelled")
 
         # 3. Mended, everything drains: router books and loads, every worker's rows and K/V.
         lab.link(ws[cut].ns, up=True)
