@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from baton.errors import InvalidArgument
-from baton.sampling import InvalidParam, SamplingParams, bias_pairs
+from baton.sampling import SamplingParams
 
 _CONTEXT = "the model's context: max_position_embeddings in its config.json"
 
@@ -67,8 +67,8 @@ def from_args(a) -> Limits:
 
 
 def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> SamplingParams:
-    """A GenerateRequest's sampling fields as SamplingParams: the router's limits first, then every
-    field's range (SamplingParams.validate); the InvalidArgument names the field."""
+    """A GenerateRequest's basic sampling fields, checked against the router's limits, as SamplingParams
+    (baton.wire.sampling_from_request adds the logit processors and checks every field's range)."""
     max_new_tokens = r.max_new_tokens or default_max_new_tokens
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new_tokens}")
@@ -80,18 +80,10 @@ def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> Samplin
         if not 1 <= len(s) <= limits.max_stop_length:
             raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}")
     kw = dict(max_new_tokens=max_new_tokens, temperature=float(r.temperature), top_p=float(r.top_p or 1.0),
-              top_k=r.top_k, stop=tuple(r.stop), ignore_eos=r.ignore_eos, presence_penalty=r.presence_penalty,
-              frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty or 1.0,
-              min_tokens=r.min_tokens, logit_bias=bias_pairs(r.logit_bias),
-              logprobs=r.logprobs if r.HasField("logprobs") else None)
+              top_k=r.top_k, stop=tuple(r.stop), ignore_eos=r.ignore_eos)
     if r.HasField("seed"):
         kw["seed"] = r.seed
-    params = SamplingParams(**kw)
-    try:
-        params.validate()   # logit_bias's token ids against the vocabulary: the workers, which know it
-    except InvalidParam as e:
-        raise InvalidArgument(str(e)) from None
-    return params
+    return SamplingParams(**kw)
 
 
 def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: int) -> None:

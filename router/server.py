@@ -13,6 +13,7 @@ from baton.errors import FailedPrecondition, InvalidArgument
 from baton.model_files import encode_prompt
 from baton.sampling import SamplingParams
 from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
+from baton.wire import sampling_from_request
 from router.books import Books
 from router.config import RouterConfig
 from router.limits import Limits, check_prompt, check_request_id, validate_sampling
@@ -39,7 +40,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _parse(self, r: router_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
         rid = r.request_id or uuid.uuid4().hex
         check_request_id(self.limits, rid)
-        params = validate_sampling(self.limits, r, self.config.default_max_new_tokens)
+        # The token ids of logit_bias are checked against the model's vocabulary by the workers.
+        params = sampling_from_request(r, validate_sampling(self.limits, r, self.config.default_max_new_tokens))
         if r.prompt_token_ids:
             ids = list(r.prompt_token_ids)
             # Without a tokenizer the prefill worker checks ids against the model's vocabulary.
