@@ -159,7 +159,7 @@ def test_stop_seed_and_eos(env):
     ("chat", dict(max_tokens=0), "max_tokens"),
     ("chat", dict(temperature=-1), "temperature"),
     ("chat", dict(top_p=2), "top_p"),
-    ("chat", dict(n=2), "n"),
+    ("chat", dict(n=0), "n"),                                     # n >= 1 (n > 1: several choices)
     ("chat", dict(messages=[]), "messages"),
     ("chat", dict(messages=[{"role": "wizard", "content": "w5"}]), "messages"),
     ("completions", dict(max_tokens=0), "max_tokens"),
