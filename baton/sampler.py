@@ -29,6 +29,34 @@ class Row(Protocol):
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
+    sampler_state: "TokenCounts | None"     # kept here between steps
+
+
+class TokenCounts:
+    """A row's token history for the penalties, as tensors kept up to date while its output grows:
+    built from its ids on first use, so a request that arrives with output ids (migrated, or
+    prefilled elsewhere) starts from all of them. Per step only the new ids are added."""
+
+    def __init__(self, row: Row, vocab: int, device: torch.device):
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)      # (V,) in prompt or output
+        self.counts = torch.zeros(vocab, dtype=torch.int64, device=device)   # (V,) times in the output
+        if row.prompt_ids:
+            self.seen[torch.tensor(row.prompt_ids, device=device)] = True
+        self.counted = 0                                                     # output ids added so far
+
+    def update(self, output_ids: list[int]) -> "TokenCounts":
+        if len(output_ids) > self.counted:
+            new = torch.tensor(output_ids[self.counted:], device=self.counts.device)
+            self.counts.index_add_(0, new, torch.ones_like(new))
+            self.seen[new] = True
+            self.counted = len(output_ids)
+        return self
+
+
+def _counts(row: Row, x: torch.Tensor) -> TokenCounts:
+    if row.sampler_state is None:
+        row.sampler_state = TokenCounts(row, x.shape[-1], x.device)
+    return row.sampler_state.update(row.output_ids)
 
 
 def _token_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -45,19 +73,20 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int]) -> torch.Tensor:
     """logits (V,) -> the row's processed logits (V,), a new tensor."""
     p, x = row.params, _wide(logits).clone()
-    dev, V = x.device, x.shape[-1]
+    dev = x.device
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
         x[ids] += torch.tensor([b for _, b in p.logit_bias], dtype=x.dtype, device=dev)
     if len(row.output_ids) < p.min_tokens and eos_ids and not p.ignore_eos:
         x[torch.tensor(sorted(eos_ids), device=dev)] = float("-inf")
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(row.prompt_ids + row.output_ids, device=dev).unique()   # (S,)
-        s = x[seen]
-        x[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
-        counts = torch.bincount(torch.tensor(row.output_ids, device=dev), minlength=V)[:V].to(x.dtype)  # (V,)
-        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        h = _counts(row, x)
+        if p.repetition_penalty != 1.0:
+            penalised = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x = torch.where(h.seen, penalised, x)
+        if p.frequency_penalty or p.presence_penalty:
+            counts = h.counts.to(x.dtype)                                     # (V,)
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
     return x
 
 
