@@ -43,7 +43,10 @@ class RouterClient:
 
     def generate(self, prompt: str | list[int] = "", *, timeout: float | None = None,
                  **fields) -> Iterator[router_pb2.GenerateResponse]:
-        """Stream the completion. Fields: max_new_tokens, temperature, top_p, top_k, seed, stop, raw, ..."""
+        """Stream the completion. Fields (GenerateRequest's): max_new_tokens, temperature, top_p, top_k, seed,
+        stop, raw, ignore_eos, logit_bias ({token_id: bias}), min_tokens, repetition_penalty,
+        frequency_penalty, presence_penalty, logprobs (k: each message's `logprobs` has one TokenLogprobs
+        per token id)."""
         yield from self.generate_stream(prompt, timeout=timeout, **fields)
 
     def complete(self, prompt: str | list[int] = "", **fields) -> tuple[str, list[int], router_pb2.GenerateResponse]:

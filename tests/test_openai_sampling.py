@@ -96,6 +96,12 @@ def test_completions_logprobs_k(env, ref_model, token_text):
     assert all(set(top) >= {token_text(i) for i in torch.topk(row, 2).indices.tolist()} | {token_text(t)}
                for top, row, t in zip(lp.top_logprobs, ref, ids))
     assert lp.text_offset == [sum(len(token_text(t)) for t in ids[:i]) for i in range(len(ids))]
+    streamed = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    for chunk in env["oa"].completions.create(model="model", prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                              stream=True, extra_body={"ignore_eos": True}):
+        for k, v in streamed.items():
+            v += getattr(chunk.choices[0].logprobs, k) if chunk.choices[0].logprobs else []
+    assert streamed == {k: getattr(lp, k) for k in streamed}   # text_offset counts on across chunks
 
 
 def test_logit_bias_plus_100_forces_the_token(env):
