@@ -1,7 +1,8 @@
 """A real network between workers (issue 13): prefill and decode workers in their own network
 namespaces behind shaped veth links (tests/netlab.py says what is emulated and how). K/V transfer
-and migration stay token-exact; a link cut mid-transfer migrates the request within a bound,
-never hangs; every load goes back to 0. Skipped where `ip netns` is not permitted."""
+and migration stay token-exact; a link cut mid-transfer migrates the request (a decode link, a
+second decode worker up) or fails it with a clear code (the only prefill worker's link) within a
+bound, never hangs; every load goes back to 0. Skipped where `ip netns` is not permitted."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -48,15 +49,41 @@ def _drained(c: RouterClient, workers) -> bool:
             and all(x.running == 0 and x.waiting == 0 and x.kv_used_bytes == 0 for x in _stats(workers).values()))
 
 
-def test_kv_over_shaped_veth_is_exact_and_a_cut_link_migrates(model_dir):
-    global T0
-    T0 = time.monotonic()
+def _cut_mid_transfer(lab, ws, c: RouterClient, prompt: list[int], victim) -> tuple[str, dict]:
+    """Send `prompt`; once CUT_AFTER_BYTES of its K/V reached a decode worker, set down the link of
+    victim(that worker's name) and restore the link rate. Returns (whose link was cut, result) once
+    the request ended, asserting it did within BOUND_S."""
+    got0 = {n: rx_tx_bytes(w.proc.pid)[0] for n, w in ws.items() if w.role == "decode"}
+    result: dict = {}
+
+    def run():
+        try:
+            _, result["ids"], result["last"] = c.complete(prompt, max_new_tokens=NEW, ignore_eos=True, timeout=60)
+        except grpc.RpcError as e:
+            result["error"] = (e.code().name, e.details())
+
+    th = threading.Thread(target=run)
+    th.start()
+    receiver = wait_for(lambda: next((n for n in got0 if rx_tx_bytes(ws[n].proc.pid)[0] - got0[n] > CUT_AFTER_BYTES),
+                                     None), 20, interval=0.02, what="K/V arriving at a decode worker")
+    cut = victim(receiver)
+    lab.link(ws[cut].ns, up=False)
+    t_cut = time.monotonic()
+    lab.reshape("1gbit")
+    th.join(BOUND_S)
+    assert not th.is_alive(), f"the request hung for {BOUND_S} s after {cut}'s link was cut"
+    result["after_cut"] = time.monotonic() - t_cut
+    return cut, result
+
+
+def test_kv_over_shaped_veth_is_exact_and_a_cut_link_migrates_or_fails_clearly(model_dir):
+    t0 = time.monotonic()
     ref, rng = tiny_llama(), random.Random(7)
     prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (3, 17, 64, 200, 450, 600)]
     roles = {"pf": "prefill", "d1": "decode", "d2": "decode"}
     with net_cluster(model_dir, roles, rate="1gbit", delay_ms=1.0, worker_args=["--lease-s", "5"]) as (lab, router, ws), \
             RouterClient(router.address) as c:
-        print(f"{lab.emulated}; cluster up at {time.monotonic() - T0:.1f} s")
+        print(f"{lab.emulated}; cluster up at {time.monotonic() - t0:.1f} s")
         # 1. K/V crosses the veths (the prefill worker's link carried it) and decoding is exact.
         sent0 = rx_tx_bytes(ws["pf"].proc.pid)[1]
         with cf.ThreadPoolExecutor(len(prompts)) as pool:
@@ -71,27 +98,8 @@ def test_kv_over_shaped_veth_is_exact_and_a_cut_link_migrates(model_dir):
         # 2. A decode worker's link cut while its K/V arrives: the request migrates, tokens exact.
         lab.reshape("2mbit")          # a 600-token transfer now takes ~2.5 s: there is a middle to cut
         prompt = prompts[-1]
-        got0 = {n: rx_tx_bytes(ws[n].proc.pid)[0] for n in ("d1", "d2")}
-        result: dict = {}
-
-        def run():
-            t = time.monotonic()
-            try:
-                _, result["ids"], result["last"] = c.complete(prompt, max_new_tokens=NEW, ignore_eos=True, timeout=60)
-            except grpc.RpcError as e:
-                result["error"] = (e.code().name, e.details())
-            result["took"] = time.monotonic() - t
-
-        th = threading.Thread(target=run)
-        th.start()
-        cut = wait_for(lambda: next((n for n in got0 if rx_tx_bytes(ws[n].proc.pid)[0] - got0[n] > CUT_AFTER_BYTES),
-                                    None), 20, interval=0.02, what="K/V arriving at a decode worker")
-        lab.link(ws[cut].ns, up=False)
-        t_cut = time.monotonic()
-        lab.reshape("1gbit")
-        th.join(BOUND_S)
-        assert not th.is_alive(), f"the request hung for {BOUND_S} s after its decode link was cut"
-        print(f"cut {cut}'s link; request ended {time.monotonic() - t_cut:.1f} s later: "
+        cut, result = _cut_mid_transfer(lab, ws, c, prompt, lambda receiver: receiver)
+        print(f"cut {cut}'s link; request ended {result['after_cut']:.1f} s later: "
               f"{result.get('error') or ('OK, migrations', result['last'].migrations)}")
         assert "error" not in result, f"with a second decode worker up the request should migrate: {result}"
         assert result["ids"] == reference_greedy(ref, prompt, NEW, ignore_eos=True)
@@ -101,8 +109,16 @@ def test_kv_over_shaped_veth_is_exact_and_a_cut_link_migrates(model_dir):
         # worker dropped that push at once (not at its 30 s deadline), the link still down.
         wait_for(lambda: _stats({"pf": ws["pf"]})["pf"].running == 0, 5, interval=0.1,
                  what="the prefill worker's push into the cut link cancelled")
+        lab.link(ws[cut].ns, up=True)
+        wait_for(lambda: _drained(c, ws), 40, interval=0.5, what="everything back to 0 after the decode link cut")
 
-        # 3. Mended, everything drains: router books and loads, every worker's rows and K/V.
+        # 3. The only prefill worker's link cut mid-transfer: a clear error within the bound.
+        lab.reshape("2mbit")
+        cut, result = _cut_mid_transfer(lab, ws, c, prompt, lambda receiver: "pf")
+        print(f"cut pf's link; request ended {result['after_cut']:.1f} s later: {result.get('error')}")
+        assert result.get("error", ("OK",))[0] in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), result
+
+        # 4. Mended, everything drains: router books and loads, every worker's rows and K/V.
         lab.link(ws[cut].ns, up=True)
         t = time.monotonic()
         wait_for(lambda: _drained(c, ws), 40, interval=0.5, what="router loads and every worker back to 0")
