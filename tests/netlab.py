@@ -32,7 +32,10 @@ ENV = {"PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPA
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except OSError as e:      # no such program: a failure like any other
+        r = subprocess.CompletedProcess(cmd, 127, "", str(e))
     if check and r.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
     return r
@@ -47,7 +50,7 @@ def why_not_permitted() -> str | None:
         sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "va", "root", "tbf", "rate", "1gbit",
            "burst", "256kb", "latency", "50ms")
         return None
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
         return f"network namespaces, veth or tc tbf not permitted here: {e}"
     finally:
         sh("ip", "netns", "del", ns, check=False)
