@@ -1,5 +1,5 @@
 import sys
 
-from baton.worker_main import main
+from decode_service.main import main
 
-sys.exit(main("decode"))
+sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from baton.worker_main import main
+from prefill_service.main import main
 
-sys.exit(main("prefill"))
+sys.exit(main())
