@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=4)
     a = p.parse_args(argv)
     t0 = time.monotonic()
-    up = Proc(["baton.cli", "up", "--port", "0", "--model", a.model, "--dtype", a.dtype,
+    up = Proc(["deploy.cli", "up", "--port", "0", "--model", a.model, "--dtype", a.dtype,
                "--prefill-workers", "2", "--decode-workers", "2", "--max-batch", "16"],
               env={"RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=600)
     startup = time.monotonic() - t0

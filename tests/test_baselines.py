@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from baton.bench.baselines import PaddedPrefillRunner, SelectiveRunner
+from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from baton.model_runner import ModelRunner
 from tiny_model import EOS, reference_greedy
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from baton.bench.metrics import summarize
-from baton.bench.workload import Query, WorkloadConfig, make_workload, prompt_texts
+from deploy.bench.metrics import summarize
+from deploy.bench.workload import Query, WorkloadConfig, make_workload, prompt_texts
 
 
 class FakeTokenizer:
@@ -47,7 +47,7 @@ def test_metrics_on_known_times():
 
 
 def test_tiny_end_to_end_run_writes_results(tmp_path):
-    from baton.bench.run import main
+    from deploy.bench.run import main
     from tiny_model import save_tiny
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "bench"
@@ -68,7 +68,7 @@ def test_tiny_end_to_end_run_writes_results(tmp_path):
 
 
 def test_baton_idle_fraction_counts_the_padded_attention_columns(tiny):
-    from baton.bench.systems import BatonSystem
+    from deploy.bench.systems import BatonSystem
     system = BatonSystem(tiny, max_batch=4)
     for i, n in enumerate((3, 9)):
         system.add(Query(index=i, arrival_s=0.0, prompt_ids=list(range(1, n + 1)), max_new_tokens=4))

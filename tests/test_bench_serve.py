@@ -14,9 +14,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from baton.bench import serve
-from baton.bench.serve import ServeConfig, arrival_times, make_prompts, run_serve_bench
-from baton.bench.serve_report import markdown_table
+from deploy.bench import serve
+from deploy.bench.serve import ServeConfig, arrival_times, make_prompts, run_serve_bench
+from deploy.bench.serve_report import markdown_table
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -219,14 +219,14 @@ def test_help_and_bad_flags(capsys):
     assert "(default: 32)" in text and "(default: inf)" in text
     with pytest.raises(SystemExit):
         serve.main(["--base-url", "http://x", "--goodput", "latency:5"])
-    from baton.bench.run import main as bench_main  # `baton bench serve` routes here
+    from deploy.bench.run import main as bench_main  # `baton bench serve` routes here
     with pytest.raises(SystemExit) as e:
         bench_main(["serve", "--help"])
     assert e.value.code == 0
 
 
 def test_endpoint_flops_per_token_count_every_weight_a_token_meets(tmp_path):
-    from baton.bench.endpoint import flops_per_token
+    from deploy.bench.endpoint import flops_per_token
     from tiny_model import save_tiny, tiny_llama
     model = tiny_llama().model
     layers = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.dim() == 2)
@@ -238,7 +238,7 @@ def test_endpoint_flops_per_token_count_every_weight_a_token_meets(tmp_path):
 def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_ratio(base_url, tmp_path):
     import json
 
-    from baton.bench.endpoint import main as endpoint_main
+    from deploy.bench.endpoint import main as endpoint_main
     from tiny_model import save_tiny
     out = tmp_path / "out"
     assert endpoint_main(["--topologies", "", "--peer", f"fake={base_url}", "--model", save_tiny(tmp_path / "m"),

@@ -14,7 +14,7 @@ import grpc
 import httpx2 as httpx
 import pytest
 
-from baton.cli import build_parser, main
+from deploy.cli import build_parser, main
 from baton.v1 import prefill_pb2, router_pb2
 from loopback import loopback_cluster
 from router import limits as request_limits

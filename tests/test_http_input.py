@@ -209,7 +209,7 @@ def test_connections_over_the_cap_get_503(router):
 
 
 def test_every_gateway_flag_says_its_default_and_baton_up_passes_the_http_limits():
-    from baton.cli import build_parser
+    from deploy.cli import build_parser
     from router.http_gateway import HttpLimits, config, server
     for action in server.build_parser()._actions:
         assert action.help == "show this help message and exit" or "default" in (action.help or ""), action

@@ -159,7 +159,7 @@ def test_served_model_name_is_listed_and_the_only_name_accepted(router):
 
 
 def test_served_model_name_flag_on_gateway_and_baton_up():
-    from baton.cli import build_parser
+    from deploy.cli import build_parser
     from router.http_gateway.server import build_parser as gateway_parser
     for argv in (["--served-model-name", "m1"], ["--model-name", "m1"]):
         assert gateway_parser().parse_args(argv).served_model_name == "m1"

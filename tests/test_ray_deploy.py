@@ -18,7 +18,7 @@ from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-    proc = Proc(["baton.cli", "up", "--port", "0", "--model", model_dir, "--dtype", "float64",
+    proc = Proc(["deploy.cli", "up", "--port", "0", "--model", model_dir, "--dtype", "float64",
                  "--prefill-workers", "1", "--decode-workers", "2", "--max-batch", "8"],
                 env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=180)
     from router.client import RouterClient

@@ -1,6 +1,6 @@
 """Where a step's time goes: torch.profiler over decode steps and a prefill of the engine.
 
-    python -m baton.bench.profile [--model smollm2] [--rows 32] [--context 512] [--prompt 512] [--top 12]
+    python -m deploy.bench.profile [--model smollm2] [--rows 32] [--context 512] [--prompt 512] [--top 12]
 
 Prints, per phase, the wall time of one step and the operators that take most of it (self CPU
 time, summed over the step), plus the share spent outside operators (Python, dispatch).

@@ -1,6 +1,6 @@
 """K/V transfer cost: bytes, transfer time and TTFT, colocated vs over gRPC, per prompt length.
 
-    python -m baton.bench.transfer [--model smollm2] [--lengths 128 512 2048]
+    python -m deploy.bench.transfer [--model smollm2] [--lengths 128 512 2048]
 """
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ from dataclasses import asdict
 
 import torch
 
-from baton.bench.metrics import latencies, summarize
-from baton.bench.report import markdown_table, write_report
-from baton.bench.systems import IN_PROCESS
-from baton.bench.workload import WorkloadConfig, make_workload
+from deploy.bench.metrics import latencies, summarize
+from deploy.bench.report import markdown_table, write_report
+from deploy.bench.systems import IN_PROCESS
+from deploy.bench.workload import WorkloadConfig, make_workload
 
 ALL = ["static", "padded_prefill", "orca", "baton", "baton_grpc", "hf_static", "hf_continuous"]
 
@@ -35,7 +35,7 @@ def progress(name: str, done: int, total: int, _last={}) -> None:
 
 def run_system(name, model, args, queries):
     if name == "baton_grpc":
-        from baton.bench.grpc_system import BatonGrpcSystem
+        from deploy.bench.grpc_system import BatonGrpcSystem
         system = BatonGrpcSystem(args.model, args.dtype, args.max_batch)
     else:
         system = IN_PROCESS[name](model, args.max_batch)
@@ -70,13 +70,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from baton.bench.serve import main as serve_main
+        from deploy.bench.serve import main as serve_main
         return serve_main(argv[1:])
     if argv[:1] == ["endpoint"]:
-        from baton.bench.endpoint import main as endpoint_main
+        from deploy.bench.endpoint import main as endpoint_main
         return endpoint_main(argv[1:])
     if argv[:1] == ["topologies"]:
-        from baton.bench.topologies import main as topologies_main
+        from deploy.bench.topologies import main as topologies_main
         return topologies_main(argv[1:])
     args = parse_args(argv)
     from baton.model_loader import load_model

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from baton.bench.systems import RunResult
+from deploy.bench.systems import RunResult
 from baton.launch import local_cluster
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from baton.bench.baselines import PaddedPrefillRunner, SelectiveRunner
+from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from baton.config import EngineConfig
 from baton.engine import DecodeBatch, Engine, Prefiller
 from baton.request import Request

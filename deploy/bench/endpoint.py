@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from baton.bench.serve import ServeConfig, run_serve_bench
-from baton.bench.serve_report import markdown_table
+from deploy.bench.serve import ServeConfig, run_serve_bench
+from deploy.bench.serve_report import markdown_table
 from baton.procs import Proc
 
 # `baton up` flags per topology: the default (colocated on one device) and a prefill + decode pair.
@@ -66,7 +66,7 @@ def flops_per_token(model: str) -> tuple[float, float]:
 def serve_up(topology: str, args) -> tuple[Proc, str]:
     """`baton up` with an HTTP port, ready to serve; returns the process and its base URL."""
     http = _free_port()
-    argv = ["baton.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
+    argv = ["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
             "--dtype", args.dtype, "--max-batch", str(args.max_batch), *TOPOLOGIES[topology]]
     t = time.monotonic()
     proc = Proc(argv, ready_timeout=600)

@@ -5,7 +5,7 @@ HTTP gateway, vLLM, llama.cpp's llama-server). It reports what `vllm bench serve
         [--request-rate inf] [--max-concurrency N] [--dataset random|chat]
         [--endpoint completions|chat] [--goodput ttft:500 tpot:50] [--result-file out.json]
 
-Python: run_serve_bench(ServeConfig(base_url=...)) -> dict; baton.bench.serve_report.markdown_table
+Python: run_serve_bench(ServeConfig(base_url=...)) -> dict; deploy.bench.serve_report.markdown_table
 ({name: result}) -> str.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 import httpx2 as httpx  # an httpx fork: pinned in requirements.lock, already a dependency of huggingface_hub
 import numpy as np
 
-from baton.bench.serve_report import format_report
-from baton.bench.workload import prompt_texts
+from deploy.bench.serve_report import format_report
+from deploy.bench.workload import prompt_texts
 
 
 
@@ -34,7 +34,7 @@ class ServeConfig:
     base_url: str
     model: str | None = None               # None: the first id from GET /v1/models
     endpoint: str = "completions"          # "completions" (/v1/completions) or "chat" (/v1/chat/completions)
-    dataset: str = "random"                # "random" or "chat" (baton/bench/prompts.txt)
+    dataset: str = "random"                # "random" or "chat" (deploy/bench/prompts.txt)
     num_prompts: int = 32
     input_len: tuple[int, int] = (64, 192)  # inclusive range, tokens (random dataset)
     output_len: tuple[int, int] = (32, 96)

@@ -35,7 +35,7 @@ class Query:
 
 
 def prompt_texts() -> list[str]:
-    text = resources.files("baton.bench").joinpath("prompts.txt").read_text()
+    text = resources.files("deploy.bench").joinpath("prompts.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

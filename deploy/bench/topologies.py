@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from baton.bench.grpc_system import BatonGrpcSystem
-from baton.bench.metrics import summarize
-from baton.bench.workload import Query
+from deploy.bench.grpc_system import BatonGrpcSystem
+from deploy.bench.metrics import summarize
+from deploy.bench.workload import Query
 
 
 def _vocab_size(model: str) -> int:
