@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.kv_codec import DTYPES  # noqa: F401 (re-exported) a model serves in a dtype its K/V can travel in
 from baton.model_files import has_tokenizer, model_dir
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
