@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -41,12 +42,13 @@ class PrefillWorker:
         self.cond = threading.Condition()
         self.computing = False
         self.aborted: dict[str, float] = {}
-        self.active: set[str] = set()
+        self.active: Counter[str] = Counter()   # request id -> prefills of it in progress (a migrated
+                                                # request may be prefilled again while its first push hangs)
         self.stats = {"prefills": 0, "tokens": 0, "kv_bytes": 0, "transfer_s": 0.0, "compute_s": 0.0}
 
     @property
     def load(self) -> int:
-        return len(self.active)
+        return sum(self.active.values())
 
     def check(self, req: Request) -> None:
         """Refuse what no worker could prefill: bad sampling parameters, no tokens, too many, ids
@@ -66,14 +68,18 @@ class PrefillWorker:
     def prefill(self, req: Request, decode_address: str) -> PrefillResult:
         self.check(req)
         ids = req.all_ids
-        self.active.add(req.request_id)
+        with self.cond:
+            self.active[req.request_id] += 1
         try:
             self._check_alive(req.request_id)
             pre, compute_s = self._compute(req)
             self._check_alive(req.request_id)
             transfer_s = self.send(decode_address, req, pre, self.transfer_timeout_s)
         finally:
-            self.active.discard(req.request_id)
+            with self.cond:
+                self.active[req.request_id] -= 1
+                if not self.active[req.request_id]:
+                    del self.active[req.request_id]
         kv_bytes = pre.kv.numel() * pre.kv.element_size()
         for k, v in (("prefills", 1), ("tokens", len(ids)), ("kv_bytes", kv_bytes),
                      ("transfer_s", transfer_s), ("compute_s", compute_s)):
