@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +28,14 @@ from baton.sampling import SamplingParams
 @dataclass
 class _Slot:
     stream: TokenStream
-    created_s: float = field(default_factory=time.monotonic)
+    created_s: float
     attached: bool = False
 
 
 class DecodeWorker:
-    def __init__(self, loop: EngineLoop, lease_s: float = 30.0, tombstone_s: float = 120.0):
-        self.loop = loop
+    def __init__(self, loop: EngineLoop, lease_s: float = 30.0, tombstone_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.loop, self.clock = loop, clock     # clock: leases and tombstones age by it (tests pass a fake)
         self.lease_s, self.tombstone_s = lease_s, tombstone_s
         self.slots: dict[str, _Slot] = {}
         self.tombstones: dict[str, float] = {}     # request_id -> when it was aborted
@@ -89,7 +91,7 @@ class DecodeWorker:
                 raise NotFound(f"request {req.request_id!r} was aborted")
             if req.request_id in self.slots:
                 raise AlreadyExists(f"request {req.request_id!r} is already on this worker")
-            self.slots[req.request_id] = _Slot(submit())   # QueueFull / duplicates raise here
+            self.slots[req.request_id] = _Slot(submit(), self.clock())   # QueueFull / duplicates raise here
             self.cond.notify_all()
 
     # ---- router side -------------------------------------------------------------------------
@@ -118,14 +120,14 @@ class DecodeWorker:
 
     def abort(self, request_id: str) -> None:
         with self.cond:
-            self.tombstones[request_id] = time.monotonic()
+            self.tombstones[request_id] = self.clock()
             self.slots.pop(request_id, None)
             self.cond.notify_all()
         self.loop.abort(request_id)
 
     def reap(self) -> int:
         """Abort K/V nobody attached to within the lease; forget old tombstones. Returns aborts."""
-        now = time.monotonic()
+        now = self.clock()
         with self.cond:
             stale = [rid for rid, s in self.slots.items() if not s.attached and now - s.created_s > self.lease_s]
             for rid in [r for r, t in self.tombstones.items() if now - t > self.tombstone_s]:
