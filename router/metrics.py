@@ -31,6 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from router.registry import worker_stats
+
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -243,8 +245,7 @@ class _WorkerView:
 
     def __init__(self, info):
         self.role, self.worker_id, self.load, self.alive = info.role, info.worker_id, info.load, info.alive
-        self.stats = {"running": info.running, "waiting": info.waiting, "batch_width": info.batch_width,
-                      "kv_cache_bytes": info.kv_cache_bytes, "kv_used_bytes": getattr(info, "kv_used_bytes", 0)}
+        self.stats = worker_stats(info)
 
 
 class ServicerCollector:

@@ -35,9 +35,8 @@ class WorkerHandle:
         s = self.stats
         return router_pb2.WorkerInfo(
             role=self.role, worker_id=self.worker_id, pid=self.pid, node=self.node, address=self.address,
-            alive=self.alive, load=self.load, draining=self.draining, running=s.get("running", 0),
-            waiting=s.get("waiting", 0), batch_width=s.get("batch_width", 0), kv_cache_bytes=s.get("kv_cache_bytes", 0),
-            kv_used_bytes=s.get("kv_used_bytes", 0))
+            alive=self.alive, load=self.load, draining=self.draining,
+            **{k: s.get(k, 0) for k in STAT_KEYS if k in router_pb2.WorkerInfo.DESCRIPTOR.fields_by_name})
 
 
 class Registry:
@@ -128,12 +127,13 @@ class Registry:
             w.alive = ok
 
 
+# What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats), the one list of them.
+STAT_KEYS = ("running", "waiting", "batch_width", "kv_cache_bytes", "kv_used_bytes", "max_batch")
+
+
 def worker_stats(reply) -> dict:
-    """What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats)."""
-    return {"running": reply.running, "waiting": reply.waiting, "batch_width": reply.batch_width,
-            "kv_cache_bytes": reply.kv_cache_bytes, "kv_used_bytes": reply.kv_used_bytes,
-            # The rows of its decode batch (its --max-batch), once WorkerStatsResponse carries it.
-            "max_batch": getattr(reply, "max_batch", 0)}
+    """The STAT_KEYS of a WorkerStatsResponse or WorkerInfo (0 where a message has no such field)."""
+    return {k: getattr(reply, k, 0) for k in STAT_KEYS}
 
 
 def max_batch(workers) -> int:
