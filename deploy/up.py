@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -27,6 +25,7 @@ def _init_ray(address: str | None, workers: int) -> None:
 def up(args) -> int:
     import ray
 
+    from baton.signals import announce_ready, stop_event
     from deploy.cluster import Deployment
     from router import limits as request_limits
     from router.main import router_config, start_router
@@ -41,9 +40,7 @@ def up(args) -> int:
         tls_root_cert=args.tls_root_cert, scaler=lambda role, n: holder["deployment"].scale(role, n))
     router_address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     deployment = holder["deployment"] = Deployment(args, router_address, servicer.registry)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_event()
     gateway = None
     try:
         pools = ", ".join(f"{n} {role}" for role, n in deployment.sizes.items() if n)
@@ -61,7 +58,7 @@ def up(args) -> int:
         if not done.is_set():
             print(f"baton: serving {args.model} on {args.host}:{port} "
                   f"(ready in {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
-            print(f"BATON_READY role=up address={args.host}:{port} pid={os.getpid()}", flush=True)
+            announce_ready("up", f"{args.host}:{port}")
         done.wait()
     finally:
         t = time.monotonic()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 
 from baton import grpc_util
 from baton.model_files import load_tokenizer
+from baton.signals import announce_ready, stop_event
 from router import limits as request_limits, metrics
 from router.health import RouterHealth
 from router.limits import Limits
@@ -76,10 +75,8 @@ def main(argv=None) -> int:
     if a.metrics_port is not None:
         from router.metrics import start_metrics_server
         print(f"BATON_METRICS address={a.host}:{start_metrics_server(a.metrics_port, servicer, a.host).port}", flush=True)
-    print(f"BATON_READY role=router address={a.host}:{port} pid={os.getpid()}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_event()
+    announce_ready("router", f"{a.host}:{port}")
     done.wait()
     watcher.stopped.set()
     servicer.liveness.stopped.set()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import threading
 
+from baton.signals import announce_ready, stop_event
 from baton.v1 import router_pb2
 from baton.worker_process import Served
 from router.client import RouterClient
@@ -52,12 +52,10 @@ class Membership:
 
 def run_worker(args: argparse.Namespace, served: Served, grace_s: float = 3.0) -> int:
     """Join the router, say BATON_READY, serve until SIGTERM/SIGINT, then leave and stop."""
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_event()
     membership = Membership(args, served)
     membership.join()
-    print(f"BATON_READY role={served.role} address={membership.info.address} pid={os.getpid()}", flush=True)
+    announce_ready(served.role, membership.info.address)
     done.wait()
     membership.leave()
     served.stop(grace_s)
