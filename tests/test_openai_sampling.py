@@ -17,10 +17,11 @@ from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.procs import wait_for
 from baton.sampling import SamplingParams
+from baton.wire import logprobs_from_pb
 from loopback import loopback_cluster
 from router.client import RouterClient
 from test_http_gateway import env, ref_model  # noqa: F401  (module fixtures: a cluster + gateway here)
-from test_sampling_params import BiasRef, PresenceFrequencyRef, hf_greedy
+from test_sampling_params import BiasRef, PresenceFrequencyRef, hf_greedy, same_logprobs
 from test_stalls import LONG, SILENCE_S
 from tiny_model import EOS, save_tiny, tiny_llama
 
@@ -152,7 +153,7 @@ def test_migrated_stream_keeps_its_penalties_exact(tmp_path):
     fields = dict(max_new_tokens=LONG, ignore_eos=True, repetition_penalty=1.1, presence_penalty=0.3,
                   frequency_penalty=0.05, logit_bias={13: 1.5}, min_tokens=3, logprobs=1)
     params = SamplingParams(**{**fields, "logit_bias": ((13, 1.5),)}, seed=0)
-    want = [r.output_ids for r in Engine(tiny_llama(), EngineConfig(max_batch=n)).generate(prompts, params)]
+    ref = Engine(tiny_llama(), EngineConfig(max_batch=n)).generate(prompts, params)
     model_dir = save_tiny(tmp_path / "model")
     with loopback_cluster(model_dir, prefill=1, decode=2, router_args=["--worker-silence-s", str(SILENCE_S)]) as c, \
             RouterClient(c["router"].address) as client:
@@ -161,9 +162,12 @@ def test_migrated_stream_keeps_its_penalties_exact(tmp_path):
         firsts = [next(call) for call in calls]
         c["decode"][0].signal(signal.SIGSTOP)
         try:
-            got = [[*f.token_ids, *(t for m in call for t in m.token_ids)] for f, call in zip(firsts, calls)]
+            got = [[f, *call] for f, call in zip(firsts, calls)]   # the messages of each stream
         finally:
             c["decode"][0].signal(signal.SIGCONT)
-        assert got == want
+        for msgs, r in zip(got, ref):
+            assert [t for m in msgs for t in m.token_ids] == r.output_ids
+            lps = [logprobs_from_pb(lp) for m in msgs for lp in m.logprobs]
+            assert same_logprobs(lps, r.output_logprobs)
         assert client.stats().migrations > base.migrations
         wait_for(lambda: client.stats().running == 0, 10, what="router drained")
