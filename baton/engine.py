@@ -24,10 +24,7 @@ from baton.model_runner import ModelRunner, PromptChunk
 from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampler import sample_rows
 from baton.sampling import Logprobs, SamplingParams
-
-
-class QueueFull(Exception):
-    pass
+from baton.scheduler import Scheduler
 
 
 @dataclass
@@ -101,6 +98,12 @@ class DecodeBatch:
         req.finish(Status.CANCELLED, FinishReason.ABORT)
         return req
 
+    def free(self, request_id: str) -> None:
+        """Free a request's row, if it holds one (its status is the caller's business)."""
+        row = self.index.get(request_id)
+        if row is not None:
+            self._remove(row)
+
     def _remove(self, row: int) -> None:
         req = self.rows[row]
         del self.index[req.request_id]
@@ -132,90 +135,77 @@ class DecodeBatch:
 
 class Engine:
     """Prefill and decode in one process: newcomers are prefilled in chunks inside the decode
-    step's pass, then embedded by vector shaping; K/V prefilled elsewhere joins between steps."""
+    step's pass, then embedded by vector shaping; K/V prefilled elsewhere joins between steps.
+    A step is plan (baton/scheduler.py, no model) -> run (the batch) -> finish: every request
+    leaves through `finish_and_free`, which frees what it held and counts how it ended."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         self.runner = ModelRunner(model.model)
         self.prefiller = Prefiller(self.runner, model.eos_ids)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
-        self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()      # to prefill here
-        self.prefilling: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()  # chunks under way
-        self.prefilled: collections.OrderedDict[str, tuple[Request, PrefillOutput]] = collections.OrderedDict()
+        self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens)
+        self.requests: dict[str, Request] = {}          # every request in the engine, queued or running
+        self.prompt_kv: dict[str, torch.Tensor] = {}    # (L, 2, Hkv, P, D) of each prompt being prefilled here
         self.counts = collections.Counter()
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + len(self.prefilling) + len(self.prefilled)
+        return len(self.scheduler)
 
     def _check_new(self, request_id: str) -> None:
-        if self.num_waiting >= self.config.max_queue:
-            raise QueueFull(f"queue is full ({self.config.max_queue} waiting)")
-        if any(request_id in d for d in (self.waiting, self.prefilling, self.prefilled, self.batch.index)):
+        self.scheduler.check_room()
+        if request_id in self.requests:
             raise ValueError(f"duplicate request_id {request_id!r}")
 
     def add_request(self, req: Request) -> None:
         """A new query, to be prefilled in this process."""
         self._check_new(req.request_id)
-        self.waiting[req.request_id] = req
+        self.scheduler.add(req)
+        self.requests[req.request_id] = req
 
     def add_prefilled(self, req: Request, pre: PrefillOutput) -> None:
         """A query prefilled elsewhere (a prefill worker); it takes the next free row."""
         self._check_new(req.request_id)
-        req.status = Status.TRANSFERRING
-        self.prefilled[req.request_id] = (req, pre)
+        self.scheduler.add_prefilled(req, pre)
+        self.requests[req.request_id] = req
 
     def abort(self, request_id: str) -> bool:
-        req = self.waiting.pop(request_id, None)
-        if req is None and request_id in self.prefilling:
-            req = self.prefilling.pop(request_id).req
-        if req is None and request_id in self.prefilled:
-            req = self.prefilled.pop(request_id)[0]
+        req = self.requests.get(request_id)
         if req is not None:
-            req.finish(Status.CANCELLED, FinishReason.ABORT)
-        else:
-            req = self.batch.abort(request_id)
-        if req is not None:
-            self.counts["cancelled"] += 1
+            self.finish_and_free(req, Status.CANCELLED, FinishReason.ABORT)
         return req is not None
 
+    def finish_and_free(self, req: Request, status: Status, reason: FinishReason | None) -> None:
+        """The one way out of the engine: the request leaves its queue or its row (a row that
+        produced its last token has left in that step), the K/V of its prompt is dropped, its end
+        is recorded once and counted."""
+        rid = req.request_id
+        if self.requests.pop(rid, None) is None:
+            return
+        self.scheduler.remove(rid)
+        self.prompt_kv.pop(rid, None)
+        self.batch.free(rid)
+        if not req.done:
+            req.finish(status, reason)
+        self.counts["completed" if req.status is Status.FINISHED else "cancelled"] += 1
+
     def has_work(self) -> bool:
-        return self.num_waiting > 0 or len(self.batch) > 0
-
-    def _schedule(self) -> tuple[list[TokenEvent], list[tuple[Request, PromptChunk]]]:
-        """Admit K/V prefilled elsewhere; cut this step's prompt chunks, oldest prompt first, up to
-        the token budget. A prompt being prefilled holds the row it will take."""
-        free = self.batch.cache.max_rows - len(self.batch) - len(self.prefilling)
-        events = self.batch.admit_group([self.prefilled.popitem(last=False)[1]
-                                         for _ in range(min(free, len(self.prefilled)))])
-        budget = self.config.prefill_chunk_tokens
-        chunks = []
-        for p in self._prefills():
-            ids = p.req.all_ids[p.done:p.done + budget]
-            chunks.append((p.req, PromptChunk(ids, p.done, p.kv)))
-            p.done += len(ids)
-            budget -= len(ids)
-            if budget <= 0:
-                break
-        for req, c in chunks:
-            if c.last:
-                del self.prefilling[req.request_id]
-        return events, chunks
-
-    def _prefills(self):
-        """Prompts under way, oldest first, then waiting ones started as they are reached (each
-        takes its K/V buffer and the row it will hold)."""
-        yield from list(self.prefilling.values())
-        while self.waiting and len(self.batch) + len(self.prefilling) < self.batch.cache.max_rows:
-            req = self.waiting.popitem(last=False)[1]
-            req.status = Status.PREFILLING
-            p = self.prefilling[req.request_id] = _Prefill(req, self.runner.new_kv(len(req.all_ids)))
-            yield p
+        return bool(self.requests)
 
     def step(self) -> list[TokenEvent]:
-        events, chunks = self._schedule()
-        events += self.batch.step(chunks)
-        self.counts["completed"] += sum(1 for e in events if e.finish_reason is not None)
+        plan = self.scheduler.plan(len(self.batch))
+        for req in plan.started:
+            self.prompt_kv[req.request_id] = self.runner.new_kv(len(req.all_ids))
+        chunks = [(p.req, PromptChunk(p.ids, p.start, self.prompt_kv[p.req.request_id])) for p in plan.pieces]
+        for p in plan.pieces:
+            if p.last:   # its K/V joins the batch in this step
+                del self.prompt_kv[p.req.request_id]
+        events = self.batch.admit_group(plan.joining) + self.batch.step(chunks)
+        for e in events:
+            if e.finish_reason is not None:
+                req = self.requests[e.request_id]
+                self.finish_and_free(req, req.status, e.finish_reason)
         return events
 
     def stats(self) -> dict:
@@ -231,11 +221,3 @@ class Engine:
         while self.has_work():
             self.step()
         return reqs
-
-
-@dataclass
-class _Prefill:
-    """A prompt being prefilled here over several steps: its K/V buffer and how far it got."""
-    req: Request
-    kv: torch.Tensor      # (L, 2, Hkv, P, D)
-    done: int = 0         # tokens whose K/V is in kv

@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from baton.engine import Engine, PrefillOutput, QueueFull
+from baton.engine import Engine, PrefillOutput
+from baton.scheduler import QueueFull
 from baton.request import Request, TokenEvent
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ import threading
 import time
 
 from baton import faults, grpc_util
-from baton.engine import PrefillOutput, QueueFull
+from baton.engine import PrefillOutput
+from baton.scheduler import QueueFull
 from baton.engine_loop import EngineLoop, StreamClosed
 from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from baton.kv_codec import DTYPES, KVAssembler
@@ -62,7 +63,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise ResourceExhausted(str(e)) from None
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        return decode_pb2.TransferKVResponse(queue_position=len(self.loop.engine.prefilled))
+        return decode_pb2.TransferKVResponse(queue_position=len(self.loop.engine.scheduler.prefilled))
 
     @grpc_util.rpc
     def Attach(self, request, context):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from baton.engine import PrefillOutput, Prefiller
 from baton.errors import InvalidArgument, NotFound
-from baton.request import Request
+from baton.request import Request, Status
 
 # send(decode_address, request, prefill_output, deadline_s) -> seconds the transfer took
 KVSender = Callable[[str, Request, PrefillOutput, float], float]
@@ -72,8 +72,10 @@ class PrefillWorker:
             self.active[req.request_id] += 1
         try:
             self._check_alive(req.request_id)
+            req.status = Status.PREFILLING
             pre, compute_s = self._compute(req)
             self._check_alive(req.request_id)
+            req.status = Status.TRANSFERRING
             transfer_s = self.send(decode_address, req, pre, self.transfer_timeout_s)
         finally:
             with self.cond:

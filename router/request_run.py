@@ -149,6 +149,9 @@ class RequestRun:
                                          params=params_to_pb(self.params), decode_address=decode.address,
                                          generated_token_ids=self.generated)
         tried: set[str] = set()
+        with self.lock:
+            if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
+                self.status = Status.PREFILLING
         for _ in range(self.config.max_prefill_attempts):
             worker = self.prefill = self._pick("prefill", exclude=tried,
                                                prefer=decode if decode.role == "colocated" else None)
@@ -244,7 +247,7 @@ class RequestRun:
 
     def _start_running(self) -> None:
         with self.lock:
-            if not self.settled and self.status is Status.WAITING:
+            if not self.settled and self.status in (Status.WAITING, Status.PREFILLING):
                 self.status = Status.RUNNING
                 self.books.start_running()
 

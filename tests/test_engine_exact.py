@@ -75,11 +75,11 @@ def test_engine_queue_and_eos(tiny):
         ref = reference_greedy(tiny, p, n)
         assert r.output_ids == ref
         assert r.finish_reason is (FinishReason.STOP if ref[-1] == EOS and len(ref) <= n else FinishReason.LENGTH)
-    assert len(eng.batch) == 0 and not eng.waiting
+    assert len(eng.batch) == 0 and eng.num_waiting == 0 and not eng.requests
 
 
 def test_queue_full_and_duplicates(tiny):
-    from baton.engine import QueueFull
+    from baton.scheduler import QueueFull
     eng = Engine(tiny, EngineConfig(max_batch=2, max_queue=2))
     eng.add_request(Request("a", [1, 2], SamplingParams()))
     with pytest.raises(ValueError, match="duplicate"):
