@@ -3,8 +3,8 @@ import random
 
 import torch
 
-from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from baton.model_runner import ModelRunner
+from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from tiny_model import EOS, reference_greedy
 
 

@@ -14,8 +14,8 @@ import grpc
 import httpx2 as httpx
 import pytest
 
+from baton.v1 import router_pb2
 from deploy.cli import build_parser, main
-from baton.v1 import prefill_pb2, router_pb2
 from loopback import loopback_cluster
 from router import limits as request_limits
 from test_http_input import router  # noqa: F401 - the fixture: an in-process router, no workers
@@ -163,8 +163,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.mark.skipif("max_batch" not in prefill_pb2.WorkerStatsResponse.DESCRIPTOR.fields_by_name,
-                    reason="needs WorkerStatsResponse.max_batch (prefill.proto), filled by the decode worker")
 def test_status_reports_the_workers_max_batch(cluster, capsys):
     assert main(["status", "--json", "--router", cluster["router"].address]) == 0
     assert json.loads(capsys.readouterr().out)["max_batch"] == 8   # loopback_cluster's --max-batch

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from baton.procs import Proc
 from deploy.bench.serve import ServeConfig, run_serve_bench
 from deploy.bench.serve_report import markdown_table
-from baton.procs import Proc
 
 # `baton up` flags per topology: the default (colocated on one device) and a prefill + decode pair.
 TOPOLOGIES = {"colocated": [], "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"]}

@@ -8,8 +8,8 @@ import os
 import threading
 import time
 
-from deploy.bench.systems import RunResult
 from baton.launch import local_cluster
+from deploy.bench.systems import RunResult
 
 
 class BatonGrpcSystem:

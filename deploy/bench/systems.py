@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from baton.config import EngineConfig
 from baton.engine import DecodeBatch, Engine, Prefiller
 from baton.request import Request
 from baton.sampling import SamplingParams
+from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 
 
 @dataclass
