@@ -6,7 +6,11 @@ import dataclasses
 from baton.errors import InvalidArgument
 from baton.request import TokenEvent
 from baton.sampling import InvalidParam, Logprobs, SamplingParams, bias_pairs
-from baton.v1 import common_pb2, decode_pb2
+from baton.v1 import common_pb2, decode_pb2, router_pb2
+
+# The one finish-reason table: the proto's FinishReason names, as OpenAI and the metrics spell them.
+FINISH_NAMES = {number: name.removeprefix("FINISH_REASON_").lower()
+                for name, number in router_pb2.FinishReason.items() if number}
 
 
 def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:

@@ -41,6 +41,5 @@ class ColocatedPrefill:
         self.handed += 1
         return PrefillResult(first_token=0, num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
 
-    def abort(self, request_id: str) -> None:
-        self.remote.abort(request_id)
-        self.decode.abort(request_id)
+    def abort(self, request_id: str) -> bool:
+        return any([self.remote.abort(request_id), self.decode.abort(request_id)])   # both, whatever the first says

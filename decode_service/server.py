@@ -100,9 +100,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        found = request.request_id in self.worker.slots
-        self.worker.abort(request.request_id)
-        return prefill_pb2.AbortResponse(found=found)
+        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
 
     @grpc_util.rpc
     def Stats(self, request, context):

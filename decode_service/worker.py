@@ -118,12 +118,14 @@ class DecodeWorker:
             self.slots.pop(request_id, None)
         self.loop.abort(request_id)  # a no-op for a finished request
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Drop the request here, now or when its K/V arrives; True if it was here."""
         with self.cond:
             self.tombstones[request_id] = self.clock()
-            self.slots.pop(request_id, None)
+            found = self.slots.pop(request_id, None) is not None
             self.cond.notify_all()
         self.loop.abort(request_id)
+        return found
 
     def reap(self) -> int:
         """Abort K/V nobody attached to within the lease; forget old tombstones. Returns aborts."""

@@ -71,10 +71,7 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--http-port", type=int, default=None,
                    help="also serve an OpenAI-compatible HTTP API on this port (default: none)")
     from router.http_gateway import config as http_config
-    http_config.add_args(u)  # --served-model-name, --http-max-body-bytes, --http-keep-alive, ...
-    u.add_argument("--request-timeout", type=float, default=None,
-                   help="the HTTP API's deadline for each generation, seconds: a request still running then "
-                        "gets 504 (default: none)")
+    http_config.add_args(u)  # --served-model-name, --request-timeout, --http-max-body-bytes, ...
     u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
                    help="clients (gRPC and HTTP) must send this token (default: $BATON_AUTH_TOKEN, else none)")
     u.add_argument("--tls-cert", help="the servers' TLS certificate, PEM (default: none, plain TCP)")

@@ -112,9 +112,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        found = request.request_id in self.worker.active
-        self.worker.abort(request.request_id)
-        return prefill_pb2.AbortResponse(found=found)
+        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
 
     @grpc_util.rpc
     def Stats(self, request, context):

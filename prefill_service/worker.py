@@ -120,12 +120,15 @@ class PrefillWorker:
                     self.computing = False
                     self.cond.notify_all()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Stop the request's prefill and push, and refuse it from now on; True if it was here."""
+        found = request_id in self.active
         now = time.monotonic()
         self.aborted[request_id] = now
         for rid in [r for r, t in self.aborted.items() if now - t > 300]:
             del self.aborted[rid]
         self.cancel_transfer(request_id)
+        return found
 
     def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
         """Stop pushing the request's K/V (to `address`, or anywhere), if the sender can."""

@@ -7,10 +7,7 @@
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-
-import grpc
 
 from baton import grpc_util
 from baton.v1 import router_pb2, router_pb2_grpc
@@ -74,21 +71,3 @@ class RouterClient:
     def deregister_worker(self, worker_id: str, timeout: float = 10) -> None:
         self.stub.DeregisterWorker(router_pb2.DeregisterWorkerRequest(worker_id=worker_id), timeout=timeout,
                                    metadata=self.metadata)
-
-
-def generate_cli(args) -> int:
-    """`baton generate "prompt" --router host:port`: stream text to stdout."""
-    fields = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, raw=args.raw)
-    if args.seed is not None:
-        fields["seed"] = args.seed
-    try:
-        with RouterClient(args.router, auth_token=args.auth_token) as c:
-            for r in c.generate(args.prompt, **fields):
-                sys.stdout.write(r.text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-    except grpc.RpcError as e:
-        print(f"\nbaton: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from baton.wire import FINISH_NAMES
 from router.registry import worker_stats
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,6 @@ V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason 
 HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
                         ["endpoint", "code"], registry=REGISTRY)
 
-_FINISH = {1: "length", 2: "stop"}
 _lock = threading.Lock()
 _model_name = ""
 
@@ -107,7 +107,7 @@ def set_model_name(name: str) -> None:
     _model_name = name
     for h in (V_TTFT, V_TPOT, V_ITL, V_E2E, V_QUEUE, V_PROMPT_LEN, V_GEN_LEN, V_PROMPT, V_GEN):
         h.labels(name)
-    for reason in _FINISH.values():
+    for reason in FINISH_NAMES.values():
         V_SUCCESS.labels(name, reason)
 
 
@@ -140,7 +140,7 @@ def observe_request(last, source: str = "router") -> None:
     try:
         prompt, completion = int(last.usage.prompt_tokens), int(last.usage.completion_tokens)
         ttft, e2e, queue = float(last.ttft_s), float(last.e2e_s), float(last.queue_s)
-        finish = _FINISH.get(int(last.finish_reason), "stop")
+        finish = FINISH_NAMES.get(int(last.finish_reason), "stop")
         m = model_name()
         if ttft > 0:
             TTFT.observe(ttft)

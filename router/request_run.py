@@ -27,7 +27,7 @@ from baton.errors import BatonError, Cancelled, Unavailable
 from baton.request import Status
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2, prefill_pb2, router_pb2
-from baton.wire import params_to_pb
+from baton.wire import FINISH_NAMES, params_to_pb
 from router import metrics
 from router.books import Books
 from router.config import RouterConfig
@@ -123,7 +123,7 @@ class RequestRun:
                 self.status = Status.FINISHED
                 metrics.observe_request(resp)
                 log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
-                         "ttft_s=%.4f e2e_s=%.4f", self.rid, ("", "length", "stop")[resp.finish_reason],
+                         "ttft_s=%.4f e2e_s=%.4f", self.rid, FINISH_NAMES[resp.finish_reason],
                          len(self.ids), len(self.generated), resp.ttft_s, resp.e2e_s)
                 return
         except grpc.RpcError as e:

@@ -23,6 +23,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", "--model-name", dest="served_model_name", default=None,
                    help="the model name the HTTP API reports in /v1/models and accepts in requests (others get "
                         "404 model_not_found) (default: the router's --model, a directory's last part)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="the HTTP API's deadline for each generation, seconds: a request still running then "
+                        "gets 504 (default: none)")
     d = HttpLimits()
     g = p.add_argument_group("HTTP limits")
     g.add_argument("--http-max-body-bytes", type=int, default=d.max_body_bytes,

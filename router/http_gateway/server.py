@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -15,6 +14,7 @@ import time
 import h11
 from fastapi import FastAPI
 
+from baton.signals import announce_ready, stop_event
 from router.http_gateway import config
 from router.http_gateway.app import create_app
 from router.http_gateway.config import HttpLimits
@@ -151,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $BATON_AUTH_TOKEN, else none)")
     p.add_argument("--router-auth-token", default=None, help="the router's token, when it differs (default: none)")
     p.add_argument("--tls-root-cert", help="CA certificate of a TLS router (default: plain TCP)")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="deadline of each generation, seconds (default: none)")
     p.add_argument("--max-message-bytes", type=int, default=HttpLimits().max_message_bytes,
                    help="the router's --max-message-bytes: larger requests get 413 (default: %(default)s)")
     config.add_args(p)
@@ -163,13 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s http %(name)s: %(message)s")
+    done = stop_event()
     gateway = start_gateway(a.router, a.host, a.port, a.auth_token, router_auth_token=a.router_auth_token,
                             model_name=a.served_model_name, tls_root_cert=a.tls_root_cert,
                             request_timeout_s=a.request_timeout, limits=config.from_args(a, a.max_message_bytes))
-    print(f"BATON_READY role=http address={a.host}:{gateway.port} pid={os.getpid()}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    announce_ready("http", f"{a.host}:{gateway.port}")
     done.wait()
     gateway.stop()
     return 0

@@ -13,16 +13,13 @@ import grpc.aio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from baton.v1 import router_pb2
+from baton.wire import FINISH_NAMES
 from router import metrics
 from router.http_gateway.choices import merge
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.logprobs import CompletionLogprobs, TokenText, chat_content, choice_logprobs
 from router.http_gateway.schemas import GenerateBody
 
-# The one finish-reason table: the proto's FinishReason names, as OpenAI spells them.
-FINISH = {number: name.removeprefix("FINISH_REASON_").lower()
-          for name, number in router_pb2.FinishReason.items() if number}
 
 
 def sse(obj) -> bytes:
@@ -107,7 +104,7 @@ async def collect(call, first) -> Choice:
 def full_response(choices: list[Choice], body: GenerateBody, meta: dict, chat: bool, token_text: TokenText) -> dict:
     out = []
     for i, c in enumerate(choices):
-        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(c.last.finish_reason, "stop"),
+        choice: dict[str, Any] = {"index": i, "finish_reason": FINISH_NAMES.get(c.last.finish_reason, "stop"),
                                   "logprobs": choice_logprobs(c.ids, c.logprobs, token_text, chat)}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
@@ -165,7 +162,7 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
                 metrics.observe_request(msg, source="gateway")
                 lasts.append(msg)
                 yield chunk(i, None if chat else "", [] if body.return_token_ids else None,
-                            finish=FINISH.get(msg.finish_reason, "stop"))
+                            finish=FINISH_NAMES.get(msg.finish_reason, "stop"))
         if body.include_usage:
             yield sse({**meta, "object": obj, "choices": [], "usage": usage(lasts)})
     except grpc.RpcError as e:
