@@ -98,6 +98,9 @@ def snapshot(pool: Pool, client: RouterClient, title: str) -> dict[int, dict]:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = {}
     for role, p in pool.procs():
+        if p.p.poll() is not None:
+            print(f"| {role} | {p.pid} | exited with {p.p.returncode} | | | | | | |")
+            continue
         u = proc_usage(p.pid)
         if role == "router":
             s = client.stats()
@@ -168,7 +171,10 @@ def chaos(pool: Pool, until: float, rng: random.Random, events: Counter) -> None
         if rng.random() < 0.5:
             p.kill()
             events[f"SIGKILL {role}"] += 1
-            pool.replace(role, p)
+            try:
+                pool.replace(role, p)
+            except RuntimeError as e:      # the replacement did not start: the run fails
+                events[f"restart of a {role} worker FAILED: {str(e)[:200]}"] += 1
         else:
             p.signal(signal.SIGSTOP)
             time.sleep(rng.uniform(*STOP_S))
@@ -232,6 +238,8 @@ def main() -> int:
                 for k, n in sorted(load.outcomes.items()):
                     print(f"  {k}: {n}")
                 problems += load.wrong
+                problems += [k for k in events if "FAILED" in k]
+                problems += [f"{role} pid {p.pid} exited on its own" for role, p in pool.procs() if p.p.poll() is not None]
                 problems += [f"unclear failure: {k} x{n}" for k, n in load.outcomes.items()
                              if ": " in k and k.split(": ")[1] not in CLEAR and not k.split(": ")[1].startswith(("OK", "cancelled"))]
                 for pid in pool.original & start.keys() & end.keys():
