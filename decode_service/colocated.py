@@ -33,13 +33,13 @@ class ColocatedPrefill:
     def stats(self) -> dict:
         return {**self.remote.stats, "prefills": self.remote.stats["prefills"] + self.handed}
 
-    def prefill(self, req: Request, decode_address: str) -> PrefillResult:
+    def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
         if decode_address != self.own_address:
-            return self.remote.prefill(req, decode_address)
+            return self.remote.prefill(req, decode_address, attempt)
         self.remote.check(req)
         self.decode.admit_prompt(req)
         self.handed += 1
         return PrefillResult(first_token=0, num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
 
-    def abort(self, request_id: str) -> bool:
-        return any([self.remote.abort(request_id), self.decode.abort(request_id)])   # both, whatever the first says
+    def abort(self, request_id: str, attempt: int = 0) -> bool:
+        return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id)])   # both, whatever the first says

@@ -99,7 +99,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if cancel is not None:   # (decode_service/colocated.py's ColocatedPrefill has none yet)
             context.add_callback(lambda: answered.is_set() or cancel(req.request_id, request.decode_address))
         try:
-            r = self.worker.prefill(req, request.decode_address)
+            r = self.worker.prefill(req, request.decode_address, request.attempt)
         except grpc.RpcError as e:  # the decode side refused or failed: say which side
             code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNAVAILABLE
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -112,7 +112,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
+        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.attempt))
 
     @grpc_util.rpc
     def Stats(self, request, context):

@@ -41,7 +41,8 @@ class PrefillWorker:
         self.pending: list[tuple[Request, Future]] = []
         self.cond = threading.Condition()
         self.computing = False
-        self.aborted: dict[str, float] = {}
+        self.aborted: dict[str, tuple[float, float]] = {}   # request id -> (when, attempts refused up to)
+        self.latest: dict[str, int] = {}                      # request id -> its latest attempt seen here
         self.active: Counter[str] = Counter()   # request id -> prefills of it in progress (a migrated
                                                 # request may be prefilled again while its first push hangs)
         self.stats = {"prefills": 0, "tokens": 0, "kv_bytes": 0, "transfer_s": 0.0, "compute_s": 0.0}
@@ -65,16 +66,19 @@ class PrefillWorker:
         if any(t < 0 or t >= self.prefiller.runner.vocab_size for t in ids):
             raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})")
 
-    def prefill(self, req: Request, decode_address: str) -> PrefillResult:
+    def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
+        """Prefill and push one request; `attempt` (the router's count, see prefill.proto) lets a
+        retry or a migration through an Abort of an earlier attempt."""
         self.check(req)
         ids = req.all_ids
         with self.cond:
             self.active[req.request_id] += 1
+            self.latest[req.request_id] = max(attempt, self.latest.get(req.request_id, 0))
         try:
-            self._check_alive(req.request_id)
+            self._check_alive(req.request_id, attempt)
             req.status = Status.PREFILLING
             pre, compute_s = self._compute(req)
-            self._check_alive(req.request_id)
+            self._check_alive(req.request_id, attempt)
             req.status = Status.TRANSFERRING
             transfer_s = self.send(decode_address, req, pre, self.transfer_timeout_s)
         finally:
@@ -82,6 +86,7 @@ class PrefillWorker:
                 self.active[req.request_id] -= 1
                 if not self.active[req.request_id]:
                     del self.active[req.request_id]
+                    self.latest.pop(req.request_id, None)
         kv_bytes = pre.kv.numel() * pre.kv.element_size()
         for k, v in (("prefills", 1), ("tokens", len(ids)), ("kv_bytes", kv_bytes),
                      ("transfer_s", transfer_s), ("compute_s", compute_s)):
@@ -120,14 +125,18 @@ class PrefillWorker:
                     self.computing = False
                     self.cond.notify_all()
 
-    def abort(self, request_id: str) -> bool:
-        """Stop the request's prefill and push, and refuse it from now on; True if it was here."""
-        found = request_id in self.active
+    def abort(self, request_id: str, attempt: int = 0) -> bool:
+        """Stop the request's prefill and push and refuse it from now on, or only its attempts up
+        to `attempt` when that is > 0; True if it was here."""
         now = time.monotonic()
-        self.aborted[request_id] = now
-        for rid in [r for r, t in self.aborted.items() if now - t > 300]:
-            del self.aborted[rid]
-        self.cancel_transfer(request_id)
+        with self.cond:
+            found = request_id in self.active
+            newer = attempt and self.latest.get(request_id, 0) > attempt
+            self.aborted[request_id] = (now, attempt or float("inf"))
+            for rid in [r for r, (t, _) in self.aborted.items() if now - t > 300]:
+                del self.aborted[rid]
+        if not newer:   # a newer attempt's push is not this abort's (the stale one's call was cancelled)
+            self.cancel_transfer(request_id)
         return found
 
     def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
@@ -136,6 +145,7 @@ class PrefillWorker:
         if cancel is not None:
             cancel(request_id, address)
 
-    def _check_alive(self, request_id: str) -> None:
-        if request_id in self.aborted:
+    def _check_alive(self, request_id: str, attempt: int) -> None:
+        refused = self.aborted.get(request_id)
+        if refused is not None and attempt <= refused[1]:
             raise NotFound(f"request {request_id!r} was aborted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 
 import grpc
 
@@ -24,7 +25,7 @@ class RouterHealth(threading.Thread):
     def _warm_up(self) -> bool:
         """One real generation through the workers (a 1-token query)."""
         ctx = _LocalContext()
-        req = router_pb2.GenerateRequest(request_id="warmup-" + str(id(self)), prompt_token_ids=[1, 2, 3],
+        req = router_pb2.GenerateRequest(request_id=f"warmup-{uuid.uuid4().hex[:12]}", prompt_token_ids=[1, 2, 3],
                                          max_new_tokens=1)
         try:
             return any([r.finish_reason for r in self.servicer.Generate(req, ctx)])  # drained: it settles as completed

@@ -68,6 +68,7 @@ class RequestRun:
         self.generated: list[int] = []
         self.failed_decodes: set[str] = set()
         self.migrations = 0
+        self.prefill_attempts = 0                   # Prefill calls so far (PrefillRequest.attempt)
         self.arrival = time.monotonic()
         self.queue_s: float | None = None
         self.first_token_s: float | None = None
@@ -155,6 +156,8 @@ class RequestRun:
         for _ in range(self.config.max_prefill_attempts):
             worker = self.prefill = self._pick("prefill", exclude=tried,
                                                prefer=decode if decode.role == "colocated" else None)
+            self.prefill_attempts += 1
+            req.attempt = attempt = self.prefill_attempts
             try:
                 pre = self._call_prefill(worker, decode, req, retry=bool(tried))
                 self.kv_bytes += pre.kv_bytes
@@ -168,7 +171,7 @@ class RequestRun:
                 self.registry.mark_dead(worker, f"prefill failed: {e.why}")
                 self.books.add(prefill_retries=1)
                 log.warning("request %s: prefill on %s failed (%s); retrying elsewhere", self.rid, worker.worker_id, e.why)
-                _in_background(self._abort, worker)
+                _in_background(self._abort, worker, attempt)   # that attempt only: a migration may come back
             finally:
                 self._release(worker)
         raise Unavailable(f"prefill failed on {len(tried)} workers")
@@ -206,7 +209,7 @@ class RequestRun:
         self.failed_decodes.add(decode.worker_id)
         if self.attach is not None:
             self.attach.cancel()
-        _in_background(self._abort, decode)   # a stopped worker answers late or never
+        _in_background(self._abort, decode, self.prefill_attempts)   # a stopped worker answers late or never
         self.migrations += 1
         self.books.add(migrations=1)
         if self.migrations > self.config.max_migrations:
@@ -275,11 +278,14 @@ class RequestRun:
                 self.attach.cancel()
             _in_background(lambda: (self._abort(self.decode), self._abort(self.prefill)))
 
-    def _abort(self, worker: WorkerHandle | None) -> None:
+    def _abort(self, worker: WorkerHandle | None, attempt: int = 0) -> None:
+        """Drop the request on a worker: its attempts up to `attempt` (a prefill worker may serve a
+        later one: a retry elsewhere, then a migration), or every one (0: the request is over)."""
         if worker is None:
             return
         try:
-            worker.stub.Abort(prefill_pb2.AbortRequest(request_id=self.rid), timeout=2, metadata=self.auth)
+            worker.stub.Abort(prefill_pb2.AbortRequest(request_id=self.rid, attempt=attempt), timeout=2,
+                              metadata=self.auth)
         except grpc.RpcError:
             pass  # dead workers hold nothing
 
