@@ -222,5 +222,8 @@ def rpc(fn: Callable) -> Callable:
         try:
             return fn(self, request, context)
         except Exception as e:
+            if not context.is_active():   # the caller cancelled (e.g. a K/V push stopped): nobody to answer
+                log.debug("%s: the caller went away (%s)", fn.__name__, type(e).__name__)
+                return None
             _abort(context, e, fn.__name__)
     return wrapper

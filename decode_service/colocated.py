@@ -41,5 +41,9 @@ class ColocatedPrefill:
         self.handed += 1
         return PrefillResult(first_token=0, num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
 
+    def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
+        """Stop a push to another decode worker (one to this worker's own batch is in memory)."""
+        self.remote.cancel_transfer(request_id, address)
+
     def abort(self, request_id: str, attempt: int = 0) -> bool:
         return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id)])   # both, whatever the first says

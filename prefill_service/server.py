@@ -95,9 +95,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                       output_ids=list(request.generated_token_ids))
         # The router cancels this call when its client goes away or a worker is marked dead: the
         # push stops then, not at its own deadline (add_callback runs when the call ends, however).
-        answered, cancel = threading.Event(), getattr(self.worker, "cancel_transfer", None)
-        if cancel is not None:   # (decode_service/colocated.py's ColocatedPrefill has none yet)
-            context.add_callback(lambda: answered.is_set() or cancel(req.request_id, request.decode_address))
+        answered = threading.Event()
+        context.add_callback(lambda: answered.is_set() or self.worker.cancel_transfer(req.request_id,
+                                                                                      request.decode_address))
         try:
             r = self.worker.prefill(req, request.decode_address, request.attempt)
         except grpc.RpcError as e:  # the decode side refused or failed: say which side
