@@ -28,8 +28,10 @@ baton/v1/%_pb2.py: protos/baton/v1/%.proto $(STAMP)
 serve: install
 	$(VENV)/bin/baton up
 
+# Two workers (pytest-xdist), each taking whole files, so module-scoped clusters are started once:
+# much of a test's time is waiting on its servers, and the slow files run first (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The served endpoint first (baton up in each topology, plus any --peer in ENDPOINT_ARGS), then the
 # in-process comparison of batching schemes.

@@ -12,3 +12,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def tiny():
     from tiny_model import tiny_llama
     return tiny_llama()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, the longest first (`slow(seconds)`), stable otherwise: `make test`'s two
+    pytest-xdist workers take whole files in this order, so the long files start at once and the
+    many short ones fill in around them."""
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return -(mark.args[0] if mark.args else 10) if mark else 0
+    items.sort(key=seconds)

@@ -46,6 +46,7 @@ def test_metrics_on_known_times():
     assert s["idle_token_fraction"] == 0.25
 
 
+@pytest.mark.slow(45)
 def test_tiny_end_to_end_run_writes_results(tmp_path):
     from deploy.bench.run import main
     from tiny_model import save_tiny

@@ -19,7 +19,7 @@ from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow(50)]
 N, CONCURRENCY, MAX_NEW = 200, 16, 8
 ARRIVAL_S = 0.05     # one request starts every 50 ms (at most CONCURRENCY in flight): a 10 s run
 FAULTS = {

@@ -19,7 +19,7 @@ from netlab import net_cluster, rx_tx_bytes, why_not_permitted
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow(25)]
 NEW = 12
 CUT_AFTER_BYTES = 150_000      # cut the receiving decode worker's link once this much K/V has arrived
 BOUND_S = 30.0                 # a request whose decode link is cut ends (migrated or failed) within this

@@ -14,6 +14,8 @@ from deploy.drill import Load, restarted, workers
 from loopback import kill_with_work_in_flight
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
+pytestmark = pytest.mark.slow(100)
+
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):

@@ -8,6 +8,8 @@ from baton.model_files import encode_prompt
 from baton.model_loader import load_model
 from baton.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow(15)
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain gravity to a child in two sentences.", "List three prime numbers."]
 

@@ -18,6 +18,8 @@ from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
+pytestmark = pytest.mark.slow(50)
+
 SILENCE_S = 2.0      # the router's --worker-silence-s in these tests
 BOUND_S = 30.0       # every stream ends within this, stopped worker or not (a stop lasts STOP_S)
 STOP_S = 12.0
