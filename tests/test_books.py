@@ -35,8 +35,12 @@ def test_every_cancel_is_counted_and_no_stats_read_loses_a_request(cluster):
     client, rng, ref = cluster["client"], random.Random(13), tiny_llama()
     base = client.stats()
     prompts = [[rng.randrange(1, EOS) for _ in range(rng.randint(4, 40))] for _ in range(16)]
-    # The doomed ones could never finish before their cancel; the kept ones run to 64 tokens.
-    calls = [_start(client, p, 900 if i < 8 else 64) for i, p in enumerate(prompts)]
+    # The doomed ones could never finish before their cancel; the kept ones run to 64 tokens. All 16
+    # start at once, then each first token is awaited (so every Stats read below sees all 16): one
+    # call at a time, the first doomed streams ran hundreds of tokens before the last one started.
+    calls = [client.generate_stream(p, max_new_tokens=900 if i < 8 else 64, ignore_eos=True, timeout=60)
+             for i, p in enumerate(prompts)]
+    calls = [(call, list(next(call).token_ids)) for call in calls]
     snapshots, stop = [], threading.Event()
 
     def watch():  # every Stats read: each of the 16 is either still counted as running/waiting or settled
