@@ -10,13 +10,10 @@ import time
 
 import pytest
 
-from baton.config import EngineConfig
-from baton.engine import Engine
 from baton.procs import wait_for
-from baton.sampling import SamplingParams
 from loopback import loopback_cluster
 from router.client import RouterClient
-from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
+from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama
 
 pytestmark = pytest.mark.slow(50)
 
@@ -32,15 +29,11 @@ def model_dir(tmp_path_factory):
 
 
 def _expected(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of each prompt: generate()'s for short streams; for long ones the engine's
-    in process, all rows in one batch (tests/test_engine_exact.py proves the engine equal to
-    generate() whatever the batch-mates): one generate() per prompt of LONG tokens costs seconds."""
+    """Greedy tokens of each prompt: generate()'s for short streams, engine_greedy's for long ones."""
     if max_new_tokens < LONG:
         ref = tiny_llama()
         return [reference_greedy(ref, p, max_new_tokens, ignore_eos=True) for p in prompts]
-    done = Engine(tiny_llama(), EngineConfig(max_batch=len(prompts))).generate(
-        prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
-    return [r.output_ids for r in done]
+    return engine_greedy(tiny_llama(), prompts, max_new_tokens)
 
 
 def _run_with_a_stop(c, stopped, n: int, max_new_tokens: int, seed: int, wait_first: bool):
