@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from baton.engine import Engine, PrefillOutput
-from baton.scheduler import QueueFull
 from baton.request import Request, TokenEvent
+from baton.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 

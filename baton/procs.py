@@ -57,7 +57,11 @@ class Proc:
             os.kill(self.p.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then its exit code; None if it outlived `timeout` and was killed."""
         self.signal(signal.SIGTERM)
+        return self.wait_or_kill(timeout)
+
+    def wait_or_kill(self, timeout: float) -> int | None:
         try:
             return self.p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -88,10 +92,7 @@ def stop_all(procs: list[Proc], timeout: float = 10.0) -> None:
         p.signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for p in procs:
-        try:
-            p.p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+        p.wait_or_kill(max(0.0, deadline - time.monotonic()))
 
 
 def wait_for(pred, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):

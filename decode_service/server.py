@@ -9,11 +9,11 @@ import time
 
 from baton import faults, grpc_util
 from baton.engine import PrefillOutput
-from baton.scheduler import QueueFull
 from baton.engine_loop import EngineLoop, StreamClosed
 from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from baton.kv_codec import DTYPES, KVAssembler
 from baton.request import Request
+from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
 from baton.wire import event_to_pb, logprobs_from_pb, params_from_pb
 from decode_service.worker import DecodeWorker

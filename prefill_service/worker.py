@@ -42,7 +42,6 @@ class PrefillWorker:
         self.cond = threading.Condition()
         self.computing = False
         self.aborted: dict[str, tuple[float, float]] = {}   # request id -> (when, attempts refused up to)
-        self.latest: dict[str, int] = {}                      # request id -> its latest attempt seen here
         self.active: Counter[str] = Counter()   # request id -> prefills of it in progress (a migrated
                                                 # request may be prefilled again while its first push hangs)
         self.stats = {"prefills": 0, "tokens": 0, "kv_bytes": 0, "transfer_s": 0.0, "compute_s": 0.0}
@@ -73,7 +72,6 @@ class PrefillWorker:
         ids = req.all_ids
         with self.cond:
             self.active[req.request_id] += 1
-            self.latest[req.request_id] = max(attempt, self.latest.get(req.request_id, 0))
         try:
             self._check_alive(req.request_id, attempt)
             req.status = Status.PREFILLING
@@ -86,7 +84,6 @@ class PrefillWorker:
                 self.active[req.request_id] -= 1
                 if not self.active[req.request_id]:
                     del self.active[req.request_id]
-                    self.latest.pop(req.request_id, None)
         kv_bytes = pre.kv.numel() * pre.kv.element_size()
         for k, v in (("prefills", 1), ("tokens", len(ids)), ("kv_bytes", kv_bytes),
                      ("transfer_s", transfer_s), ("compute_s", compute_s)):
@@ -131,11 +128,12 @@ class PrefillWorker:
         now = time.monotonic()
         with self.cond:
             found = request_id in self.active
-            newer = attempt and self.latest.get(request_id, 0) > attempt
             self.aborted[request_id] = (now, attempt or float("inf"))
             for rid in [r for r, (t, _) in self.aborted.items() if now - t > 300]:
                 del self.aborted[rid]
-        if not newer:   # a newer attempt's push is not this abort's (the stale one's call was cancelled)
+        # An attempt's own push stopped when the router cancelled its Prefill call (PrefillServicer);
+        # any push left may be a later attempt's, which this abort must not touch.
+        if not attempt:
             self.cancel_transfer(request_id)
         return found
 

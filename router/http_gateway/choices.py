@@ -50,7 +50,8 @@ class Calls:
             raise
 
 
-def _eof() -> APIError:
+def stream_ended() -> APIError:
+    """The router closed a stream before its last message."""
     return APIError(502, "the router ended the stream before the finish", "server_error")
 
 
@@ -67,7 +68,7 @@ async def merge(streams: list):
                     return
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
-                    raise _eof()
+                    raise stream_ended()
         except Exception as e:  # the consumer re-raises it
             await queue.put((i, None, e))
 

@@ -15,11 +15,10 @@ from fastapi.responses import StreamingResponse
 
 from baton.wire import FINISH_NAMES
 from router import metrics
-from router.http_gateway.choices import merge
+from router.http_gateway.choices import merge, stream_ended
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.logprobs import CompletionLogprobs, TokenText, chat_content, choice_logprobs
 from router.http_gateway.schemas import GenerateBody
-
 
 
 def sse(obj) -> bytes:
@@ -92,7 +91,7 @@ async def collect(call, first) -> Choice:
     while not last.finish_reason:
         msg = await call.read()
         if msg is grpc.aio.EOF:
-            raise APIError(502, "the router ended the stream before the finish", "server_error")
+            raise stream_ended()
         text.append(msg.text)
         ids.extend(msg.token_ids)
         lps.extend(msg.logprobs)
