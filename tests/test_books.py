@@ -2,6 +2,8 @@
 completed / failed / cancelled, counted in the same moment it leaves running / waiting."""
 from __future__ import annotations
 
+import json
+import pathlib
 import random
 import threading
 
@@ -16,9 +18,16 @@ from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def cluster(request, tmp_path_factory):
     model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    # A long context, so the doomed streams below (DOOMED_TOKENS, minutes of decoding) cannot finish
+    # before their cancel however slow the machine: a 900-token one did on a loaded CI runner.
+    config = pathlib.Path(model_dir) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 1 << 16}))
     with loopback_cluster(model_dir, prefill=1, decode=1, colocated=int(request.param == "colocated"),
                           worker_args=["--max-batch", "16"]) as c, RouterClient(c["router"].address) as client:
         yield {**c, "client": client}
+
+
+DOOMED_TOKENS = 60_000
 
 
 def _settled(s) -> int:
@@ -35,10 +44,10 @@ def test_every_cancel_is_counted_and_no_stats_read_loses_a_request(cluster):
     client, rng, ref = cluster["client"], random.Random(13), tiny_llama()
     base = client.stats()
     prompts = [[rng.randrange(1, EOS) for _ in range(rng.randint(4, 40))] for _ in range(16)]
-    # The doomed ones could never finish before their cancel; the kept ones run to 64 tokens. All 16
+    # The doomed ones cannot finish before their cancel; the kept ones run to 64 tokens. All 16
     # start at once, then each first token is awaited (so every Stats read below sees all 16): one
     # call at a time, the first doomed streams ran hundreds of tokens before the last one started.
-    calls = [client.generate_stream(p, max_new_tokens=900 if i < 8 else 64, ignore_eos=True, timeout=60)
+    calls = [client.generate_stream(p, max_new_tokens=DOOMED_TOKENS if i < 8 else 64, ignore_eos=True, timeout=60)
              for i, p in enumerate(prompts)]
     calls = [(call, list(next(call).token_ids)) for call in calls]
     snapshots, stop = [], threading.Event()
