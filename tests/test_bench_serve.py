@@ -251,4 +251,21 @@ def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_r
     assert r["results"]["fake"]["50 q/s"]["config"]["request_rate"] == 50
     md = (out / "results.md").read_text()
     assert md.count("| `fake` |") == 4  # a row per load in each load's table and in the summary
-    assert f"{r['torch_fp32_matmul_gflops']:.1f} GFLOP/s" in md
+    assert f"{r['torch_matmul_gflops']:.1f} GFLOP/s" in md
+
+
+@pytest.mark.slow(20)
+def test_endpoint_bench_serves_each_topology_as_plain_processes(tmp_path):
+    """--launcher processes: router, workers and gateway without Ray (a GPU box that lacks it)."""
+    import json
+
+    from deploy.bench.endpoint import main as endpoint_main
+    from tiny_model import save_tiny, save_tokenizer
+    out, model = tmp_path / "out", save_tiny(tmp_path / "m")
+    save_tokenizer(model)
+    assert endpoint_main(["--launcher", "processes", "--model", model, "--device", "cpu", "--tokenizer", model, "--num-prompts", "3", "--rate", "50", "--no-progress",
+                          "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(results) == ["baton up (colocated)", "baton up (disaggregated)"]
+    for loads in results.values():
+        assert all(x["completed"] == 3 and x["failed"] == 0 and x["total_output_tokens"] > 0 for x in loads.values())

@@ -14,18 +14,7 @@ from openai import OpenAI
 
 from baton.procs import Proc, wait_for
 from loopback import loopback_cluster
-from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
-
-
-def save_tokenizer(model_dir: str) -> None:
-    """A word-level tokenizer over the tiny model's 256 ids: "w3".."w254" are words, 255 is EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, EOS)}, "</s>": EOS}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(model_dir)
+from tiny_model import EOS, reference_greedy, save_tiny, save_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_kv_cache_usage_ratio_over_decode_workers():
 def env(tmp_path_factory):
     from loopback import loopback_cluster
     from router.http_gateway import start_gateway
-    from test_http_gateway import save_tokenizer
+    from tiny_model import save_tokenizer
     from tiny_model import save_tiny
     model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
     save_tokenizer(model_dir)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from test_http_gateway import save_tokenizer
+from tiny_model import save_tokenizer
 from tiny_model import save_tiny
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}

@@ -20,8 +20,8 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, layers: int = 
 
 
 def reference_greedy(model: LoadedModel, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
-    """transformers' generate() for one query alone."""
-    ids = torch.tensor([prompt])
+    """transformers' generate() for one query alone, on the model's device."""
+    ids = torch.tensor([prompt], device=model.model.device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     if ignore_eos:
         kwargs["eos_token_id"] = None
@@ -49,3 +49,14 @@ def save_tiny(path, seed: int = 0, layers: int = 2) -> str:
     m = tiny_llama(seed, layers=layers)
     m.model.save_pretrained(path)
     return str(path)
+
+
+def save_tokenizer(model_dir: str) -> None:
+    """A word-level tokenizer over the tiny model's 256 ids: "w3".."w254" are words, 255 is EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, EOS)}, "</s>": EOS}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(model_dir)

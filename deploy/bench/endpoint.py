@@ -6,13 +6,19 @@ with `baton bench serve` (all requests at once, then Poisson arrivals); servers 
     baton bench endpoint [--topologies colocated,disaggregated] [--peer llama.cpp=http://127.0.0.1:8080]
         [--num-prompts 32] [--rate 4] [--out docs/bench/endpoint]
 
-Besides the serving metrics it measures torch's fp32 matmul rate here (2048^3, all cores) and
+Besides the serving metrics it measures torch's matmul rate here (2048^3 on all cores, 8192^3 on a
+GPU; in the dtype served) and
 reports each server's effective GFLOP/s on the workload (model FLOPs of its prompt and output
 tokens / duration) as a multiple of it: the one number that compares across machines.
+
+`--launcher processes` starts the same router, workers and HTTP gateway as plain processes
+(baton/launch.py) instead of `baton up`'s Ray actors: for a machine without Ray, such as a GPU
+box that cannot install it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,12 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+from baton.launch import local_cluster, pools
 from baton.procs import Proc
 from deploy.bench.serve import ServeConfig, run_serve_bench
 from deploy.bench.serve_report import markdown_table
 
 # `baton up` flags per topology: the default (colocated on one device) and a prefill + decode pair.
 TOPOLOGIES = {"colocated": [], "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"]}
+# The same topologies as plain processes (--launcher processes).
+POOLS = {"colocated": dict(colocated=1), "disaggregated": dict(prefill=1, decode=1)}
 
 
 def _free_port() -> int:
@@ -36,15 +45,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """torch's fp32 matmul rate on this machine with its default threads (best of repeats)."""
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: str = "float32") -> float:
+    """torch's matmul rate on this device and dtype with its default threads (best of repeats)."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    from baton.model_loader import DTYPES, resolve_device
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        n *= 4   # 2048^3 is over in microseconds on a GPU
+    a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.mm(a, b)
     best = math.inf
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -63,15 +80,28 @@ def flops_per_token(model: str) -> tuple[float, float]:
     return body, body + 2 * h * cfg["vocab_size"]
 
 
-def serve_up(topology: str, args) -> tuple[Proc, str]:
-    """`baton up` with an HTTP port, ready to serve; returns the process and its base URL."""
-    http = _free_port()
-    argv = ["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
-            "--dtype", args.dtype, "--max-batch", str(args.max_batch), *TOPOLOGIES[topology]]
+@contextlib.contextmanager
+def serve_up(topology: str, args):
+    """The topology serving HTTP, ready; yields its base URL and stops it all on leaving."""
     t = time.monotonic()
-    proc = Proc(argv, ready_timeout=600)
-    print(f"[{topology}] baton up ready in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
-    return proc, f"http://127.0.0.1:{http}"
+    with contextlib.ExitStack() as stack:
+        if args.launcher == "ray":
+            http = _free_port()
+            argv = ["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
+                    "--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch),
+                    *TOPOLOGIES[topology]]
+            proc = Proc(argv, ready_timeout=600)
+            stack.callback(proc.stop, 30)
+            url = f"http://127.0.0.1:{http}"
+        else:
+            flags = ["--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch)]
+            cluster = stack.enter_context(local_cluster(args.model, pools(**POOLS[topology], flags=flags),
+                                                        ready_timeout=600))
+            gateway = Proc(["router.http_gateway", "--router", cluster.router.address, "--port", "0"])
+            stack.callback(gateway.stop, 30)
+            url = f"http://{gateway.address}"
+        print(f"[{topology}] serving in {time.monotonic() - t:.1f} s ({args.launcher})", file=sys.stderr, flush=True)
+        yield url
 
 
 def loads(args) -> list[tuple[str, float]]:
@@ -84,10 +114,17 @@ def bench_server(name: str, url: str, args, model_name: str | None) -> dict[str,
         cfg = ServeConfig(base_url=url, model=model_name, num_prompts=args.num_prompts, request_rate=rate,
                           seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress, goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms})
         r = run_serve_bench(cfg)
-        print(f"[{name} {load}] {r['output_throughput']:.1f} out tok/s, TTFT p50 {r['median_ttft_ms'] / 1e3:.2f} s, "
-              f"TPOT p50 {r['median_tpot_ms']:.0f} ms, failed {r['failed']}", file=sys.stderr, flush=True)
+        print(f"[{name} {load}] {r['output_throughput']:.1f} out tok/s, TTFT p50 {_fmt(r['median_ttft_ms'], 1e-3, '.2f')} s, "
+              f"TPOT p50 {_fmt(r['median_tpot_ms'], 1, '.0f')} ms, failed {r['failed']}", file=sys.stderr, flush=True)
+        for err in r["errors"]:
+            print(f"  error: {err}", file=sys.stderr, flush=True)
         out[load] = r
     return out
+
+
+def _fmt(x: float | None, scale: float, spec: str) -> str:
+    """A median in the report: n/a where no request succeeded."""
+    return "n/a" if x is None else format(x * scale, spec)
 
 
 def effective_gflops(r: dict, per_token: tuple[float, float]) -> float:
@@ -98,13 +135,13 @@ def report(results: dict[str, dict[str, dict]], mm: float, per_token, args) -> s
     lines = []
     for load, _ in loads(args):
         lines += [f"### {load}", "", markdown_table({name: r[load] for name, r in results.items()}), ""]
-    lines += ["| server | load | out tok/s | TTFT p50 s | TPOT p50 ms | effective GFLOP/s | × torch fp32 matmul |",
+    lines += ["| server | load | out tok/s | TTFT p50 s | TPOT p50 ms | effective GFLOP/s | × torch matmul |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for name, per_load in results.items():
         for load, r in per_load.items():
             g = effective_gflops(r, per_token)
-            lines.append(f"| `{name}` | {load} | {r['output_throughput']:.1f} | {r['median_ttft_ms'] / 1e3:.2f} | "
-                         f"{r['median_tpot_ms']:.0f} | {g:.1f} | {g / mm:.2f} |")
+            lines.append(f"| `{name}` | {load} | {r['output_throughput']:.1f} | {_fmt(r['median_ttft_ms'], 1e-3, '.2f')} | "
+                         f"{_fmt(r['median_tpot_ms'], 1, '.0f')} | {g:.1f} | {g / mm:.2f} |")
     return "\n".join(lines)
 
 
@@ -118,6 +155,10 @@ def parse_args(argv=None):
     p.add_argument("--peer-model", default=None, help="model name to send to peers (default: their first)")
     p.add_argument("--model", default="smollm2", help="model baton serves (default: smollm2)")
     p.add_argument("--dtype", default="float32", help="dtype baton serves (default: float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--launcher", default="ray", choices=["ray", "processes"],
+                   help="ray: `baton up`; processes: the same router, workers and gateway as plain processes, "
+                        "for a machine without Ray (default: ray)")
     p.add_argument("--max-batch", type=int, default=32, help="rows of baton's decode batch (default: 32)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per load (default: 32)")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson rate of the second load, req/s (default: 4)")
@@ -139,29 +180,35 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    mm = matmul_gflops()
+    mm = matmul_gflops(device=args.device, dtype=args.dtype)
     per_token = flops_per_token(args.model)
-    print(f"torch fp32 matmul here: {mm:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    print(f"torch {args.dtype} matmul here ({args.device}): {mm:.1f} GFLOP/s", file=sys.stderr, flush=True)
     results: dict[str, dict[str, dict]] = {}
     for topology in [t for t in args.topologies.split(",") if t]:
-        proc, url = serve_up(topology, args)
-        try:
+        with serve_up(topology, args) as url:
             results[f"baton up ({topology})"] = bench_server(topology, url, args, None)
-        finally:
-            proc.stop(timeout=30)
     for spec in args.peer:
         name, url = spec.split("=", 1)
         results[name] = bench_server(name, url, args, args.peer_model)
     table = report(results, mm, per_token, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_name()}"
-    (out / "results.json").write_text(json.dumps({"machine": machine, "torch_fp32_matmul_gflops": mm,
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_name()}" + _gpu_name(args.device)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "torch_matmul_gflops": mm,
+                                                  "matmul": {"device": args.device, "dtype": args.dtype},
                                                   "flops_per_token": per_token, "results": results}, indent=1))
-    (out / "results.md").write_text(f"Machine: {machine}; torch fp32 matmul {mm:.1f} GFLOP/s.\n\n{table}\n")
+    (out / "results.md").write_text(f"Machine: {machine}; torch {args.dtype} matmul ({args.device}) {mm:.1f} GFLOP/s.\n\n{table}\n")
     print(table)
     print(f"\nwrote {out}/results.json and results.md", file=sys.stderr)
     return 0
+
+
+def _gpu_name(device: str) -> str:
+    import torch
+
+    from baton.model_loader import resolve_device
+    dev = resolve_device(device)
+    return f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
 
 
 def _cpu_name() -> str:
