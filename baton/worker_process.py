@@ -30,7 +30,9 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and K/V dtype (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="rows in the decode batch (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a row; a prefill worker sizes its threads for this many prefills at once "
+                        "(default: %(default)s)")
     p.add_argument("--router", default=None, help="router host:port to register with (default: none)")
     p.add_argument("--worker-id", default=None, help="this worker's id (default: ROLE-<random>)")
     p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),

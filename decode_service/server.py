@@ -144,8 +144,10 @@ def serve(loop: EngineLoop, host: str = "127.0.0.1", port: int = 0, *, auth_toke
     """Start the Decode service on a running engine loop; returns (server, port, watchdog).
     `colocated`: the same server also serves the Prefill role (see decode_service/colocated.py)."""
     worker = DecodeWorker(loop, lease_s=lease_s)
+    cfg = loop.engine.config
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                                          tls_client_ca=tls_client_ca)
+                                          tls_client_ca=tls_client_ca,
+                                          max_workers=grpc_util.worker_threads(cfg.max_batch, cfg.max_queue))
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
     services = [SERVICE]
     if colocated:

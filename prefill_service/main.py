@@ -18,7 +18,8 @@ def build(args: argparse.Namespace) -> Served:
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
     prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids))   # the tokenizer's EOS too
-    server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, **security(args))
+    server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
+                         **security(args))
     return Served(args.role, port, lambda grace: server.stop(grace).wait(grace + 1))
 
 
