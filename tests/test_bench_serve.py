@@ -269,3 +269,20 @@ def test_endpoint_bench_serves_each_topology_as_plain_processes(tmp_path):
     assert sorted(results) == ["baton up (colocated)", "baton up (disaggregated)"]
     for loads in results.values():
         assert all(x["completed"] == 3 and x["failed"] == 0 and x["total_output_tokens"] > 0 for x in loads.values())
+
+
+def test_random_model_keeps_the_config_and_tokenizer_and_draws_new_weights(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from deploy.bench.random_model import make
+    from tiny_model import save_tiny, save_tokenizer
+    src = save_tiny(tmp_path / "src")
+    save_tokenizer(src)
+    out = make(src, str(tmp_path / "out"), seed=1)
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    assert (out / "tokenizer.json").exists()
+    a, b = load_file(f"{src}/model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not all(a[k].double().equal(b[k].double()) for k in a)
