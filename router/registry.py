@@ -14,6 +14,9 @@ from baton.v1 import decode_pb2_grpc, prefill_pb2_grpc, router_pb2
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")   # a colocated worker serves both other roles
+# Health checks a worker may miss by timing out before it is taken for dead: one slow answer from
+# a busy worker must not fail every request it holds. Refused or unreachable counts at once.
+HEALTH_MISSES = 2
 
 
 @dataclass(eq=False)
@@ -29,6 +32,7 @@ class WorkerHandle:
     alive: bool = True
     draining: bool = False
     load: int = 0                     # dispatched and not yet finished, counted at dispatch time
+    health_misses: int = 0            # health checks timed out in a row
     stats: dict = field(default_factory=dict)
 
     def to_pb(self) -> router_pb2.WorkerInfo:
@@ -109,17 +113,24 @@ class Registry:
         w.alive = False
 
     def poll_health(self, timeout_s: float = 1.0) -> None:
-        """Ask every worker's grpc.health.v1; alive == SERVING. A worker that comes back is used again."""
+        """Ask every worker's grpc.health.v1; alive == SERVING. A worker that comes back is used
+        again. A check that times out counts as a miss; HEALTH_MISSES in a row, any other failure
+        or NOT_SERVING mark the worker dead."""
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:
             try:
                 resp = w.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-                ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+                ok, why = resp.status == health_pb2.HealthCheckResponse.SERVING, "NOT_SERVING"
+                w.health_misses = 0
             except grpc.RpcError as e:
                 ok, why = False, e.code().name
-            else:
-                why = "NOT_SERVING"
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    w.health_misses += 1
+                    if w.health_misses < HEALTH_MISSES:
+                        log.info("%s worker %s missed a health check (%d in a row)", w.role, w.worker_id,
+                                 w.health_misses)
+                        continue
             if ok and not w.alive:
                 log.info("%s worker %s is serving again", w.role, w.worker_id)
             if not ok:
