@@ -10,7 +10,7 @@ from baton import grpc_util
 class RouterConfig:
     max_queue: int = 256                 # accepted requests not yet decoding
     max_running: int = 1024              # concurrent streams
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int | None = None   # None: what the context leaves after the prompt (vLLM's)
     prefill_timeout_s: float = 120.0
     attach_timeout_s: float = 130.0
     max_prefill_attempts: int = 3

@@ -40,23 +40,28 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _parse(self, r: router_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
         rid = r.request_id or uuid.uuid4().hex
         check_request_id(self.limits, rid)
+        ids = self._prompt_ids(r)
+        # Left unset, max_new_tokens is what the context leaves (at most --max-new-tokens).
+        default = self.config.default_max_new_tokens or max(1, min(self.limits.max_new_tokens, self.context_len - len(ids)))
         # The token ids of logit_bias are checked against the model's vocabulary by the workers.
-        params = sampling_from_request(r, validate_sampling(self.limits, r, self.config.default_max_new_tokens))
+        params = sampling_from_request(r, validate_sampling(self.limits, r, default))
+        check_prompt(self.limits, len(ids), params.max_new_tokens, self.context_len)
+        return rid, ids, params
+
+    def _prompt_ids(self, r: router_pb2.GenerateRequest) -> list[int]:
         if r.prompt_token_ids:
             ids = list(r.prompt_token_ids)
             # Without a tokenizer the prefill worker checks ids against the model's vocabulary.
             if self.tokenizer is not None and max(ids) >= len(self.tokenizer):
                 raise InvalidArgument(f"prompt_token_ids must be in [0, {len(self.tokenizer)})")
-        else:
-            if len(r.prompt) > self.limits.max_prompt_chars:
-                raise InvalidArgument(f"prompt has {len(r.prompt)} characters; at most {self.limits.max_prompt_chars}")
-            if not r.prompt.strip():
-                raise InvalidArgument("prompt must not be empty")
-            if self.tokenizer is None:
-                raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
-            ids = encode_prompt(self.tokenizer, r.prompt, r.raw)
-        check_prompt(self.limits, len(ids), params.max_new_tokens, self.context_len)
-        return rid, ids, params
+            return ids
+        if len(r.prompt) > self.limits.max_prompt_chars:
+            raise InvalidArgument(f"prompt has {len(r.prompt)} characters; at most {self.limits.max_prompt_chars}")
+        if not r.prompt.strip():
+            raise InvalidArgument("prompt must not be empty")
+        if self.tokenizer is None:
+            raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
+        return encode_prompt(self.tokenizer, r.prompt, r.raw)
 
     @grpc_util.rpc
     def Generate(self, request, context):

@@ -254,7 +254,7 @@ def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_r
     assert f"{r['torch_matmul_gflops']:.1f} GFLOP/s" in md
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(35)
 def test_endpoint_bench_serves_each_topology_as_plain_processes(tmp_path):
     """--launcher processes: router, workers and gateway without Ray (a GPU box that lacks it)."""
     import json

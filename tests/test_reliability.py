@@ -117,6 +117,7 @@ def test_configured_limits_are_enforced_with_clear_messages(limited):
                 client.complete(prompt, timeout=10, **fields)
             assert e.value.code() == code and words in e.value.details(), (fields, e.value.details())
         assert len(client.complete(list(range(1, 21)), max_new_tokens=16, ignore_eos=True)[1]) == 16  # at the limits
+        assert len(client.complete(list(range(1, 21)), ignore_eos=True)[1]) == 16  # unset: the context left, capped
 
 
 def test_overload_is_rejected_at_once_and_recovers(limited, ref):

@@ -49,6 +49,12 @@ def test_greedy_over_grpc_equals_generate_and_engine(cluster, ref_model):
         assert last.ttft_s > 0
 
 
+def test_unset_max_new_tokens_runs_to_the_context_the_prompt_leaves(cluster):
+    prompt = _prompt(random.Random(8), 1000)     # the tiny model's context is 1024
+    _, ids, last = cluster["client"].complete(prompt, ignore_eos=True, timeout=60)
+    assert len(ids) == 24 and last.finish_reason == 1
+
+
 def test_16_concurrent_streams_then_cancel_half(cluster, ref_model):
     rng = random.Random(9)
     client = cluster["client"]
