@@ -39,6 +39,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable) (default: none)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token already in the output (OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted once per time a token is already in the output (OpenAI's)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="logits of tokens in the prompt or the output divided by it (vLLM's; 1 = off)")
+    p.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence token before this many tokens")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100 to 100) to a token's logit (repeatable) (default: none)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
@@ -194,18 +203,34 @@ def cmd_scale(args) -> int:
 
 
 def _sampling_fields(args) -> dict:
-    """The sampling flags as SamplingParams / GenerateRequest fields."""
+    """The sampling flags as GenerateRequest fields (logit_bias a {token_id: bias} map)."""
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+              top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+              repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+              logit_bias=_logit_bias(args.logit_bias))
     if args.seed is not None:
         kw["seed"] = args.seed
     return kw
 
 
-def _stream(client, args) -> None:
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100; got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100; got {item!r}")
+    return bias
+
+
+def _stream(client, prompt: str, raw: bool, fields: dict) -> None:
     wrote = False
     try:
-        for r in client.generate(args.prompt, raw=args.raw, **_sampling_fields(args)):
+        for r in client.generate(prompt, raw=raw, **fields):
             sys.stdout.write(r.text)
             sys.stdout.flush()
             wrote = True
@@ -215,17 +240,22 @@ def _stream(client, args) -> None:
 
 
 def cmd_generate(args) -> int:
+    try:
+        fields = _sampling_fields(args)
+    except ValueError as e:
+        print(f"baton: {e}", file=sys.stderr)
+        return 2
     if not args.local:
-        return _with_router(args, lambda client: _stream(client, args))
+        return _with_router(args, lambda client: _stream(client, args.prompt, args.raw, fields))
     from baton.config import EngineConfig
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
     from baton.model_files import encode_prompt
     from baton.model_loader import load_model
     from baton.request import Request
-    from baton.sampling import SamplingParams
+    from baton.sampling import SamplingParams, bias_pairs
     try:
-        params = SamplingParams(**_sampling_fields(args))
+        params = SamplingParams(**{**fields, "logit_bias": bias_pairs(fields["logit_bias"])})
         params.validate()
     except ValueError as e:
         print(f"baton: {e}", file=sys.stderr)
@@ -235,6 +265,11 @@ def cmd_generate(args) -> int:
                                      EngineConfig(model=args.model, dtype=args.dtype))).start()
     model = loop.engine.model
     try:
+        try:
+            params.validate(loop.engine.runner.vocab_size)   # logit_bias's token ids, now the vocabulary is known
+        except ValueError as e:
+            print(f"baton: {e}", file=sys.stderr)
+            return 2
         req = Request(uuid.uuid4().hex, encode_prompt(model.tokenizer, args.prompt, args.raw), params)
         for ev in loop.submit(req):
             sys.stdout.write(ev.text)

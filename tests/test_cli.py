@@ -198,3 +198,20 @@ def test_router_keeps_max_batch_from_the_workers_stats():
                SimpleNamespace(role="prefill", stats=worker_stats(SimpleNamespace(**reply, max_batch=99)))]
     assert max_batch(workers) == 16 and max_batch(workers[2:]) == 0 and max_batch([]) == 0
     assert worker_stats(SimpleNamespace(**reply))["max_batch"] == 0   # a worker that does not report it
+
+
+def test_generate_local_honours_the_sampling_flags_and_refuses_bad_ones(tmp_path, capsys):
+    """`baton generate --local` passes penalties, min_tokens and logit_bias to the engine: a +100
+    bias on one token makes every greedy token that one; a malformed or out-of-vocabulary bias is
+    one clear line and exit 2."""
+    from tiny_model import save_tiny, save_tokenizer
+    model = save_tiny(tmp_path / "m")
+    save_tokenizer(model)
+    base = ["generate", "w5 w6 w7", "--local", "--raw", "--model", model, "--max-new-tokens", "4", "--ignore-eos"]
+    assert main([*base, "--logit-bias", "9=100", "--presence-penalty", "0.5", "--min-tokens", "2"]) == 0
+    assert capsys.readouterr().out.split() == ["w9"] * 4
+    for bad, words in ((["--logit-bias", "9:100"], "TOKEN_ID=BIAS"), (["--logit-bias", "9999=1"], "logit_bias"),
+                       (["--repetition-penalty", "0"], "repetition_penalty")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
