@@ -89,7 +89,7 @@ def test_cancel_and_deadline_soak(cluster, ref):
         assert sum(1 for r in results if r[0] == "keep") >= 50
         for pid, (threads, fds, rss) in usage[1].items():  # promise 10: flat threads, open files, memory
             threads0, fds0, rss0 = usage[0][pid]
-            # gRPC's handler pool grows lazily as streams overlap (24 at a time here, two threads each at most); past that is a leak.
+            # gRPC's handler pool grows lazily as streams overlap (24 at a time here); past that is a leak.
             assert threads <= max(threads0 + 8, 64 + 16) and fds <= fds0 + 8, (pid, usage[0][pid], usage[1][pid])
             assert rss <= rss0 * 1.2 + 32 * 2**20, (pid, rss0, rss)
         assert client.stats().failed == failed_before
