@@ -148,7 +148,8 @@ def serve(prefiller: Prefiller, max_len: int, host: str = "127.0.0.1", port: int
                             tls_root_cert=tls_root_cert, transfer_timeout_s=transfer_timeout_s,
                             compute=lambda reqs: run(prefiller.prefill_many, reqs))
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                                          tls_client_ca=tls_client_ca, max_workers=grpc_util.worker_threads(0, max_queue))
+                                          tls_client_ca=tls_client_ca,
+                                          max_workers=grpc_util.worker_threads(0, max_queue))
     add_servicer(worker, server)
     health = grpc_util.add_health_and_reflection(server, [SERVICE])
     server.start()

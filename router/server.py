@@ -42,7 +42,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         check_request_id(self.limits, rid)
         ids = self._prompt_ids(r)
         # Left unset, max_new_tokens is what the context leaves (at most --max-new-tokens).
-        default = self.config.default_max_new_tokens or max(1, min(self.limits.max_new_tokens, self.context_len - len(ids)))
+        left = max(1, min(self.limits.max_new_tokens, self.context_len - len(ids)))
+        default = self.config.default_max_new_tokens or left
         # The token ids of logit_bias are checked against the model's vocabulary by the workers.
         params = sampling_from_request(r, validate_sampling(self.limits, r, default))
         check_prompt(self.limits, len(ids), params.max_new_tokens, self.context_len)

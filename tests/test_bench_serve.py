@@ -263,8 +263,8 @@ def test_endpoint_bench_serves_each_topology_as_plain_processes(tmp_path):
     from tiny_model import save_tiny, save_tokenizer
     out, model = tmp_path / "out", save_tiny(tmp_path / "m")
     save_tokenizer(model)
-    assert endpoint_main(["--launcher", "processes", "--model", model, "--device", "cpu", "--tokenizer", model, "--num-prompts", "3", "--rate", "50", "--no-progress",
-                          "--out", str(out)]) == 0
+    assert endpoint_main(["--launcher", "processes", "--model", model, "--device", "cpu", "--tokenizer", model,
+                          "--num-prompts", "3", "--rate", "50", "--no-progress", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert sorted(results) == ["baton up (colocated)", "baton up (disaggregated)"]
     for loads in results.values():

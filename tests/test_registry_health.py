@@ -39,7 +39,8 @@ def _registry_with_one_worker():
 
 def test_one_timed_out_check_keeps_a_busy_worker_alive_and_misses_in_a_row_do_not():
     reg, w, health = _registry_with_one_worker()
-    health.answers = [grpc.StatusCode.DEADLINE_EXCEEDED, "SERVING"] + [grpc.StatusCode.DEADLINE_EXCEEDED] * HEALTH_MISSES
+    late = grpc.StatusCode.DEADLINE_EXCEEDED
+    health.answers = [late, "SERVING"] + [late] * HEALTH_MISSES
     reg.poll_health()
     assert w.alive and reg.live("decode") == [w]
     reg.poll_health()

@@ -114,8 +114,9 @@ def bench_server(name: str, url: str, args, model_name: str | None) -> dict[str,
         cfg = ServeConfig(base_url=url, model=model_name, num_prompts=args.num_prompts, request_rate=rate,
                           seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress, goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms})
         r = run_serve_bench(cfg)
-        print(f"[{name} {load}] {r['output_throughput']:.1f} out tok/s, TTFT p50 {_fmt(r['median_ttft_ms'], 1e-3, '.2f')} s, "
-              f"TPOT p50 {_fmt(r['median_tpot_ms'], 1, '.0f')} ms, failed {r['failed']}", file=sys.stderr, flush=True)
+        ttft, tpot = _fmt(r["median_ttft_ms"], 1e-3, ".2f"), _fmt(r["median_tpot_ms"], 1, ".0f")
+        print(f"[{name} {load}] {r['output_throughput']:.1f} out tok/s, TTFT p50 {ttft} s, TPOT p50 {tpot} ms, "
+              f"failed {r['failed']}", file=sys.stderr, flush=True)
         for err in r["errors"]:
             print(f"  error: {err}", file=sys.stderr, flush=True)
         out[load] = r
@@ -140,8 +141,8 @@ def report(results: dict[str, dict[str, dict]], mm: float, per_token, args) -> s
     for name, per_load in results.items():
         for load, r in per_load.items():
             g = effective_gflops(r, per_token)
-            lines.append(f"| `{name}` | {load} | {r['output_throughput']:.1f} | {_fmt(r['median_ttft_ms'], 1e-3, '.2f')} | "
-                         f"{_fmt(r['median_tpot_ms'], 1, '.0f')} | {g:.1f} | {g / mm:.2f} |")
+            ttft, tpot = _fmt(r["median_ttft_ms"], 1e-3, ".2f"), _fmt(r["median_tpot_ms"], 1, ".0f")
+            lines.append(f"| `{name}` | {load} | {r['output_throughput']:.1f} | {ttft} | {tpot} | {g:.1f} | {g / mm:.2f} |")
     return "\n".join(lines)
 
 
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"machine": machine, "torch_matmul_gflops": mm,
                                                   "matmul": {"device": args.device, "dtype": args.dtype},
                                                   "flops_per_token": per_token, "results": results}, indent=1))
-    (out / "results.md").write_text(f"Machine: {machine}; torch {args.dtype} matmul ({args.device}) {mm:.1f} GFLOP/s.\n\n{table}\n")
+    matmul = f"torch {args.dtype} matmul ({args.device}) {mm:.1f} GFLOP/s"
+    (out / "results.md").write_text(f"Machine: {machine}; {matmul}.\n\n{table}\n")
     print(table)
     print(f"\nwrote {out}/results.json and results.md", file=sys.stderr)
     return 0
