@@ -219,11 +219,11 @@ def _logit_bias(items: list[str]) -> dict[int, float]:
     for item in items:
         token, sep, value = item.partition("=")
         try:
+            if not sep:
+                raise ValueError(item)
             bias[int(token)] = float(value)
         except ValueError:
             raise ValueError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100; got {item!r}") from None
-        if not sep:
-            raise ValueError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. 42=-100; got {item!r}")
     return bias
 
 

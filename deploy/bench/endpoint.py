@@ -6,10 +6,10 @@ with `baton bench serve` (all requests at once, then Poisson arrivals); servers 
     baton bench endpoint [--topologies colocated,disaggregated] [--peer llama.cpp=http://127.0.0.1:8080]
         [--num-prompts 32] [--rate 4] [--out docs/bench/endpoint]
 
-Besides the serving metrics it measures torch's matmul rate here (2048^3 on all cores, 8192^3 on a
-GPU; in the dtype served) and
-reports each server's effective GFLOP/s on the workload (model FLOPs of its prompt and output
-tokens / duration) as a multiple of it: the one number that compares across machines.
+Besides the serving metrics it measures torch's matmul rate here, in the dtype served (2048^3 on
+all cores, 8192^3 on a GPU), and reports each server's effective GFLOP/s on the workload (model
+FLOPs of its prompt and output tokens / duration) as a multiple of it: the one number that
+compares across machines.
 
 `--launcher processes` starts the same router, workers and HTTP gateway as plain processes
 (baton/launch.py) instead of `baton up`'s Ray actors: for a machine without Ray, such as a GPU
