@@ -14,6 +14,8 @@ from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
+DOOMED_TOKENS = 60_000   # asked for by the streams each test cancels
+
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def cluster(request, tmp_path_factory):
@@ -25,9 +27,6 @@ def cluster(request, tmp_path_factory):
     with loopback_cluster(model_dir, prefill=1, decode=1, colocated=int(request.param == "colocated"),
                           worker_args=["--max-batch", "16"]) as c, RouterClient(c["router"].address) as client:
         yield {**c, "client": client}
-
-
-DOOMED_TOKENS = 60_000
 
 
 def _settled(s) -> int:
