@@ -14,7 +14,7 @@ from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 
-DOOMED_TOKENS = 60_000   # asked for by the streams each test cancels
+DOOMED_TOKENS = 60_000   # what the streams cancelled mid-way ask for: they must not finish first
 
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
