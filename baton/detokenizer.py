@@ -57,9 +57,17 @@ class IncrementalDetokenizer:
         return held
 
     def flush(self) -> str:
-        """At the end: whatever is left (held-back stop prefixes are real text after all)."""
+        """At the end: whatever is left. Held-back stop prefixes are real text after all, and the
+        bytes of a character that never completed decode as U+FFFD, as a whole decode() gives them
+        (else a completion of only such bytes would come back with no text at all)."""
         if self.stopped:
             return ""
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
+        if self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.ids)
+        out = self._release()          # a stop string the tail completes still cuts the text
+        if not self.stopped:
+            out += self.text[self.emitted:]
+            self.emitted = len(self.text)
         return out

@@ -47,3 +47,23 @@ def test_stop_prefix_is_held_back_until_decided():
     assert [d.add(t) for t in tok.encode("xE")] == ["x", ""]
     assert d.add(ord("N")) == ""
     assert d.add(ord("d")) == "ENd"  # not the stop string after all
+
+
+@pytest.mark.parametrize("raw", [b"ok \xe2\x82", b"\x80\x80\x80", b"\xf0\x9f"])
+def test_bytes_of_an_unfinished_character_come_out_at_the_end_as_the_whole_decode_gives_them(raw):
+    """A completion cut inside a multi-byte character, or made only of bytes that never form one
+    (a random model's loop), ends with U+FFFD where decode() puts it, never with no text at all."""
+    tok = ByteTokenizer()
+    d = IncrementalDetokenizer(tok, tok.encode("ctx:"))
+    pieces = [d.add(t) for t in raw]
+    pieces.append(d.flush())
+    assert "".join(pieces) == raw.decode("utf-8", errors="replace")
+    assert "\ufffd" in pieces[-1] and d.flush() == ""
+
+
+def test_a_stop_string_completed_by_the_last_bytes_still_cuts():
+    tok = ByteTokenizer()
+    d = IncrementalDetokenizer(tok, [], ("b\ufffd",))
+    pieces = [d.add(t) for t in b"ab\xe2"]
+    pieces.append(d.flush())
+    assert "".join(pieces) == "a" and d.stopped
