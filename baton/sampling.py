@@ -5,6 +5,7 @@ the gateway validate them without loading it). The sampler itself is baton/sampl
 HTTP gateway (400) and the workers call it, and its `InvalidParam` names the field."""
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ MAX_LOGPROBS = 20            # most likely tokens returned per token (OpenAI's t
 MAX_LOGIT_BIAS = 1024        # entries in logit_bias
 PENALTY_RANGE = 2.0          # presence / frequency penalties in [-2, 2] (OpenAI)
 MAX_REPETITION_PENALTY = 10.0
+MAX_SCHEMA_CHARS = 65536     # a json_schema's length
 
 
 class InvalidParam(ValueError):
@@ -45,6 +47,7 @@ class SamplingParams:
     min_tokens: int = 0               # EOS is masked until this many tokens are out
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token_id, bias in [-100, 100]) added to the logits
     logprobs: int | None = None       # None: none; k: the chosen token's logprob and the k most likely
+    json_schema: str = ""             # "": free text; else a JSON schema the output follows (baton/grammar.py)
 
     @property
     def greedy(self) -> bool:
@@ -54,7 +57,7 @@ class SamplingParams:
     def processed(self) -> bool:
         """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias)
+                    or self.min_tokens or self.logit_bias or self.json_schema)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidParam naming the field and its allowed range. With `vocab_size`, logit_bias's
@@ -99,6 +102,21 @@ class SamplingParams:
             if not (math.isfinite(bias) and -100 <= bias <= 100):
                 raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} "
                                    f"for token {token}")
+        if self.json_schema:
+            _check_schema(self.json_schema)
+
+
+def _check_schema(schema: str) -> None:
+    """A JSON object of at most MAX_SCHEMA_CHARS; whether its features compile is the workers' to say."""
+    if len(schema) > MAX_SCHEMA_CHARS:
+        raise InvalidParam("json_schema", f"the JSON schema has {len(schema)} characters; "
+                                          f"at most {MAX_SCHEMA_CHARS}")
+    try:
+        parsed = json.loads(schema)
+    except ValueError as e:
+        raise InvalidParam("json_schema", f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidParam("json_schema", "the JSON schema must be a JSON object")
 
 
 def bias_pairs(bias: dict) -> tuple[tuple[int, float], ...]:

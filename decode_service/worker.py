@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton import grammar
 from baton.engine import PrefillOutput
 from baton.engine_loop import EngineLoop, TokenStream
 from baton.errors import AlreadyExists, InvalidArgument, NotFound
@@ -46,6 +47,7 @@ class DecodeWorker:
         self.dtype = runner.dtype
         self.vocab_size = runner.vocab_size
         self.max_len = loop.engine.model.max_len
+        self.grammars = loop.engine.model.grammars
 
     # ---- K/V side --------------------------------------------------------------------------
     def check_header(self, request_id: str, dtype: torch.dtype, shape: tuple[int, ...],
@@ -64,6 +66,7 @@ class DecodeWorker:
             raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}")
         try:
             params.validate(self.vocab_size)
+            grammar.check(params, self.grammars)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         with self.cond:

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
 
 from baton.model_loader import DTYPES
 
@@ -48,6 +49,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence token before this many tokens")
     p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
                    help="add BIAS (-100 to 100) to a token's logit (repeatable) (default: none)")
+    p.add_argument("--json-schema", default="",
+                   help="a JSON schema (text, or @FILE) the output must follow: constrained decoding (default: free text)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
@@ -208,10 +211,19 @@ def _sampling_fields(args) -> dict:
               top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
               repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
-              logit_bias=_logit_bias(args.logit_bias))
+              logit_bias=_logit_bias(args.logit_bias), json_schema=_json_schema(args.json_schema))
     if args.seed is not None:
         kw["seed"] = args.seed
     return kw
+
+
+def _json_schema(value: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as e:
+        raise ValueError(f"--json-schema {value}: {e.strerror}") from None
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
@@ -247,6 +259,7 @@ def cmd_generate(args) -> int:
         return 2
     if not args.local:
         return _with_router(args, lambda client: _stream(client, args.prompt, args.raw, fields))
+    from baton import grammar
     from baton.config import EngineConfig
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
@@ -267,6 +280,7 @@ def cmd_generate(args) -> int:
     try:
         try:
             params.validate(loop.engine.runner.vocab_size)   # logit_bias's token ids, now the vocabulary is known
+            grammar.check(params, model.grammars)             # the schema compiles for this tokenizer
         except ValueError as e:
             print(f"baton: {e}", file=sys.stderr)
             return 2

@@ -17,7 +17,8 @@ def build(args: argparse.Namespace) -> Served:
     from prefill_service.server import serve
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
-    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids))   # the tokenizer's EOS too
+    # the tokenizer's EOS too; grammars for requests with a json_schema
+    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars))
     server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
                          **security(args))
     return Served(args.role, port, lambda grace: server.stop(grace).wait(grace + 1))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from baton import grammar
 from baton.engine import PrefillOutput, Prefiller
 from baton.errors import InvalidArgument, NotFound
 from baton.request import Request, Status
@@ -55,6 +56,7 @@ class PrefillWorker:
         outside the vocabulary."""
         try:
             req.params.validate(self.prefiller.runner.vocab_size)
+            grammar.check(req.params, self.prefiller.grammars)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         ids = req.all_ids

@@ -201,9 +201,10 @@ def test_router_keeps_max_batch_from_the_workers_stats():
 
 
 def test_generate_local_honours_the_sampling_flags_and_refuses_bad_ones(tmp_path, capsys):
-    """`baton generate --local` passes penalties, min_tokens and logit_bias to the engine: a +100
-    bias on one token makes every greedy token that one; a malformed or out-of-vocabulary bias is
-    one clear line and exit 2."""
+    """`baton generate --local` passes penalties, min_tokens, logit_bias and json_schema to the
+    engine: a +100 bias on one token makes every greedy token that one; a malformed or
+    out-of-vocabulary bias, or a schema that is no JSON object or no file, is one clear line and
+    exit 2."""
     from tiny_model import save_tiny, save_tokenizer
     model = save_tiny(tmp_path / "m")
     save_tokenizer(model)
@@ -211,7 +212,25 @@ def test_generate_local_honours_the_sampling_flags_and_refuses_bad_ones(tmp_path
     assert main([*base, "--logit-bias", "9=100", "--presence-penalty", "0.5", "--min-tokens", "2"]) == 0
     assert capsys.readouterr().out.split() == ["w9"] * 4
     for bad, words in ((["--logit-bias", "9:100"], "TOKEN_ID=BIAS"), (["--logit-bias", "9999=1"], "logit_bias"),
-                       (["--repetition-penalty", "0"], "repetition_penalty")):
+                       (["--repetition-penalty", "0"], "repetition_penalty"), (["--json-schema", "[1]"], "JSON object"),
+                       (["--json-schema", f"@{tmp_path}/none.json"], "none.json")):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_local_follows_a_json_schema_and_refuses_one_it_cannot_use(tmp_path, capsys):
+    import json
+
+    from tiny_model import save_char_tokenizer, save_tiny
+    model = save_tiny(tmp_path / "m")
+    save_char_tokenizer(model)
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False}))
+    base = ["generate", "ab", "--local", "--raw", "--model", model, "--max-new-tokens", "20"]
+    assert main([*base, "--json-schema", f"@{schema}"]) == 0
+    assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
+    assert main([*base, "--json-schema", '{"type": "nonsense"}']) == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -17,7 +17,6 @@ from tiny_model import save_tokenizer
 from tiny_model import save_tiny
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +59,13 @@ def _create(oa: OpenAI, kind: str, **fields):
 
 
 REJECTED = [
-    ("chat", "response_format", {"type": "json_object"}), ("chat", "response_format", JSON_SCHEMA),
     ("chat", "tools", [TOOL]), ("chat", "tool_choice", "required"), ("chat", "tool_choice", "auto"),
     ("chat", "min_p", 0.1),
-    ("chat", "stop_token_ids", [5]), ("chat", "guided_json", {"type": "object"}), ("chat", "echo", True),
+    ("chat", "stop_token_ids", [5]), ("chat", "guided_regex", "a+"), ("chat", "echo", True),
     ("chat", "add_generation_prompt", False), ("chat", "reasoning_effort", "high"),
     ("completions", "echo", True),
     ("completions", "suffix", "w9"), ("completions", "best_of", 2),
-    ("completions", "response_format", {"type": "json_object"}), ("completions", "use_beam_search", True),
+    ("completions", "guided_choice", ["a"]), ("completions", "use_beam_search", True),
     ("completions", "skip_special_tokens", False), ("completions", "include_stop_str_in_output", True),
 ]
 

@@ -16,7 +16,7 @@ from prefill_service.worker import PrefillWorker
 
 
 def _worker(sent: list) -> PrefillWorker:
-    prefiller = SimpleNamespace(runner=SimpleNamespace(vocab_size=100))
+    prefiller = SimpleNamespace(runner=SimpleNamespace(vocab_size=100), grammars=None)
     compute = lambda reqs: [PrefillOutput(7, torch.zeros(1, 2, 1, len(r.all_ids), 2)) for r in reqs]   # noqa: E731
 
     def send(address, req, pre, timeout_s):

@@ -42,3 +42,17 @@ def test_streamed_text_is_the_decoded_output(smollm2):
     finally:
         loop.stop()
     assert text == smollm2.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+
+
+def test_a_json_schema_holds_the_real_model_to_it(smollm2):
+    """SmolLM2's byte-level vocabulary through xgrammar: the object comes out complete and typed."""
+    import json
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}},
+              "required": ["name", "age", "city"], "additionalProperties": False}
+    prompt = encode_prompt(smollm2.tokenizer, "Describe Alice, 30, who lives in Paris, as JSON.")
+    r = Engine(smollm2, EngineConfig(max_batch=2)).generate(
+        [prompt], SamplingParams(max_new_tokens=60, json_schema=json.dumps(schema)))[0]
+    value = json.loads(smollm2.tokenizer.decode(r.output_ids, skip_special_tokens=True))
+    assert set(value) == {"name", "age", "city"} and isinstance(value["age"], int)
+    assert r.output_ids[-1] in smollm2.eos_ids

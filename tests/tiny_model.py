@@ -60,3 +60,20 @@ def save_tokenizer(model_dir: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             pad_token="<pad>").save_pretrained(model_dir)
+
+
+def save_char_tokenizer(model_dir: str) -> None:
+    """A character-level tokenizer over the tiny model's 256 ids: 3..97 are the printable ASCII
+    characters (JSON can be spelled), 98..254 filler words, 255 is EOS."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    vocab.update({f"w{i}": i for i in range(3 + len(chars), EOS)})
+    vocab["</s>"] = EOS
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(model_dir)

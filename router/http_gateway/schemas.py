@@ -98,6 +98,9 @@ class GenerateBody(BaseModel):
     top_k: int | None = Field(None, ge=0, le=U32_MAX)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    # Constrained output: OpenAI's response_format, or vLLM's guided_json (a schema)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -113,6 +116,28 @@ class GenerateBody(BaseModel):
         """How many most likely tokens to return per token (None: no logprobs)."""
         return None
 
+    def json_schema(self) -> str:
+        """The JSON schema the output must follow ("" for free text): response_format's json_object
+        is any JSON object, json_schema its `schema`; vLLM's guided_json the schema itself."""
+        if self.guided_json is not None:
+            if self.response_format and self.response_format.get("type") != "text":
+                raise APIError(400, "send response_format or guided_json, not both", param="guided_json",
+                               code="invalid_value")
+            return self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return ""
+        if kind == "json_object":
+            return '{"type": "object"}'
+        if kind == "json_schema":
+            schema = ((self.response_format or {}).get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                               param="response_format", code="invalid_value")
+            return json.dumps(schema)
+        raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                       param="response_format", code="invalid_value")
+
     def sampling_fields(self, max_tokens: int | None) -> dict:
         """The GenerateRequest fields other than the prompt (every value in its protobuf range)."""
         f = dict(max_new_tokens=max_tokens or 0, temperature=1.0 if self.temperature is None else self.temperature,
@@ -120,7 +145,7 @@ class GenerateBody(BaseModel):
                  ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty or 0.0,
                  frequency_penalty=self.frequency_penalty or 0.0,
                  repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                 min_tokens=self.min_tokens or 0, logit_bias=self.logit_bias or {})
+                 min_tokens=self.min_tokens or 0, logit_bias=self.logit_bias or {}, json_schema=self.json_schema())
         if self.seed is not None:
             f["seed"] = self.seed
         if self.num_logprobs is not None:
@@ -244,7 +269,8 @@ def check_sampling(fields: dict, chat: bool) -> None:
     try:
         SamplingParams(**kw).validate()
     except InvalidParam as e:
-        param = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs" if chat else "logprobs"}.get(e.field, e.field)
+        param = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs" if chat else "logprobs",
+                 "json_schema": "response_format"}.get(e.field, e.field)
         msg = str(e).replace("max_new_tokens", "max_tokens")
         raise APIError(400, param + msg.removeprefix(e.field) if msg.startswith(e.field) else msg, param=param,
                        code="invalid_value") from None

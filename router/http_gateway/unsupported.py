@@ -19,7 +19,8 @@ from router.http_gateway.errors import APIError
 Rule = tuple[tuple[Any, ...], str]
 
 # Honoured (in schemas.py, checked by baton.sampling.SamplingParams.validate): n, logprobs, top_logprobs,
-# presence_penalty, frequency_penalty, logit_bias, and vLLM's repetition_penalty and min_tokens.
+# presence_penalty, frequency_penalty, logit_bias, response_format, and vLLM's repetition_penalty,
+# min_tokens and guided_json.
 COMMON: dict[str, Rule] = {
     # OpenAI
     "echo": ((False,), "echo the prompt"),
@@ -36,8 +37,6 @@ COMMON: dict[str, Rule] = {
     "logits_processors": (([],), "run custom logits processors"),
     "prompt_logprobs": ((), "return the prompt's log-probabilities"),
     "truncate_prompt_tokens": ((), "truncate the prompt"),
-    "response_format": (({"type": "text"},), "constrain the output to JSON"),
-    "guided_json": ((), "constrain the output to a JSON schema"),
     "guided_regex": ((), "constrain the output to a regular expression"),
     "guided_choice": ((), "constrain the output to a list of choices"),
     "guided_grammar": ((), "constrain the output to a grammar"),

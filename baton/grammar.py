@@ -1,0 +1,92 @@
+"""Constrained decoding (`json_schema`, the API's response_format): a row's tokens kept inside the
+grammar of a JSON schema.
+
+xgrammar compiles a schema against the model's tokenizer once per process (cached). Each row keeps
+a matcher that has accepted its output so far, built from the row's own ids on first use, so a
+request that arrives with output (migrated, or prefilled elsewhere) starts from all of them, as the
+penalties' token counts do. The mask depends on that row alone: tokens stay batch-independent.
+No free whitespace: the only spaces are xgrammar's fixed separators `, ` and `: ` (a small model
+left free to add whitespace can loop on it); once the value is complete only an end-of-sequence
+token is allowed.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+
+import torch
+
+from baton.sampling import InvalidParam
+
+CACHED_SCHEMAS = 64
+
+
+class Grammars:
+    """One model's schema compiler (built on first use: xgrammar is imported only then)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int]):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self._compiler = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, schema: str):
+        """The schema's compiled grammar; InvalidParam if this model or xgrammar cannot use it."""
+        if self.tokenizer is None:
+            raise InvalidParam("json_schema", "this model has no tokenizer, so its output cannot follow a JSON schema")
+        with self._lock:
+            if schema in self._compiled:
+                self._compiled.move_to_end(schema)
+                return self._compiled[schema]
+            try:
+                import xgrammar as xgr
+            except ImportError:
+                raise InvalidParam("json_schema", "this server cannot follow JSON schemas: install xgrammar "
+                                                  "(pip install --no-deps xgrammar==0.1.25)") from None
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.eos_ids or None)
+                self._compiler = xgr.GrammarCompiler(info)
+            try:
+                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
+            except Exception as e:   # xgrammar raises RuntimeError / ValueError for schemas it cannot use
+                raise InvalidParam("json_schema", f"the JSON schema cannot be used: {_first_line(e)}") from None
+            self._compiled[schema] = compiled
+            if len(self._compiled) > CACHED_SCHEMAS:
+                self._compiled.popitem(last=False)
+            return compiled
+
+
+def _first_line(e: Exception) -> str:
+    """xgrammar's message without its C++ source position: '[12:00:00] path.cc:961: why' -> 'why'."""
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def check(params, grammars: Grammars | None) -> None:
+    """A worker's check of a request's schema before it queues (its compile is cached for the rows)."""
+    if params.json_schema:
+        if grammars is None:
+            raise InvalidParam("json_schema", "no schema compiler here: the output cannot follow a JSON schema")
+        grammars.compile(params.json_schema)
+
+
+class RowGrammar:
+    """A row's matcher: which tokens may come next, given the output it has accepted."""
+
+    def __init__(self, compiled, vocab_size: int):
+        import xgrammar as xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)   # (1, ceil(V / 32)) int32
+        self.accepted = 0
+
+    def allowed(self, output_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+        """(V,) bool: the tokens that keep the output inside the grammar."""
+        for token in output_ids[self.accepted:]:
+            self.matcher.accept_token(token)   # False past the end (an ignored EOS): the mask stays EOS only
+        self.accepted = len(output_ids)
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        shifts = torch.arange(32, dtype=torch.int32)
+        bits = (self.bitmask[0].unsqueeze(-1) >> shifts) & 1                   # (ceil(V / 32), 32)
+        return bits.reshape(-1)[:vocab].bool().to(device)
