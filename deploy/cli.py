@@ -50,7 +50,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
                    help="add BIAS (-100 to 100) to a token's logit (repeatable) (default: none)")
     p.add_argument("--json-schema", default="",
-                   help="a JSON schema (text, or @FILE) the output must follow: constrained decoding (default: free text)")
+                   help="a JSON schema (text, or @FILE) the output must follow: constrained decoding "
+                        "(default: free text)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
