@@ -142,6 +142,7 @@ def test_response_format_through_the_http_api_in_both_topologies(model_dir, mode
                                                    extra_body={"guided_json": json.loads(SCHEMA)})
             assert vllm_style.choices[0].text == text
             for bad, words in (({"type": "json_schema", "json_schema": {"name": "x"}}, "schema"),
+                               ({"type": "json_schema", "json_schema": "not an object"}, "schema"),
                                ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "nonsense"),
                                ({"type": "yaml"}, "json_object")):
                 with pytest.raises(openai.BadRequestError) as e:

@@ -130,7 +130,8 @@ class GenerateBody(BaseModel):
         if kind == "json_object":
             return '{"type": "object"}'
         if kind == "json_schema":
-            schema = ((self.response_format or {}).get("json_schema") or {}).get("schema")
+            spec = (self.response_format or {}).get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
                                param="response_format", code="invalid_value")
