@@ -18,6 +18,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from baton.errors import InvalidArgument
 from baton.sampling import InvalidParam
 
 CACHED_SCHEMAS = 64
@@ -71,6 +72,16 @@ def check(params, grammars: Grammars | None) -> None:
         if grammars is None:
             raise InvalidParam("json_schema", "no schema compiler here: the output cannot follow a JSON schema")
         grammars.compile(params.json_schema)
+
+
+def check_request(params, vocab_size: int, grammars: Grammars | None) -> None:
+    """What a worker checks of a request's sampling before it queues: every range, logit_bias's ids
+    against its vocabulary, the schema against its tokenizer; INVALID_ARGUMENT naming the field."""
+    try:
+        params.validate(vocab_size)
+        check(params, grammars)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 class RowGrammar:

@@ -53,9 +53,6 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.prefilling) + len(self.prefilled)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self.waiting or request_id in self.prefilling or request_id in self.prefilled
-
     def check_room(self) -> None:
         if len(self) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")

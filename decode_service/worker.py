@@ -64,11 +64,7 @@ class DecodeWorker:
             raise InvalidArgument(f"K/V holds {shape[3]} tokens but the request has {num_tokens}")
         if num_tokens >= self.max_len:
             raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}")
-        try:
-            params.validate(self.vocab_size)
-            grammar.check(params, self.grammars)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        grammar.check_request(params, self.vocab_size, self.grammars)
         with self.cond:
             if request_id in self.tombstones:
                 raise NotFound(f"request {request_id!r} was aborted")

@@ -54,11 +54,7 @@ class PrefillWorker:
     def check(self, req: Request) -> None:
         """Refuse what no worker could prefill: bad sampling parameters, no tokens, too many, ids
         outside the vocabulary."""
-        try:
-            req.params.validate(self.prefiller.runner.vocab_size)
-            grammar.check(req.params, self.prefiller.grammars)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        grammar.check_request(req.params, self.prefiller.runner.vocab_size, self.prefiller.grammars)
         ids = req.all_ids
         if not ids:
             raise InvalidArgument("prompt_token_ids must not be empty")
