@@ -157,5 +157,5 @@ class BatchKVCache:
         self.lens = [x + 1 for x in self.lens]
 
     def row_kv(self, row: int) -> torch.Tensor:
-        """One row's K/V (L, 2, Hkv, len, D), e.g. to migrate it."""
+        """One row's K/V (L, 2, Hkv, len, D), a copy (for inspection: migration re-prefills instead)."""
         return self.buf[:, :, row, :, self.end - self.lens[row]:self.end].clone()

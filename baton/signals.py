@@ -1,5 +1,5 @@
 """How every baton server process starts and stops: it says BATON_READY on stdout once it serves
-(baton/procs.py waits for that line), then its main thread waits for SIGTERM or SIGINT."""
+(deploy/procs.py waits for that line), then its main thread waits for SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import os

@@ -4,7 +4,10 @@ address=... pid=...` once it serves and is registered; stops cleanly on SIGTERM/
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
+from baton import grpc_util
 from baton.worker_process import Served, parse_args, security, set_up_process
 
 
@@ -17,18 +20,67 @@ def build(args: argparse.Namespace) -> Served:
     from baton.model_loader import load_model
     from baton.request import Request
     from baton.sampling import SamplingParams
-    from decode_service.server import serve
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                        max_batch=args.max_batch, max_queue=args.max_queue)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-    server, port, _watchdog = serve(loop, args.host, args.port, lease_s=args.lease_s,
-                                    colocated=args.role == "colocated", **security(args))
+    server, port = serve(loop, args.host, args.port, lease_s=args.lease_s, colocated=args.role == "colocated",
+                         **security(args))
 
     def stop(grace: float) -> None:
         server.stop(grace).wait(grace + 1)
         loop.stop()
     return Served(args.role, port, stop)
+
+
+def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key=None, tls_client_ca=None,
+          tls_root_cert=None, lease_s: float = 30.0, colocated: bool = False):
+    """Start the Decode service on a running engine loop, and its watchdog; returns (server, port).
+    `colocated`: the same server also serves the Prefill role (ColocatedPrefill)."""
+    from baton.v1 import decode_pb2_grpc
+    from decode_service.worker import SERVICE, STALL_S, ColocatedPrefill, DecodeServicer, DecodeWorker
+    from prefill_service.worker import SERVICE as PREFILL_SERVICE, add_servicer, prefill_worker
+    worker = DecodeWorker(loop, lease_s=lease_s)
+    cfg = loop.engine.config
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                                          tls_client_ca=tls_client_ca,
+                                          max_workers=grpc_util.worker_threads(cfg.max_batch, cfg.max_queue))
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
+    services = [SERVICE]
+    if colocated:
+        # A prefill for another decode worker runs on the engine's thread too, between two steps.
+        remote = prefill_worker(
+            loop.engine.prefiller, loop.engine.model.max_len, auth_token=auth_token, tls_cert=tls_cert,
+            tls_key=tls_key, tls_root_cert=tls_root_cert,
+            compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None))
+        add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
+        services.append(PREFILL_SERVICE)
+    health = grpc_util.add_health_and_reflection(server, services)
+    server.start()
+    grpc_util.set_health(health, services, loop.alive)
+    Watchdog(worker, health, services, STALL_S).start()
+    return server, bound
+
+
+class Watchdog(threading.Thread):
+    """Health follows the engine: NOT_SERVING when its loop died or stalled with work to do.
+    Also reclaims K/V that nobody attached to within the lease."""
+
+    def __init__(self, worker, health, services: list[str], stall_s: float, period_s: float = 0.5):
+        super().__init__(name="decode-watchdog", daemon=True)
+        self.worker, self.health, self.services = worker, health, services
+        self.stall_s, self.period_s = stall_s, period_s
+
+    def healthy(self) -> bool:
+        loop = self.worker.loop
+        stalled = loop.engine.has_work() and time.monotonic() - loop.last_beat > self.stall_s
+        return loop.alive and not stalled
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            grpc_util.set_health(self.health, self.services, self.healthy())
+            self.worker.reap()
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""The decode worker's bookkeeping, independent of the transport.
+"""The decode worker: its gRPC face (DecodeServicer: convert, delegate, convert back) and its
+bookkeeping (DecodeWorker, independent of the transport).
 
 A query reaches a decode worker from two sides that race: its K/V (pushed by a prefill
 worker) and the router's `attach` that streams its tokens back. Whichever comes first
@@ -8,9 +9,17 @@ Rules (one place frees a slot):
 - An attach that no K/V reaches within its timeout ends with DEADLINE_EXCEEDED (the service asks
   `try_attach` in short waits, sending keep-alives between); the router then aborts it everywhere.
 - An abort before the K/V arrives leaves a tombstone, so the late K/V is refused, not run.
+
+A colocated worker (one process serving Decode and Prefill on one device) adds the Prefill role
+(ColocatedPrefill): a Prefill call that names this worker's own address hands the prompt to its
+engine, which prefills it in chunks inside its decode steps and puts the K/V into the running
+batch by vector shaping, in memory; a Prefill for another decode worker is computed and pushed
+over gRPC, as a dedicated prefill worker would.
 """
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -18,12 +27,22 @@ from dataclasses import dataclass
 
 import torch
 
-from baton import grammar
+from baton import faults, grammar, grpc_util
 from baton.engine import PrefillOutput
-from baton.engine_loop import EngineLoop, TokenStream
-from baton.errors import AlreadyExists, InvalidArgument, NotFound
+from baton.engine_loop import EngineLoop, StreamClosed, TokenStream
+from baton.errors import (AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
+                          Unavailable)
+from baton.kv_codec import DTYPES, KVAssembler
 from baton.request import Request
 from baton.sampling import SamplingParams
+from baton.scheduler import QueueFull
+from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
+from baton.wire import event_to_pb, logprobs_from_pb, params_from_pb
+from prefill_service.worker import PrefillResult, PrefillWorker
+
+SERVICE = "baton.v1.Decode"
+STALL_S = 15.0   # an engine loop that has not gone round for this long, with work to do, is stalled
+KEEPALIVE = decode_pb2.TokenEvent(keepalive=True)
 
 
 @dataclass
@@ -136,3 +155,131 @@ class DecodeWorker:
         for rid in stale:
             self.abort(rid)
         return len(stale)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0, stall_s: float = STALL_S):
+        self.worker, self.loop = worker, worker.loop
+        self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
+        runner = self.loop.engine.runner
+        self.max_kv_bytes = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim * \
+            runner.dtype.itemsize * self.loop.engine.model.max_len
+
+    @grpc_util.rpc
+    def TransferKV(self, request_iterator, context):
+        t0 = time.monotonic()
+        faults.injector().check_call("transfer_fail")
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("a K/V transfer must start with a header")
+        h = first.header
+        if h.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {h.dtype!r}")
+        params = params_from_pb(h.params)
+        num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
+        self.worker.check_header(h.request_id, DTYPES[h.dtype], tuple(h.shape), num_tokens, params)
+        asm = KVAssembler(h.dtype, list(h.shape), h.nbytes, self.max_kv_bytes,
+                          h.crc32 if h.HasField("crc32") else None)
+        for chunk in request_iterator:
+            if chunk.WhichOneof("payload") != "data":
+                raise InvalidArgument("only data chunks may follow the header")
+            asm.add(chunk.data)
+        kv = asm.tensor()
+        vocab = self.loop.engine.runner.vocab_size
+        if h.next_token >= vocab:
+            raise InvalidArgument(f"next_token must be in [0, {vocab})")
+        req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids))
+        try:
+            lp = logprobs_from_pb(h.next_token_logprobs) if h.HasField("next_token_logprobs") else None
+            self.worker.admit(req, PrefillOutput(h.next_token, kv, lp), time.monotonic() - t0)
+        except QueueFull as e:
+            raise ResourceExhausted(str(e)) from None
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        return decode_pb2.TransferKVResponse(queue_position=len(self.loop.engine.scheduler.prefilled))
+
+    @grpc_util.rpc
+    def Attach(self, request, context):
+        faults.injector().check_call("attach_fail")
+        rid, every = request.request_id, request.keepalive_s or None
+        # The listener went away (cancel, deadline, router died): free the row now.
+        context.add_callback(lambda: self.worker.release(rid))
+        try:
+            timeout_s = request.timeout_s or self.attach_timeout_s
+            deadline = time.monotonic() + timeout_s
+            while (stream := self.worker.try_attach(rid, min(every or timeout_s, deadline - time.monotonic()))) is None:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"no K/V for request {rid!r} within {timeout_s:.1f} s")
+                yield from self._keepalive()
+            while True:
+                try:
+                    ev = stream.get(timeout=every)
+                except queue.Empty:
+                    yield from self._keepalive()
+                    continue
+                yield event_to_pb(ev)
+                if ev.finish_reason is not None:
+                    return
+        except StreamClosed as e:
+            # Closed without a last token: an abort while the engine runs, or the engine stopped.
+            raise (Cancelled if self.loop.alive else Unavailable)(str(e)) from None
+        finally:
+            self.worker.release(rid)
+
+    def _keepalive(self):
+        """A keep-alive, only while the engine goes round: a hung engine falls silent."""
+        if self.loop.alive and time.monotonic() - self.loop.last_beat < self.stall_s:
+            yield KEEPALIVE
+
+    @grpc_util.rpc
+    def Abort(self, request, context):
+        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
+
+    @grpc_util.rpc
+    def Stats(self, request, context):
+        return worker_stats(self.worker)
+
+
+def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
+    s = worker.loop.engine.stats()
+    return prefill_pb2.WorkerStatsResponse(
+        running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
+        completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
+        kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
+        attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
+        faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch)
+
+
+class ColocatedPrefill:
+    """The Prefill role of a colocated worker (the interface PrefillServicer drives)."""
+
+    def __init__(self, decode: DecodeWorker, remote: PrefillWorker, own_address: str):
+        self.decode, self.remote, self.own_address = decode, remote, own_address
+        self.handed = 0                      # prompts handed to the own batch in memory
+
+    @property
+    def load(self) -> int:
+        return self.remote.load
+
+    @property
+    def active(self) -> set[str]:
+        return self.remote.active
+
+    @property
+    def stats(self) -> dict:
+        return {**self.remote.stats, "prefills": self.remote.stats["prefills"] + self.handed}
+
+    def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
+        if decode_address != self.own_address:
+            return self.remote.prefill(req, decode_address, attempt)
+        self.remote.check(req)
+        self.decode.admit_prompt(req)
+        self.handed += 1
+        return PrefillResult(first_token=0, num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
+
+    def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
+        """Stop a push to another decode worker (one to this worker's own batch is in memory)."""
+        self.remote.cancel_transfer(request_id, address)
+
+    def abort(self, request_id: str, attempt: int = 0) -> bool:
+        return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id)])   # both, whatever the first says

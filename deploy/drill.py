@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from baton.procs import Proc, wait_for
+from deploy.procs import Proc, wait_for
 from router.client import RouterClient
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from baton import grpc_util
 from baton.worker_process import Served, parse_args, security, set_up_process
 
 
@@ -14,7 +15,6 @@ def build(args: argparse.Namespace) -> Served:
     from baton.engine import Prefiller
     from baton.model_loader import load_model
     from baton.model_runner import ModelRunner
-    from prefill_service.server import serve
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
     # the tokenizer's EOS too; grammars for requests with a json_schema
@@ -22,6 +22,29 @@ def build(args: argparse.Namespace) -> Served:
     server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
                          **security(args))
     return Served(args.role, port, lambda grace: server.stop(grace).wait(grace + 1))
+
+
+def serve(prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, auth_token=None,
+          tls_cert=None, tls_key=None, tls_root_cert=None, tls_client_ca=None, transfer_timeout_s: float = 30.0,
+          device=None, max_queue: int = 256):
+    """Warm up, start the Prefill service; returns (server, port). `device`: the thread that loaded
+    the model, which then runs every prefill (baton/device_thread.py). `max_queue`: the Prefill calls
+    it expects to hold at once (each keeps a gRPC thread until its K/V is pushed)."""
+    from baton.sampling import SamplingParams
+    from prefill_service.worker import SERVICE, add_servicer, prefill_worker
+    run = device.run if device else (lambda fn, *a: fn(*a))
+    run(prefiller.prefill, [1, 2, 3], SamplingParams(max_new_tokens=1))  # warm-up: health means it can compute
+    worker = prefill_worker(prefiller, max_len, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                            tls_root_cert=tls_root_cert, transfer_timeout_s=transfer_timeout_s,
+                            compute=lambda reqs: run(prefiller.prefill_many, reqs))
+    server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                                          tls_client_ca=tls_client_ca,
+                                          max_workers=grpc_util.worker_threads(0, max_queue))
+    add_servicer(worker, server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE])
+    server.start()
+    grpc_util.set_health(health, [SERVICE], True)
+    return server, bound
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,12 @@
-"""The prefill worker's logic, independent of the transport: compute, then push to a decode worker.
+"""The prefill worker: its gRPC face (PrefillServicer: convert, delegate, convert back) and its
+logic (PrefillWorker, independent of the transport): compute, then push to a decode worker.
 
 The K/V lives here only between its computation and the end of its transfer, which has a
 deadline; an abort before or during either drops it.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -12,10 +14,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from baton import grammar
+import grpc
+
+from baton import faults, grammar, grpc_util
 from baton.engine import PrefillOutput, Prefiller
-from baton.errors import InvalidArgument, NotFound
+from baton.errors import DecodeUnreachable, InvalidArgument, NotFound
 from baton.request import Request, Status
+from baton.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.wire import params_from_pb
+from prefill_service.kv_push import KVPusher
+
+SERVICE = "baton.v1.Prefill"
 
 # send(decode_address, request, prefill_output, deadline_s) -> seconds the transfer took
 KVSender = Callable[[str, Request, PrefillOutput, float], float]
@@ -145,3 +154,58 @@ class PrefillWorker:
         refused = self.aborted.get(request_id)
         if refused is not None and attempt <= refused[1]:
             raise NotFound(f"request {request_id!r} was aborted")
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: PrefillWorker):
+        self.worker = worker
+
+    @grpc_util.rpc
+    def Prefill(self, request, context):
+        faults.injector().check_call("prefill_fail")
+        if not request.decode_address:
+            raise InvalidArgument("decode_address must name the decode worker (host:port)")
+        params = params_from_pb(request.params)
+        req = Request(request.request_id, list(request.prompt_token_ids), params,
+                      output_ids=list(request.generated_token_ids))
+        # The router cancels this call when its client goes away or a worker is marked dead: the
+        # push stops then, not at its own deadline (add_callback runs when the call ends, however).
+        answered = threading.Event()
+        context.add_callback(lambda: answered.is_set() or self.worker.cancel_transfer(req.request_id,
+                                                                                      request.decode_address))
+        try:
+            r = self.worker.prefill(req, request.decode_address, request.attempt)
+        except grpc.RpcError as e:  # the decode side refused or failed: say which side
+            code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNAVAILABLE
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DecodeUnreachable(f"decode worker {request.decode_address} unreachable: {code.name}") from None
+            raise
+        finally:
+            answered.set()
+        return prefill_pb2.PrefillResponse(first_token=r.first_token, num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
+                                           compute_s=r.compute_s, transfer_s=r.transfer_s)
+
+    @grpc_util.rpc
+    def Abort(self, request, context):
+        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.attempt))
+
+    @grpc_util.rpc
+    def Stats(self, request, context):
+        s = self.worker.stats
+        return prefill_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
+                                               kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
+                                               completed=s["prefills"], pid=os.getpid(),
+                                               faults_fired=faults.injector().counts())
+
+
+def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
+                   tls_root_cert=None, transfer_timeout_s: float = 30.0, compute=None) -> PrefillWorker:
+    """A PrefillWorker that pushes K/V over gRPC. It presents its own certificate to decode
+    workers, which matters when they demand one (mutual TLS). `compute` runs the model on the
+    process's model thread (default: the calling thread)."""
+    return PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s,
+                         compute=compute)
+
+
+def add_servicer(worker, server) -> None:
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)

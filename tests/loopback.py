@@ -8,8 +8,8 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from baton.launch import local_cluster, pools
-from baton.procs import wait_for
+from deploy.launch import local_cluster, pools
+from deploy.procs import wait_for
 
 
 def health(address: str, service: str = "", metadata=()) -> str:

@@ -24,7 +24,7 @@ import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from baton.procs import Proc, wait_for
+from deploy.procs import Proc, wait_for
 from baton.v1 import router_pb2
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

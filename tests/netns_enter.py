@@ -1,7 +1,7 @@
 """`python -m netns_enter NS MODULE ARGS...`: join the network namespace NS (/run/netns/NS, made
 by `ip netns add`), then run MODULE as `python -m MODULE ARGS...` would.
 
-This lets baton.procs.Proc, which runs `python -m ...`, start a worker inside a namespace: the
+This lets deploy.procs.Proc, which runs `python -m ...`, start a worker inside a namespace: the
 process's pid, output and signals are the worker's own (no `ip netns exec` in between).
 setns(2) moves only the calling thread, so it runs first, before any thread exists.
 """

@@ -7,7 +7,7 @@ answer through the relay, e.g. HTTP/2 window updates and gRPC replies). What it 
 TCP's own acknowledgements are local to each leg (each leg's congestion window never sees the
 delay) and no packet is lost. It keeps reading while earlier chunks wait (the delay is not a
 throughput limit) up to QUEUE chunks, then stops reading (back-pressure to the sender).
-Prints `BATON_READY role=relay address=HOST:PORT pid=PID` (the baton.procs.Proc handshake).
+Prints `BATON_READY role=relay address=HOST:PORT pid=PID` (the deploy.procs.Proc handshake).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpc  # noqa: E402
 
-from baton.procs import Proc, wait_for  # noqa: E402
+from deploy.procs import Proc, wait_for  # noqa: E402
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 from router.client import RouterClient  # noqa: E402
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama  # noqa: E402

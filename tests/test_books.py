@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from loopback import loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama

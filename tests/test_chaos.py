@@ -13,7 +13,7 @@ import torch
 
 from baton.faults import Faults
 from baton.kv_codec import KVAssembler, KVDamaged, checksum, encode, wire_bytes
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from loopback import loopback_cluster
 from router.client import RouterClient

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from baton.procs import Proc, wait_for
+from deploy.procs import Proc, wait_for
 from loopback import loopback_cluster
 from tiny_model import EOS, reference_greedy, save_tiny, save_tokenizer, tiny_llama
 

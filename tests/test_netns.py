@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from netlab import net_cluster, rx_tx_bytes, why_not_permitted
 from router.client import RouterClient

@@ -15,7 +15,7 @@ from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLog
 
 from baton.config import EngineConfig
 from baton.engine import Engine
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from baton.sampling import SamplingParams
 from baton.wire import logprobs_from_pb
 from loopback import loopback_cluster

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from loopback import loopback_cluster
 from router.client import RouterClient

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from baton.procs import Proc, wait_for
+from deploy.procs import Proc, wait_for
 from deploy.drill import Load, restarted, workers
 from loopback import kill_with_work_in_flight
 from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama

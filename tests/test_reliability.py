@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from baton.procs import Proc, wait_for
+from deploy.procs import Proc, wait_for
 from loopback import health, kill_with_work_in_flight, loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama

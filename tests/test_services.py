@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from baton.procs import wait_for
+from deploy.procs import wait_for
 from loopback import loopback_cluster
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
 

@@ -6,8 +6,8 @@ import subprocess
 import grpc
 import pytest
 
-from baton.launch import local_cluster, pools
-from baton.procs import wait_for
+from deploy.launch import local_cluster, pools
+from deploy.procs import wait_for
 from router.client import RouterClient
 from tiny_model import reference_greedy, save_tiny, tiny_llama
 

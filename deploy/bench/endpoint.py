@@ -12,7 +12,7 @@ FLOPs of its prompt and output tokens / duration) as a multiple of it: the one n
 compares across machines.
 
 `--launcher processes` starts the same router, workers and HTTP gateway as plain processes
-(baton/launch.py) instead of `baton up`'s Ray actors: for a machine without Ray, such as a GPU
+(deploy/launch.py) instead of `baton up`'s Ray actors: for a machine without Ray, such as a GPU
 box that cannot install it.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from baton.launch import local_cluster, pools
-from baton.procs import Proc
+from deploy.launch import local_cluster, pools
+from deploy.procs import Proc
 from deploy.bench.serve import ServeConfig, run_serve_bench
 from deploy.bench.serve_report import markdown_table
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from baton.launch import local_cluster
+from deploy.launch import local_cluster
 from deploy.bench.systems import RunResult
 
 

@@ -17,7 +17,7 @@ from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.model_loader import load_model
 from baton.model_runner import PromptChunk
-from baton.step_bench import _filled_batch
+from deploy.bench.step import filled_batch
 
 
 def _profiled(fn, iters: int, top: int) -> str:
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     engine = Engine(model, EngineConfig(max_batch=max(a.rows) + 1))
     print(f"{model.model.config.model_type} {a.dtype}, {torch.get_num_threads()} threads\n")
     for rows in a.rows:
-        batch = _filled_batch(engine, rows, a.context)
+        batch = filled_batch(engine, rows, a.context)
         print(f"## decode step, batch {rows}, context {a.context}\n\n{_profiled(batch.step, a.iters, a.top)}\n")
     runner = engine.runner
     ids = torch.randint(100, runner.vocab_size - 100, (a.prompt,)).tolist()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from baton.config import EngineConfig
-from baton.engine import DecodeBatch, Engine, Prefiller
+from baton.engine import DecodeBatch, Engine
 from baton.request import Request
 from baton.sampling import SamplingParams
 from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
@@ -293,7 +293,13 @@ class HFContinuousSystem:
         m = self.model.model
         cfg = GenerationConfig(max_new_tokens=max(q.max_new_tokens for q in queries), do_sample=False,
                                eos_token_id=-1, pad_token_id=0)
-        cb = ContinuousBatchingConfig()
+        # The cache sized as every other system's: max_batch rows of the longest query, 512 tokens a
+        # step (baton's prefill budget). Left to infer it, transformers sizes it from the machine's
+        # memory, which on a CPU host takes seconds to allocate and is not what the others get.
+        longest = max(len(q.prompt_ids) + q.max_new_tokens for q in queries)
+        page = ContinuousBatchingConfig().page_size
+        cb = ContinuousBatchingConfig(num_blocks=self.max_batch * -(-longest // page) + 1, max_batch_tokens=512,
+                                      max_requests_per_batch=self.max_batch)
         times: dict[int, list[float]] = {q.index: [] for q in queries}
         pending = sorted(queries, key=lambda q: q.arrival_s)
         with torch.no_grad(), m.continuous_batching_context_manager(generation_config=cfg, continuous_batching_config=cb,

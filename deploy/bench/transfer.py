@@ -8,9 +8,8 @@ import argparse
 import time
 
 from baton.engine import Engine
-from baton.launch import local_cluster, pools
+from deploy.launch import local_cluster, pools
 from baton.model_loader import load_model
-from baton.request import Request
 from baton.sampling import SamplingParams
 
 

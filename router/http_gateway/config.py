@@ -26,23 +26,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="the HTTP API's deadline for each generation, seconds: a request still running then "
                         "gets 504 (default: none)")
-    d = HttpLimits()
     g = p.add_argument_group("HTTP limits")
-    g.add_argument("--http-max-body-bytes", type=int, default=d.max_body_bytes,
-                   help="larger request bodies get 413, refused from their Content-Length before they are read "
-                        "(default: %(default)s)")
-    g.add_argument("--http-keep-alive", type=float, default=d.keep_alive_s,
-                   help="seconds an idle connection stays open (default: %(default)s)")
-    g.add_argument("--http-header-timeout", type=float, default=d.header_timeout_s,
-                   help="seconds a client gets to send a request's head, however slowly (default: %(default)s)")
-    g.add_argument("--http-body-timeout", type=float, default=d.body_timeout_s,
-                   help="seconds a client gets to send a request's body after its head; then 408 "
-                        "(default: %(default)s)")
-    g.add_argument("--http-max-connections", type=int, default=d.max_connections,
-                   help="open connections (and requests in progress) beyond this get 503 (default: %(default)s)")
+    for flag, field, kind, what in HTTP_LIMIT_FLAGS:
+        g.add_argument(flag, dest=field, type=kind, default=getattr(HttpLimits, field),
+                       metavar="N" if kind is int else "SECONDS",
+                       help=what + " (default: %(default)s)")
+
+
+# flag, its HttpLimits field, type, what it does
+HTTP_LIMIT_FLAGS = (
+    ("--http-max-body-bytes", "max_body_bytes", int,
+     "larger request bodies get 413, refused from their Content-Length before they are read"),
+    ("--http-keep-alive", "keep_alive_s", float, "seconds an idle connection stays open"),
+    ("--http-header-timeout", "header_timeout_s", float,
+     "seconds a client gets to send a request's head, however slowly"),
+    ("--http-body-timeout", "body_timeout_s", float, "seconds a client gets to send a request's body after its "
+     "head; then 408"),
+    ("--http-max-connections", "max_connections", int,
+     "open connections (and requests in progress) beyond this get 503"),
+)
 
 
 def from_args(a: argparse.Namespace, max_message_bytes: int = MAX_MESSAGE_BYTES) -> HttpLimits:
-    return HttpLimits(max_body_bytes=a.http_max_body_bytes, keep_alive_s=a.http_keep_alive,
-                      header_timeout_s=a.http_header_timeout, body_timeout_s=a.http_body_timeout,
-                      max_connections=a.http_max_connections, max_message_bytes=max_message_bytes)
+    return HttpLimits(**{field: getattr(a, field) for _, field, _, _ in HTTP_LIMIT_FLAGS},
+                      max_message_bytes=max_message_bytes)

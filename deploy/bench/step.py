@@ -1,6 +1,6 @@
 """Decode-step micro-benchmark: the engine against a bare transformers forward loop.
 
-    python -m baton.step_bench [--model smollm2] [--batches 1 8 32] [--context 512] [--rounds 3]
+    python -m deploy.bench.step [--model smollm2] [--batches 1 8 32] [--context 512] [--rounds 3]
 
 Both run the same model, batch size and context side by side in one process, alternating;
 the bare loop uses transformers' StaticCache. Also times one insertion and one removal.
@@ -19,7 +19,7 @@ from baton.request import Request
 from baton.sampling import SamplingParams
 
 
-def _filled_batch(engine: Engine, rows: int, ctx: int) -> DecodeBatch:
+def filled_batch(engine: Engine, rows: int, ctx: int) -> DecodeBatch:
     r = engine.runner
     kv = torch.randn(r.num_layers, 2, r.num_kv_heads, ctx, r.head_dim, dtype=r.dtype, device=r.device) * 0.1
     batch = DecodeBatch(r, engine.model, max_batch=rows + 1)
@@ -35,7 +35,7 @@ def _sync(device):
 
 
 def engine_step_s(engine: Engine, rows: int, ctx: int, iters: int) -> float:
-    batch = _filled_batch(engine, rows, ctx)
+    batch = filled_batch(engine, rows, ctx)
     batch.step()
     _sync(engine.runner.device)
     t = time.perf_counter()
@@ -64,7 +64,7 @@ def bare_step_s(model, rows: int, ctx: int, iters: int) -> float:
 
 
 def insert_remove_s(engine: Engine, rows: int, ctx: int, reps: int = 10) -> tuple[float, float]:
-    batch = _filled_batch(engine, rows, ctx)
+    batch = filled_batch(engine, rows, ctx)
     r = engine.runner
     kv = torch.randn(r.num_layers, 2, r.num_kv_heads, ctx, r.head_dim, dtype=r.dtype, device=r.device)
     ins = rem = 0.0

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from baton.procs import Proc, start_all, stop_all
+from deploy.procs import Proc, start_all, stop_all
 
 
 @dataclass
