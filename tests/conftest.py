@@ -5,7 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under make test's pytest-xdist each worker process gets one core's worth of threads: two OpenMP
+# pools of two threads on two cores spin against each other and slow both (a real-model test 33 -> 97 s).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
