@@ -10,6 +10,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STARTED: list[Proc] = []   # every Proc this process started and has not seen end (see running())
 
 
 class Proc:
@@ -21,6 +22,7 @@ class Proc:
         self.p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
                                   start_new_session=True)
+        _STARTED.append(self)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -72,6 +74,12 @@ class Proc:
         if self.p.poll() is None:
             os.kill(self.p.pid, signal.SIGKILL)
             self.p.wait(10)
+
+
+def running() -> list[Proc]:
+    """The processes started here that still run (the tests check none outlives its module)."""
+    _STARTED[:] = [p for p in _STARTED if p.p.poll() is None]
+    return list(_STARTED)
 
 
 def start_all(argvs: list[list[str]], env: dict | None = None, ready_timeout: float = 120.0) -> list[Proc]:

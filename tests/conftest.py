@@ -17,6 +17,19 @@ def tiny():
     return tiny_llama()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_process_outlives_its_module():
+    """Every process a test module starts (deploy.procs.Proc) is stopped by the module's end; one
+    left running is killed and fails the module, naming it."""
+    from deploy import procs
+    before = {id(p) for p in procs.running()}
+    yield
+    left = [p for p in procs.running() if id(p) not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"processes left running: {[(' '.join(p.args[:1]), p.pid) for p in left]}"
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, the longest first (`slow(seconds)`), stable otherwise: `make test`'s two
     pytest-xdist workers take whole files in this order, so the long files start at once and the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import random
 import signal
@@ -251,7 +252,8 @@ def test_only_decode_worker_killed_mid_stream_is_unavailable_not_a_hang(model_di
 
 
 def test_router_restart_workers_reregister(model_dir, ref):
-    with loopback_cluster(model_dir) as c:
+    # The new router is stopped after the cluster (its workers deregister from it first).
+    with contextlib.ExitStack() as after_cluster, loopback_cluster(model_dir) as c:
         old = c["router"]
         port = old.address.rsplit(":", 1)[1]
         old.stop()
@@ -259,7 +261,7 @@ def test_router_restart_workers_reregister(model_dir, ref):
             client.stats(timeout=2)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         new = Proc(["router", "--port", port, "--model", model_dir])
-        c["procs"].append(new)
+        after_cluster.callback(new.stop)
         wait_for(lambda: health(new.address) == "SERVING", 30, what="restarted router SERVING")
         with RouterClient(new.address) as client:
             assert client.complete([9, 9], max_new_tokens=3, ignore_eos=True)[1] == reference_greedy(ref, [9, 9], 3, ignore_eos=True)
