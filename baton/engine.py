@@ -37,7 +37,7 @@ class PrefillOutput:
 
 class Prefiller:
     def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None, grammars: Grammars | None = None):
-        self.runner, self.grammars = runner, grammars   # grammars: for requests with a json_schema
+        self.runner, self.grammars = runner, grammars   # grammars: for requests with a constraint
         # min_tokens masks EOS on the first token too (the model's own EOS ids unless told)
         self.eos_ids = eos_ids_of(runner.hf, None) if eos_ids is None else eos_ids
 

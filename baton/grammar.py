@@ -1,7 +1,8 @@
-"""Constrained decoding (`json_schema`, the API's response_format): a row's tokens kept inside the
-grammar of a JSON schema.
+"""Constrained decoding: a row's tokens kept inside a JSON schema (`json_schema`; the API's
+response_format, vLLM's guided_json), a regular expression (`regex`; guided_regex) or an EBNF
+grammar (`grammar`; guided_grammar, and guided_choice as one).
 
-xgrammar compiles a schema against the model's tokenizer once per process (cached). Each row keeps
+xgrammar compiles each constraint against the model's tokenizer once per process (cached). Each row keeps
 a matcher that has accepted its output so far, built from the row's own ids on first use, so a
 request that arrives with output (migrated, or prefilled elsewhere) starts from all of them, as the
 penalties' token counts do. The mask depends on that row alone: tokens stay batch-independent.
@@ -22,6 +23,7 @@ from baton.errors import InvalidArgument
 from baton.sampling import InvalidParam
 
 CACHED_SCHEMAS = 64
+WHAT = {"json_schema": "a JSON schema", "regex": "a regular expression", "grammar": "a grammar"}
 
 
 class Grammars:
@@ -30,31 +32,39 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._compiler = None
-        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str], object] = OrderedDict()   # (kind, text) -> compiled
         self._lock = threading.Lock()
 
-    def compile(self, schema: str):
-        """The schema's compiled grammar; InvalidParam if this model or xgrammar cannot use it."""
+    def compile(self, kind: str, text: str):
+        """The compiled grammar of a constraint (kind: json_schema, regex or grammar); InvalidParam
+        naming the kind if this model or xgrammar cannot use it."""
         if self.tokenizer is None:
-            raise InvalidParam("json_schema", "this model has no tokenizer, so its output cannot follow a JSON schema")
+            raise InvalidParam(kind, f"this model has no tokenizer, so its output cannot follow {WHAT[kind]}")
+        key = (kind, text)
         with self._lock:
-            if schema in self._compiled:
-                self._compiled.move_to_end(schema)
-                return self._compiled[schema]
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
             try:
                 import xgrammar as xgr
             except ImportError:
-                raise InvalidParam("json_schema", "this server cannot follow JSON schemas: install xgrammar "
-                                                  "(pip install --no-deps xgrammar==0.1.25)") from None
+                raise InvalidParam(kind, f"this server cannot follow {WHAT[kind]}: install xgrammar "
+                                         "(pip install --no-deps xgrammar==0.1.25)") from None
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.eos_ids or None)
                 self._compiler = xgr.GrammarCompiler(info)
             try:
-                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
-            except Exception as e:   # xgrammar raises RuntimeError / ValueError for schemas it cannot use
-                raise InvalidParam("json_schema", f"the JSON schema cannot be used: {_first_line(e)}") from None
-            self._compiled[schema] = compiled
+                if kind == "json_schema":
+                    compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
+                elif kind == "regex":
+                    compiled = self._compiler.compile_regex(text)
+                else:
+                    compiled = self._compiler.compile_grammar(text)
+            except Exception as e:   # xgrammar raises RuntimeError / ValueError for what it cannot use
+                what = "the JSON schema" if kind == "json_schema" else f"the {kind}"
+                raise InvalidParam(kind, f"{what} cannot be used: {_first_line(e)}") from None
+            self._compiled[key] = compiled
             if len(self._compiled) > CACHED_SCHEMAS:
                 self._compiled.popitem(last=False)
             return compiled
@@ -67,16 +77,17 @@ def _first_line(e: Exception) -> str:
 
 
 def check(params, grammars: Grammars | None) -> None:
-    """A worker's check of a request's schema before it queues (its compile is cached for the rows)."""
-    if params.json_schema:
+    """A worker's check of a request's constraint before it queues (its compile is cached for the rows)."""
+    if params.constraint:
+        kind, text = params.constraint
         if grammars is None:
-            raise InvalidParam("json_schema", "no schema compiler here: the output cannot follow a JSON schema")
-        grammars.compile(params.json_schema)
+            raise InvalidParam(kind, f"no grammar compiler here: the output cannot follow {WHAT[kind]}")
+        grammars.compile(kind, text)
 
 
 def check_request(params, vocab_size: int, grammars: Grammars | None) -> None:
     """What a worker checks of a request's sampling before it queues: every range, logit_bias's ids
-    against its vocabulary, the schema against its tokenizer; INVALID_ARGUMENT naming the field."""
+    against its vocabulary, a constraint against its tokenizer; INVALID_ARGUMENT naming the field."""
     try:
         params.validate(vocab_size)
         check(params, grammars)

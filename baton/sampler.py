@@ -11,8 +11,8 @@ presence penalties over output tokens (OpenAI: logit - frequency * count - prese
 Then temperature, top-k, top-p. A request carries its prompt and output ids everywhere (a
 migrated request's output ids travel as `generated_token_ids`), so this state is never lost.
 
-Last, a row with a `json_schema` has every token that would leave the schema's grammar masked
-(baton/grammar.py), from its own output alone.
+Last, a row held to a constraint (a `json_schema`, `regex` or `grammar`) has every token that would
+leave it masked (baton/grammar.py), from its own output alone.
 
 Log-probabilities are those of the raw model logits (log-softmax before any processor or
 temperature, vLLM's default `raw_logprobs`), in float64 for a float64 model and float32 otherwise.
@@ -34,7 +34,7 @@ class Row(Protocol):
     prompt_ids: list[int]
     output_ids: list[int]
     sampler_state: "TokenCounts | None"     # kept here between steps
-    grammar_state: RowGrammar | None        # likewise, for a json_schema
+    grammar_state: RowGrammar | None        # likewise, for a constraint (json_schema, regex, grammar)
 
 
 class TokenCounts:
@@ -93,7 +93,7 @@ def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int],
         if p.frequency_penalty or p.presence_penalty:
             counts = h.counts.to(x.dtype)                                     # (V,)
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
-    if p.json_schema:
+    if p.constraint:
         allowed = _grammar(row, grammars, x.shape[-1]).allowed(row.output_ids, x.shape[-1], dev)   # (V,)
         x = x.masked_fill(~allowed, float("-inf"))
     return x
@@ -102,7 +102,7 @@ def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int],
 def _grammar(row: Row, grammars: Grammars | None, vocab: int) -> RowGrammar:
     if row.grammar_state is None:
         check(row.params, grammars)   # the workers did at arrival; an in-process caller may not have
-        row.grammar_state = RowGrammar(grammars.compile(row.params.json_schema), vocab)
+        row.grammar_state = RowGrammar(grammars.compile(*row.params.constraint), vocab)
     return row.grammar_state
 
 

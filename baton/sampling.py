@@ -14,7 +14,8 @@ MAX_LOGPROBS = 20            # most likely tokens returned per token (OpenAI's t
 MAX_LOGIT_BIAS = 1024        # entries in logit_bias
 PENALTY_RANGE = 2.0          # presence / frequency penalties in [-2, 2] (OpenAI)
 MAX_REPETITION_PENALTY = 10.0
-MAX_SCHEMA_CHARS = 65536     # a json_schema's length
+MAX_SCHEMA_CHARS = 65536     # a json_schema's, regex's or grammar's length
+CONSTRAINTS = ("json_schema", "regex", "grammar")   # what the output may be held to (baton/grammar.py)
 
 
 class InvalidParam(ValueError):
@@ -48,6 +49,13 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token_id, bias in [-100, 100]) added to the logits
     logprobs: int | None = None       # None: none; k: the chosen token's logprob and the k most likely
     json_schema: str = ""             # "": free text; else a JSON schema the output follows (baton/grammar.py)
+    regex: str = ""                   # "": free text; else a regular expression the whole output matches
+    grammar: str = ""                 # "": free text; else an EBNF grammar (its `root` rule) the output follows
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of what the output is held to: json_schema, regex or grammar; None for free text."""
+        return next(((k, getattr(self, k)) for k in CONSTRAINTS if getattr(self, k)), None)
 
     @property
     def greedy(self) -> bool:
@@ -57,7 +65,7 @@ class SamplingParams:
     def processed(self) -> bool:
         """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias or self.json_schema)
+                    or self.min_tokens or self.logit_bias or self.constraint)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidParam naming the field and its allowed range. With `vocab_size`, logit_bias's
@@ -102,15 +110,25 @@ class SamplingParams:
             if not (math.isfinite(bias) and -100 <= bias <= 100):
                 raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} "
                                    f"for token {token}")
+        self._validate_constraint()
+
+    def _validate_constraint(self) -> None:
+        """At most one constraint, of at most MAX_SCHEMA_CHARS; a schema a JSON object. Whether it
+        compiles is the workers' to say (their tokenizer's)."""
+        given = [k for k in CONSTRAINTS if getattr(self, k)]
+        if len(given) > 1:
+            raise InvalidParam(given[1], f"{given[1]} cannot be combined with {given[0]}: send one constraint")
+        for kind in given:
+            text = getattr(self, kind)
+            if len(text) > MAX_SCHEMA_CHARS:
+                what = "the JSON schema" if kind == "json_schema" else f"the {kind}"
+                raise InvalidParam(kind, f"{what} has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
         if self.json_schema:
             _check_schema(self.json_schema)
 
 
 def _check_schema(schema: str) -> None:
-    """A JSON object of at most MAX_SCHEMA_CHARS; whether its features compile is the workers' to say."""
-    if len(schema) > MAX_SCHEMA_CHARS:
-        raise InvalidParam("json_schema", f"the JSON schema has {len(schema)} characters; "
-                                          f"at most {MAX_SCHEMA_CHARS}")
+    """A JSON object (its length is checked with the other constraints')."""
     try:
         parsed = json.loads(schema)
     except ValueError as e:
@@ -122,3 +140,9 @@ def _check_schema(schema: str) -> None:
 def bias_pairs(bias: dict) -> tuple[tuple[int, float], ...]:
     """A {token_id: bias} mapping as SamplingParams holds it: sorted (token_id, bias) pairs."""
     return tuple(sorted((int(k), float(v)) for k, v in bias.items()))
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The EBNF grammar (xgrammar's) whose outputs are exactly the given strings (vLLM's
+    guided_choice): each a JSON-escaped literal, which xgrammar's string literals read alike."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)

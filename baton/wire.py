@@ -18,7 +18,7 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
         stop=list(p.stop), ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
-        logit_bias=dict(p.logit_bias), json_schema=p.json_schema)
+        logit_bias=dict(p.logit_bias), json_schema=p.json_schema, regex=p.regex, grammar=p.grammar)
     if p.logprobs is not None:
         m.logprobs = p.logprobs
     return m
@@ -35,7 +35,7 @@ def _processors(m) -> dict:
     return dict(presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
                 repetition_penalty=m.repetition_penalty or 1.0, min_tokens=m.min_tokens,
                 logit_bias=bias_pairs(m.logit_bias), logprobs=m.logprobs if m.HasField("logprobs") else None,
-                json_schema=m.json_schema)
+                json_schema=m.json_schema, regex=m.regex, grammar=m.grammar)
 
 
 def sampling_from_request(r, base: SamplingParams, vocab_size: int | None = None) -> SamplingParams:

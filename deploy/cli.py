@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from baton.model_loader import DTYPES
+from baton.sampling import choice_grammar
 
 
 ROUTER = "127.0.0.1:50051"
@@ -49,9 +50,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence token before this many tokens")
     p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
                    help="add BIAS (-100 to 100) to a token's logit (repeatable) (default: none)")
-    p.add_argument("--json-schema", default="",
-                   help="a JSON schema (text, or @FILE) the output must follow: constrained decoding "
-                        "(default: free text)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--json-schema", default="",
+                      help="a JSON schema (text, or @FILE) the output must follow: constrained decoding "
+                           "(default: free text)")
+    held.add_argument("--regex", default="", help="a regular expression the whole output must match")
+    held.add_argument("--grammar", default="",
+                      help="an EBNF grammar (text, or @FILE; xgrammar's syntax, rule `root`) the output must follow")
+    held.add_argument("--choice", action="append", default=[],
+                      help="the output is exactly one of these strings (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
@@ -212,19 +219,22 @@ def _sampling_fields(args) -> dict:
               top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
               repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
-              logit_bias=_logit_bias(args.logit_bias), json_schema=_json_schema(args.json_schema))
+              logit_bias=_logit_bias(args.logit_bias), json_schema=_text_or_file("--json-schema", args.json_schema),
+              regex=args.regex, grammar=_text_or_file("--grammar", args.grammar))
+    if args.choice:
+        kw["grammar"] = choice_grammar(args.choice)
     if args.seed is not None:
         kw["seed"] = args.seed
     return kw
 
 
-def _json_schema(value: str) -> str:
+def _text_or_file(flag: str, value: str) -> str:
     if not value.startswith("@"):
         return value
     try:
         return Path(value[1:]).read_text()
     except OSError as e:
-        raise ValueError(f"--json-schema {value}: {e.strerror}") from None
+        raise ValueError(f"{flag} {value}: {e.strerror}") from None
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
@@ -281,7 +291,7 @@ def cmd_generate(args) -> int:
     try:
         try:
             params.validate(loop.engine.runner.vocab_size)   # logit_bias's token ids, now the vocabulary is known
-            grammar.check(params, model.grammars)             # the schema compiles for this tokenizer
+            grammar.check(params, model.grammars)             # the constraint compiles for this tokenizer
         except ValueError as e:
             print(f"baton: {e}", file=sys.stderr)
             return 2

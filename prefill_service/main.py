@@ -17,7 +17,7 @@ def build(args: argparse.Namespace) -> Served:
     from baton.model_runner import ModelRunner
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
-    # the tokenizer's EOS too; grammars for requests with a json_schema
+    # the tokenizer's EOS too; grammars for constrained requests
     prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars))
     server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
                          **security(args))

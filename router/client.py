@@ -43,7 +43,8 @@ class RouterClient:
         """Stream the completion. Fields (GenerateRequest's): max_new_tokens, temperature, top_p, top_k, seed,
         stop, raw, ignore_eos, logit_bias ({token_id: bias}), min_tokens, repetition_penalty,
         frequency_penalty, presence_penalty, logprobs (k: each message's `logprobs` has one TokenLogprobs
-        per token id), json_schema (a JSON schema the output follows)."""
+        per token id), json_schema (a JSON schema the output follows), regex (a regular expression the
+        whole output matches), grammar (an EBNF grammar whose root rule the output follows)."""
         yield from self.generate_stream(prompt, timeout=timeout, **fields)
 
     def complete(self, prompt: str | list[int] = "", **fields) -> tuple[str, list[int], router_pb2.GenerateResponse]:

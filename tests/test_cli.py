@@ -219,7 +219,7 @@ def test_generate_local_honours_the_sampling_flags_and_refuses_bad_ones(tmp_path
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_generate_local_follows_a_json_schema_and_refuses_one_it_cannot_use(tmp_path, capsys):
+def test_generate_local_follows_a_json_schema_a_choice_or_a_regex_and_refuses_what_it_cannot_use(tmp_path, capsys):
     import json
 
     from tiny_model import save_char_tokenizer, save_tiny
@@ -231,6 +231,12 @@ def test_generate_local_follows_a_json_schema_and_refuses_one_it_cannot_use(tmp_
     base = ["generate", "ab", "--local", "--raw", "--model", model, "--max-new-tokens", "20"]
     assert main([*base, "--json-schema", f"@{schema}"]) == 0
     assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
-    assert main([*base, "--json-schema", '{"type": "nonsense"}']) == 2
-    err = capsys.readouterr().err
-    assert "nonsense" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert main([*base, "--choice", "yes", "--choice", 'no "way"']) == 0
+    assert capsys.readouterr().out.strip() in ("yes", 'no "way"')
+    assert main([*base, "--regex", "[0-9]{3}-[a-z]{2}"]) == 0
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", capsys.readouterr().out.strip())
+    for bad, words in ((["--json-schema", '{"type": "nonsense"}'], "nonsense"), (["--regex", "[a-"], "regex"),
+                       (["--grammar", "root ::= ("], "grammar")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and ".cc:" not in err and len(err.strip().splitlines()) == 1, err

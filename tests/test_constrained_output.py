@@ -1,11 +1,13 @@
-"""Constrained decoding (json_schema; the HTTP API's response_format and guided_json): the output
-follows the schema, token for token what an independent reference gives (transformers' forward
-pass, xgrammar's matcher, argmax), whatever the batch-mates, in process, in both topologies and
-through the HTTP API; schemas nobody can use are refused naming the field."""
+"""Constrained decoding (json_schema, regex, grammar; the HTTP API's response_format, guided_json,
+guided_regex, guided_choice, guided_grammar and structured_outputs): the output follows its
+constraint, token for token what an independent reference gives (transformers' forward pass,
+xgrammar's matcher, argmax), whatever the batch-mates, in process, in both topologies and through
+the HTTP API; constraints nobody can use are refused naming the field."""
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import openai
 import pytest
@@ -16,13 +18,15 @@ from baton.engine import Engine
 from baton.grammar import Grammars, RowGrammar, check
 from baton.model_loader import load_model
 from baton.request import FinishReason
-from baton.sampling import InvalidParam, SamplingParams
+from baton.sampling import InvalidParam, SamplingParams, choice_grammar
 from loopback import loopback_cluster
 from tiny_model import EOS, save_char_tokenizer, save_tiny
 
 SCHEMA = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"},
                                                       "pick": {"enum": ["red", "green", "blue"]}},
                      "required": ["ok", "pick"], "additionalProperties": False})
+REGEX = "[0-9]{3}-[a-z]{2,4}"
+CHOICES = ["red", 'say "hi"', "blue\\green"]
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,15 @@ def model(model_dir):
     return load_model(model_dir, "float64", "cpu")
 
 
-def reference(model, prompt: list[int], schema: str, max_new_tokens: int) -> list[int]:
-    """Greedy under the schema, computed apart from the engine: a full forward pass per token."""
+def reference(model, prompt: list[int], constraint: tuple[str, str], max_new_tokens: int) -> list[int]:
+    """Greedy under the constraint (kind, text), computed apart from the engine: a full forward pass per token."""
     import xgrammar as xgr
     vocab = model.model.config.vocab_size
     info = xgr.TokenizerInfo.from_huggingface(model.tokenizer, vocab_size=vocab, stop_token_ids=sorted(model.eos_ids))
-    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False))
+    compiler, (kind, text) = xgr.GrammarCompiler(info), constraint
+    compiled = {"json_schema": lambda: compiler.compile_json_schema(text, any_whitespace=False),
+                "regex": lambda: compiler.compile_regex(text), "grammar": lambda: compiler.compile_grammar(text)}[kind]()
+    matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, vocab)
     ids, out = list(prompt), []
     while len(out) < max_new_tokens:
@@ -64,20 +71,26 @@ def _follows(text: str) -> bool:
     return set(value) == {"ok", "pick"} and isinstance(value["ok"], bool) and value["pick"] in ("red", "green", "blue")
 
 
-def test_engine_output_follows_the_schema_and_equals_the_reference_whatever_the_batch_mates(model):
+def test_engine_output_follows_its_constraint_and_equals_the_reference_whatever_the_batch_mates(model):
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 98) for _ in range(rng.randint(2, 30))] for _ in range(7)]
-    schemas = [SCHEMA, "", SCHEMA, '{"type": "object"}', "", SCHEMA, ""]
-    # 3 rows for 7 queries: constrained and free rows join and leave around each other
+    constraints = [("json_schema", SCHEMA), None, ("regex", REGEX), ("json_schema", '{"type": "object"}'), None,
+                   ("grammar", choice_grammar(CHOICES)), ("json_schema", SCHEMA), None, ("regex", REGEX)]
+    prompts = [[rng.randrange(3, 98) for _ in range(rng.randint(2, 30))] for _ in constraints]
+    # 3 rows for 9 queries: constrained and free rows join and leave around each other
     engine = Engine(model, EngineConfig(max_batch=3, max_queue=len(prompts)))
-    done = engine.generate(prompts, [SamplingParams(max_new_tokens=40, json_schema=s) for s in schemas])
-    for r, p, s in zip(done, prompts, schemas):
-        if not s:
+    done = engine.generate(prompts, [SamplingParams(max_new_tokens=40, **dict([c] if c else []))
+                                     for c in constraints])
+    for r, p, c in zip(done, prompts, constraints):
+        if not c:
             continue
-        assert r.output_ids == reference(model, p, s, 40), r.request_id
+        assert r.output_ids == reference(model, p, c, 40), r.request_id
         text = model.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        if s == SCHEMA:   # bounded: it must end, and follow the schema
+        if c[1] == SCHEMA:   # bounded: it must end, and follow the schema
             assert r.finish_reason is FinishReason.STOP and _follows(text), text
+        elif c[0] == "regex":
+            assert r.finish_reason is FinishReason.STOP and re.fullmatch(REGEX, text), text
+        elif c[0] == "grammar":
+            assert r.finish_reason is FinishReason.STOP and text in CHOICES, text
         elif r.finish_reason is FinishReason.STOP:   # any object: a random model may still be writing one
             assert isinstance(json.loads(text), dict), text
 
@@ -85,7 +98,7 @@ def test_engine_output_follows_the_schema_and_equals_the_reference_whatever_the_
 def test_a_row_grammar_rebuilt_from_its_output_masks_as_the_one_that_followed_every_step(model):
     """What a migrated request's new worker does: the matcher replays the output so far."""
     grammars = Grammars(model.tokenizer, model.model.config.vocab_size, model.eos_ids)
-    compiled = grammars.compile(SCHEMA)
+    compiled = grammars.compile("json_schema", SCHEMA)
     output = model.tokenizer.encode('{"ok": true, "pick": "gr', add_special_tokens=False)   # xgrammar's separators
     stepwise = RowGrammar(compiled, 256)
     for n in range(len(output) + 1):
@@ -104,16 +117,25 @@ def test_a_migrated_request_goes_on_under_its_schema(model):
         assert elsewhere.prefill(prompt, params, generated=whole[:k]).token_id == whole[k]
 
 
-@pytest.mark.parametrize("schema, words", [
-    ("not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"), ('{"type": "nonsense"}', "nonsense"),
-    ("{" + '"a": 1, ' * 20000 + '"b": 2}', "at most 65536"),
+@pytest.mark.parametrize("field, text, words", [
+    ("json_schema", "not json", "not valid JSON"), ("json_schema", "[1, 2]", "must be a JSON object"),
+    ("json_schema", '{"type": "nonsense"}', "nonsense"),
+    ("json_schema", "{" + '"a": 1, ' * 20000 + '"b": 2}', "at most 65536"),
+    ("regex", "[a-", "the regex cannot be used"), ("regex", "a" * 70000, "at most 65536"),
+    ("grammar", "root ::= (", "the grammar cannot be used"), ("grammar", 'start ::= "a"', "root"),
 ])
-def test_a_schema_nobody_can_use_is_refused_naming_the_field(model, schema, words):
+def test_a_constraint_nobody_can_use_is_refused_naming_the_field(model, field, text, words):
     with pytest.raises(InvalidParam) as e:
-        params = SamplingParams(json_schema=schema)
+        params = SamplingParams(**{field: text})
         params.validate()
         check(params, model.grammars)
-    assert e.value.field == "json_schema" and words in str(e.value) and ".cc:" not in str(e.value)
+    assert e.value.field == field and words in str(e.value) and ".cc:" not in str(e.value), str(e.value)
+
+
+def test_two_constraints_at_once_are_refused():
+    with pytest.raises(InvalidParam, match="regex cannot be combined with json_schema") as e:
+        SamplingParams(json_schema=SCHEMA, regex=REGEX).validate()
+    assert e.value.field == "regex"
 
 
 def test_a_model_without_a_tokenizer_refuses_a_schema(tiny):
@@ -123,7 +145,7 @@ def test_a_model_without_a_tokenizer_refuses_a_schema(tiny):
 
 @pytest.mark.slow(20)
 @pytest.mark.parametrize("colocated", [0, 1], ids=["disaggregated", "colocated"])
-def test_response_format_through_the_http_api_in_both_topologies(model_dir, model, colocated):
+def test_every_constraint_field_through_the_http_api_in_both_topologies(model_dir, model, colocated):
     from router.http_gateway import start_gateway
     prompt = "pick one"
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
@@ -137,10 +159,29 @@ def test_response_format_through_the_http_api_in_both_topologies(model_dir, mode
                                           extra_body={"response_format": fmt})
             text = r.choices[0].text
             assert _follows(text) and r.choices[0].finish_reason == "stop"
-            assert model.tokenizer.encode(text, add_special_tokens=False) + [EOS] == reference(model, ids, SCHEMA, 40)
+            encode = lambda t: model.tokenizer.encode(t, add_special_tokens=False)   # noqa: E731
+            assert encode(text) + [EOS] == reference(model, ids, ("json_schema", SCHEMA), 40)
             vllm_style = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0,
                                                    extra_body={"guided_json": json.loads(SCHEMA)})
             assert vllm_style.choices[0].text == text
+            choice = ("grammar", choice_grammar(CHOICES))
+            for extra, constraint in (({"guided_regex": REGEX}, ("regex", REGEX)),
+                                      ({"structured_outputs": {"regex": REGEX}}, ("regex", REGEX)),
+                                      ({"guided_choice": CHOICES}, choice), ({"structured_outputs": {"choice": CHOICES}}, choice),
+                                      ({"guided_grammar": 'root ::= "ok" | [0-9]+'}, ("grammar", 'root ::= "ok" | [0-9]+'))):
+                out = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0,
+                                                extra_body=extra).choices[0]
+                assert out.finish_reason == "stop" and encode(out.text) + [EOS] == reference(model, ids, constraint, 40)
+            for extra, param, words in (({"guided_regex": "[a-"}, "guided_regex", "regex cannot be used"),
+                                        ({"guided_grammar": "root ::= ("}, "guided_grammar", "grammar cannot be used"),
+                                        ({"guided_choice": []}, "guided_choice", "non-empty list"),
+                                        ({"guided_regex": REGEX, "response_format": {"type": "json_object"}},
+                                         "guided_regex", "send one of response_format, guided_regex"),
+                                        ({"structured_outputs": {"regex": REGEX, "choice": CHOICES}},
+                                         "structured_outputs", "exactly one")):
+                with pytest.raises(openai.BadRequestError) as e:
+                    client.completions.create(model=name, prompt=prompt, max_tokens=4, extra_body=extra)
+                assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
             for bad, words in (({"type": "json_schema", "json_schema": {"name": "x"}}, "schema"),
                                ({"type": "json_schema", "json_schema": "not an object"}, "schema"),
                                ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "nonsense"),

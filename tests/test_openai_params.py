@@ -61,11 +61,11 @@ def _create(oa: OpenAI, kind: str, **fields):
 REJECTED = [
     ("chat", "tools", [TOOL]), ("chat", "tool_choice", "required"), ("chat", "tool_choice", "auto"),
     ("chat", "min_p", 0.1),
-    ("chat", "stop_token_ids", [5]), ("chat", "guided_regex", "a+"), ("chat", "echo", True),
+    ("chat", "stop_token_ids", [5]), ("chat", "allowed_token_ids", [5]), ("chat", "echo", True),
     ("chat", "add_generation_prompt", False), ("chat", "reasoning_effort", "high"),
     ("completions", "echo", True),
     ("completions", "suffix", "w9"), ("completions", "best_of", 2),
-    ("completions", "guided_choice", ["a"]), ("completions", "use_beam_search", True),
+    ("completions", "prompt_logprobs", 1), ("completions", "use_beam_search", True),
     ("completions", "skip_special_tokens", False), ("completions", "include_stop_str_in_output", True),
 ]
 

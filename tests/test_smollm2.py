@@ -56,3 +56,19 @@ def test_a_json_schema_holds_the_real_model_to_it(smollm2):
     value = json.loads(smollm2.tokenizer.decode(r.output_ids, skip_special_tokens=True))
     assert set(value) == {"name", "age", "city"} and isinstance(value["age"], int)
     assert r.output_ids[-1] in smollm2.eos_ids
+
+
+def test_a_choice_and_a_regex_hold_the_real_model_to_them(smollm2):
+    """The same vocabulary under a grammar of choices and a regular expression, in one batch."""
+    import re
+
+    from baton.sampling import choice_grammar
+    choices = ["positive", "negative", "neutral"]
+    prompts = [encode_prompt(smollm2.tokenizer, "Is 'I loved this film' positive, negative or neutral?"),
+               encode_prompt(smollm2.tokenizer, "Give a date in the form YYYY-MM-DD.")]
+    rs = Engine(smollm2, EngineConfig(max_batch=2)).generate(
+        prompts, [SamplingParams(max_new_tokens=12, grammar=choice_grammar(choices)),
+                  SamplingParams(max_new_tokens=16, regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")])
+    texts = [smollm2.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rs]
+    assert texts[0] in choices and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", texts[1]), texts
+    assert all(r.output_ids[-1] in smollm2.eos_ids for r in rs)

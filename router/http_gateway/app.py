@@ -86,7 +86,7 @@ class BodyLimit:
 
 def _generate_request(gw: Gateway, body: GenerateBody, fields: dict, max_tokens: int | None, chat: bool):
     sampling = body.sampling_fields(max_tokens)
-    check_sampling(sampling, chat)
+    check_sampling(sampling, chat, body.constraint_param)
     req = router_pb2.GenerateRequest(request_id=uuid.uuid4().hex, **fields, **sampling)
     size = req.ByteSize()
     if size > gw.max_message_bytes:   # gRPC would refuse to send it, as RESOURCE_EXHAUSTED (a 429)

@@ -23,7 +23,8 @@ HTTP_OF = {
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
 # Router error messages name its fields; the HTTP API names some of them differently.
-PARAM_OF = (("JSON schema", "response_format"), ("the prompt has", "prompt"), ("min_tokens", "min_tokens"),
+PARAM_OF = (("JSON schema", "response_format"), ("the regex", "guided_regex"), ("the grammar", "guided_grammar"),
+            ("the prompt has", "prompt"), ("min_tokens", "min_tokens"),
             ("logit_bias", "logit_bias"), ("repetition_penalty", "repetition_penalty"),
             ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
             ("logprobs", "logprobs"), ("max_new_tokens", "max_tokens"), ("temperature", "temperature"),

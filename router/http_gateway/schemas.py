@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from baton.sampling import InvalidParam, SamplingParams, bias_pairs
+from baton.sampling import CONSTRAINTS, InvalidParam, SamplingParams, bias_pairs, choice_grammar
 from router.http_gateway import unsupported
 from router.http_gateway.errors import APIError
 
@@ -98,9 +98,15 @@ class GenerateBody(BaseModel):
     top_k: int | None = Field(None, ge=0, le=U32_MAX)
     ignore_eos: bool = False
     return_token_ids: bool = False
-    # Constrained output: OpenAI's response_format, or vLLM's guided_json (a schema)
+    # Constrained output (one of): OpenAI's response_format; vLLM's guided_json (a schema),
+    # guided_regex, guided_choice, guided_grammar (EBNF), or its newer structured_outputs holding one
+    # of json, regex, choice, grammar, json_object
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -116,28 +122,31 @@ class GenerateBody(BaseModel):
         """How many most likely tokens to return per token (None: no logprobs)."""
         return None
 
-    def json_schema(self) -> str:
-        """The JSON schema the output must follow ("" for free text): response_format's json_object
-        is any JSON object, json_schema its `schema`; vLLM's guided_json the schema itself."""
-        if self.guided_json is not None:
-            if self.response_format and self.response_format.get("type") != "text":
-                raise APIError(400, "send response_format or guided_json, not both", param="guided_json",
-                               code="invalid_value")
-            return self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
-        kind = (self.response_format or {}).get("type", "text")
-        if kind == "text":
-            return ""
-        if kind == "json_object":
-            return '{"type": "object"}'
-        if kind == "json_schema":
-            spec = (self.response_format or {}).get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
-                               param="response_format", code="invalid_value")
-            return json.dumps(schema)
-        raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
-                       param="response_format", code="invalid_value")
+    @property
+    def constraint_param(self) -> str:
+        """The field that holds the output's constraint, as the API spells it (errors name it)."""
+        given = self._constraint_sources()
+        return given[0][0] if given else "response_format"
+
+    def _constraint_sources(self) -> list[tuple[str, Any]]:
+        given = [(name, getattr(self, name)) for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        return [(n, v) for n, v in given if not (n == "response_format" and v.get("type", "text") == "text")]
+
+    def constraint(self) -> dict[str, str]:
+        """The GenerateRequest field that holds the output to a constraint ({} for free text):
+        json_schema, regex or grammar, from whichever one of the API's fields was sent."""
+        given = self._constraint_sources()
+        if len(given) > 1:
+            raise APIError(400, f"send one of {', '.join(n for n, _ in given)}: each constrains the output",
+                           param=given[1][0], code="invalid_value")
+        if not given:
+            return {}
+        name, value = given[0]
+        if name == "structured_outputs":
+            return _structured_output(value)
+        if name == "response_format":
+            return _response_format(value)
+        return _constraint(name.removeprefix("guided_"), value, name)
 
     def sampling_fields(self, max_tokens: int | None) -> dict:
         """The GenerateRequest fields other than the prompt (every value in its protobuf range)."""
@@ -146,12 +155,58 @@ class GenerateBody(BaseModel):
                  ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty or 0.0,
                  frequency_penalty=self.frequency_penalty or 0.0,
                  repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                 min_tokens=self.min_tokens or 0, logit_bias=self.logit_bias or {}, json_schema=self.json_schema())
+                 min_tokens=self.min_tokens or 0, logit_bias=self.logit_bias or {}, **self.constraint())
         if self.seed is not None:
             f["seed"] = self.seed
         if self.num_logprobs is not None:
             f["logprobs"] = self.num_logprobs
         return f
+
+
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs")
+
+
+def _response_format(rf: dict) -> dict[str, str]:
+    """OpenAI's response_format: json_object is any JSON object, json_schema its `schema`."""
+    kind = rf.get("type", "text")
+    if kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                           param="response_format", code="invalid_value")
+        return {"json_schema": json.dumps(schema)}
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                   param="response_format", code="invalid_value")
+
+
+def _structured_output(so: dict) -> dict[str, str]:
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+    given = {k: v for k, v in so.items() if v is not None and v is not False}
+    if len(given) != 1 or not set(given) <= {"json", "regex", "choice", "grammar", "json_object"}:
+        raise APIError(400, "structured_outputs must hold exactly one of json, regex, choice, grammar, "
+                       f"json_object; got {sorted(given) or 'none'}", param="structured_outputs", code="invalid_value")
+    (key, value), = given.items()
+    if key == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    return _constraint(key, value, "structured_outputs")
+
+
+def _constraint(kind: str, value: Any, param: str) -> dict[str, str]:
+    """One constraint as the GenerateRequest holds it (a choice as a grammar of its strings)."""
+    if kind == "json":
+        return {"json_schema": value if isinstance(value, str) else json.dumps(value)}
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise APIError(400, f"{param} must be a non-empty list of non-empty strings", param=param,
+                           code="invalid_value")
+        return {"grammar": choice_grammar(value)}
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"{param} must be a non-empty string", param=param, code="invalid_value")
+    return {kind: value}
 
 
 class ContentPart(BaseModel):
@@ -260,7 +315,7 @@ class DetokenizeRequest(BaseModel):
         return v
 
 
-def check_sampling(fields: dict, chat: bool) -> None:
+def check_sampling(fields: dict, chat: bool, constraint_param: str = "response_format") -> None:
     """GenerateRequest fields through the one validation of sampling parameters (SamplingParams.validate),
     its refusal as a 400 naming the field as the HTTP API spells it. A max_tokens left to the server's
     default is checked by the router."""
@@ -271,7 +326,7 @@ def check_sampling(fields: dict, chat: bool) -> None:
         SamplingParams(**kw).validate()
     except InvalidParam as e:
         param = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs" if chat else "logprobs",
-                 "json_schema": "response_format"}.get(e.field, e.field)
+                 **dict.fromkeys(CONSTRAINTS, constraint_param)}.get(e.field, e.field)
         msg = str(e).replace("max_new_tokens", "max_tokens")
         raise APIError(400, param + msg.removeprefix(e.field) if msg.startswith(e.field) else msg, param=param,
                        code="invalid_value") from None

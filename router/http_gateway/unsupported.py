@@ -20,7 +20,7 @@ Rule = tuple[tuple[Any, ...], str]
 
 # Honoured (in schemas.py, checked by baton.sampling.SamplingParams.validate): n, logprobs, top_logprobs,
 # presence_penalty, frequency_penalty, logit_bias, response_format, and vLLM's repetition_penalty,
-# min_tokens and guided_json.
+# min_tokens, guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs.
 COMMON: dict[str, Rule] = {
     # OpenAI
     "echo": ((False,), "echo the prompt"),
@@ -37,10 +37,6 @@ COMMON: dict[str, Rule] = {
     "logits_processors": (([],), "run custom logits processors"),
     "prompt_logprobs": ((), "return the prompt's log-probabilities"),
     "truncate_prompt_tokens": ((), "truncate the prompt"),
-    "guided_regex": ((), "constrain the output to a regular expression"),
-    "guided_choice": ((), "constrain the output to a list of choices"),
-    "guided_grammar": ((), "constrain the output to a grammar"),
-    "structured_outputs": ((), "constrain the output"),
 }
 
 CHAT: dict[str, Rule] = {
