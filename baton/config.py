@@ -14,3 +14,4 @@ class EngineConfig:
     max_new_tokens_limit: int = 4096  # the largest max_new_tokens a request may ask for
     prefill_chunk_tokens: int = 512   # prompt tokens prefilled per step, in chunks (in-process / colocated)
     kv_col_chunk: int = 64            # cache columns preallocated at a time
+    prefix_cache_mb: int = 256        # K/V of prompt prefixes kept for later prompts (baton/prefix_cache.py); 0 = off

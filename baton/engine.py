@@ -22,6 +22,7 @@ from baton.grammar import Grammars
 from baton.kv_cache import BatchKVCache
 from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
+from baton.prefix_cache import PrefixCache
 from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampler import sample_rows
 from baton.sampling import Logprobs, SamplingParams
@@ -36,8 +37,10 @@ class PrefillOutput:
 
 
 class Prefiller:
-    def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None, grammars: Grammars | None = None):
+    def __init__(self, runner: ModelRunner, eos_ids: frozenset[int] | None = None, grammars: Grammars | None = None,
+                 prefixes: PrefixCache | None = None):
         self.runner, self.grammars = runner, grammars   # grammars: for requests with a constraint
+        self.prefixes = prefixes or PrefixCache(0)
         # min_tokens masks EOS on the first token too (the model's own EOS ids unless told)
         self.eos_ids = eos_ids_of(runner.hf, None) if eos_ids is None else eos_ids
 
@@ -46,12 +49,18 @@ class Prefiller:
         return self.prefill_many([Request("", list(prompt_ids), params, output_ids=list(generated))])[0]
 
     def prefill_many(self, reqs: list[Request]) -> list[PrefillOutput]:
-        """Several queries in one pass, each on its own (see ModelRunner.prefill_many)."""
-        outs = self.runner.prefill_many([r.all_ids for r in reqs])
-        if not outs:
+        """Several queries in one pass, each on its own; a cached prefix of one is not computed again."""
+        if not reqs:
             return []
-        picks = sample_rows(torch.stack([lg for lg, _ in outs]), reqs, self.eos_ids, self.grammars)  # logits (n, V)
-        return [PrefillOutput(t, kv, lp) for (t, lp), (_, kv) in zip(picks, outs)]
+        chunks = []
+        for r in reqs:
+            kv, cached = self.prefixes.new_kv(self.runner, r.all_ids)
+            chunks.append(PromptChunk(r.all_ids[cached:], cached, kv))
+        _, logits = self.runner.forward([], None, chunks)
+        for r, c in zip(reqs, chunks):
+            self.prefixes.add(r.all_ids, c.kv)
+        picks = sample_rows(torch.stack(logits), reqs, self.eos_ids, self.grammars)  # logits (n, V)
+        return [PrefillOutput(t, c.kv, lp) for (t, lp), c in zip(picks, chunks)]
 
 
 class DecodeBatch:
@@ -144,9 +153,10 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         self.runner = ModelRunner(model.model)
-        self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars)
+        self.prefixes = PrefixCache(config.prefix_cache_mb << 20)   # shared with the prefiller: one thread runs both
+        self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars, self.prefixes)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
-        self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens)
+        self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens, self._start_prompt)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running
         self.prompt_kv: dict[str, torch.Tensor] = {}    # (L, 2, Hkv, P, D) of each prompt being prefilled here
         self.counts = collections.Counter()
@@ -195,14 +205,18 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.requests)
 
+    def _start_prompt(self, req: Request) -> int:
+        """A prompt starts its prefill here: its K/V buffer, with the longest cached prefix copied
+        in; returns that prefix's length (the scheduler prefills from there)."""
+        self.prompt_kv[req.request_id], cached = self.prefixes.new_kv(self.runner, req.all_ids)
+        return cached
+
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.plan(len(self.batch))
-        for req in plan.started:
-            self.prompt_kv[req.request_id] = self.runner.new_kv(len(req.all_ids))
         chunks = [(p.req, PromptChunk(p.ids, p.start, self.prompt_kv[p.req.request_id])) for p in plan.pieces]
         for p in plan.pieces:
-            if p.last:   # its K/V joins the batch in this step
-                del self.prompt_kv[p.req.request_id]
+            if p.last:   # its K/V joins the batch in this step (a copy): the cache keeps the buffer
+                self.prefixes.add(p.req.all_ids, self.prompt_kv.pop(p.req.request_id))
         events = self.batch.admit_group(plan.joining) + self.batch.step(chunks)
         for e in events:
             if e.finish_reason is not None:
@@ -212,7 +226,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.batch), "waiting": self.num_waiting, "batch_width": self.batch.cache.width,
-                "kv_cache_bytes": self.batch.cache.nbytes(), "kv_used_bytes": self.batch.cache.used_bytes(), **self.counts}
+                "kv_cache_bytes": self.batch.cache.nbytes(), "kv_used_bytes": self.batch.cache.used_bytes(),
+                **self.prefixes.stats(), **self.counts}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (tests, `baton generate --local`)."""

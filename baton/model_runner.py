@@ -157,12 +157,6 @@ class ModelRunner:
         return torch.empty(self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim,
                            dtype=self.dtype, device=self.device)
 
-    def prefill_many(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several whole prompts in one pass, each on its own -> per prompt (last logits (V,), K/V)."""
-        chunks = [PromptChunk(list(p), 0, self.new_kv(len(p))) for p in prompts]
-        _, logits = self.forward([], None, chunks)
-        return [(lg, c.kv) for lg, c in zip(logits, chunks)]
-
     @torch.no_grad()
     def forward(self, tokens: list[int], cache: BatchKVCache | None, chunks: list[PromptChunk]):
         """One pass over the weights for a decode step of the batch and prompt chunks.

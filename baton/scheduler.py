@@ -9,6 +9,7 @@ from its one exit, `Engine.finish_and_free`.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,10 @@ class Scheduler:
     """FIFO queues: prompts to prefill here (`waiting`, then `prefilling` over several steps) and
     requests prefilled elsewhere (`prefilled`). A prompt being prefilled holds the row it will take."""
 
-    def __init__(self, max_rows: int, max_queue: int, chunk_tokens: int):
+    def __init__(self, max_rows: int, max_queue: int, chunk_tokens: int,
+                 start_prompt: Callable[[Request], int] = lambda req: 0):
         self.max_rows, self.max_queue, self.chunk_tokens = max_rows, max_queue, chunk_tokens
+        self.start_prompt = start_prompt   # the engine's: how many of a starting prompt's tokens it holds already
         self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()
         self.prefilling: collections.OrderedDict[str, Request] = collections.OrderedDict()
         self.progress: dict[str, int] = {}       # request_id -> prompt tokens prefilled so far
@@ -106,6 +109,6 @@ class Scheduler:
             req = self.waiting.popitem(last=False)[1]
             req.status = Status.PREFILLING
             self.prefilling[req.request_id] = req
-            self.progress[req.request_id] = 0
+            self.progress[req.request_id] = self.start_prompt(req)   # a cached prefix is not prefilled again
             started.append(req)
             yield req

@@ -47,6 +47,9 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
                    help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "
                         "decode workers their own cores on one machine")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept (default: %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="MiB of prompt-prefix K/V kept so that prompts starting alike (a system prompt, earlier "
+                        "turns) prefill only the rest; 0 = off (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     if role == "decode":
         p.add_argument("--colocated", action="store_true",

@@ -21,7 +21,7 @@ def build(args: argparse.Namespace) -> Served:
     from baton.request import Request
     from baton.sampling import SamplingParams
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                       max_batch=args.max_batch, max_queue=args.max_queue)
+                       max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
     server, port = serve(loop, args.host, args.port, lease_s=args.lease_s, colocated=args.role == "colocated",

@@ -247,7 +247,8 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
         attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
-        faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch)
+        faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch,
+        prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"])
 
 
 class ColocatedPrefill:

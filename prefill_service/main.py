@@ -15,10 +15,12 @@ def build(args: argparse.Namespace) -> Served:
     from baton.engine import Prefiller
     from baton.model_loader import load_model
     from baton.model_runner import ModelRunner
+    from baton.prefix_cache import PrefixCache
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
     # the tokenizer's EOS too; grammars for constrained requests
-    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars))
+    prefixes = PrefixCache(args.prefix_cache_mb << 20)
+    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars, prefixes))
     server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
                          **security(args))
     return Served(args.role, port, lambda grace: server.stop(grace).wait(grace + 1))

@@ -195,7 +195,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
                                                kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
                                                completed=s["prefills"], pid=os.getpid(),
-                                               faults_fired=faults.injector().counts())
+                                               faults_fired=faults.injector().counts(),
+                                               **_prefix_stats(self.worker.prefiller.prefixes.stats()))
 
 
 def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
@@ -209,3 +210,7 @@ def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_c
 
 def add_servicer(worker, server) -> None:
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
+
+
+def _prefix_stats(s: dict) -> dict:
+    return {k: s[k] for k in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens")}

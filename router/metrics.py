@@ -205,6 +205,15 @@ def _families(stats, workers: Iterable, model: str = "") -> list[Metric]:
     for o in _OUTCOMES:
         req.add_metric([o], float(getattr(stats, o, 0)))
     out.append(req)
+    queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the workers' prefix "
+                                  "caches.", labels=_M)
+    hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the workers' prefix caches (not "
+                               "prefilled again).", labels=_M)
+    queries.add_metric(m, float(sum(w.stats.get("prefix_cache_queried_tokens", 0) for w in workers
+                                    if isinstance(w.stats, dict))))
+    hits.add_metric(m, float(sum(w.stats.get("prefix_cache_hit_tokens", 0) for w in workers
+                                 if isinstance(w.stats, dict))))
+    out += [queries, hits]
     running = GaugeMetricFamily("baton_running", "Queries in decode batches.")
     running.add_metric([], float(stats.running))
     waiting = GaugeMetricFamily("baton_waiting", "Accepted queries not yet decoding.")

@@ -139,7 +139,8 @@ class Registry:
 
 
 # What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats), the one list of them.
-STAT_KEYS = ("running", "waiting", "batch_width", "kv_cache_bytes", "kv_used_bytes", "max_batch")
+STAT_KEYS = ("running", "waiting", "batch_width", "kv_cache_bytes", "kv_used_bytes", "max_batch",
+             "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
 
 
 def worker_stats(reply) -> dict:

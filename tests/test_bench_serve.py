@@ -178,7 +178,7 @@ def test_unreachable_server_fails_every_request():
     assert r["median_ttft_ms"] is None and "–" in markdown_table({"down": r})
 
 
-def test_random_prompts_have_exact_token_lengths():
+def test_random_prompts_have_exact_token_lengths_and_a_shared_prefix_when_asked():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(50)}}
@@ -193,6 +193,11 @@ def test_random_prompts_have_exact_token_lengths():
     assert [p.text for p in make_prompts(cfg, hf)] == [p.text for p in prompts]
     words = make_prompts(ServeConfig(base_url="-", num_prompts=10, input_len=(5, 30)))
     assert all(len(p.text.split()) == p.prompt_len for p in words)
+    shared = make_prompts(ServeConfig(base_url="-", num_prompts=10, input_len=(5, 30), seed=2, prefix_len=12), hf)
+    head = shared[0].text.split()[:12]
+    assert all(p.text.split()[:12] == head and len(hf.encode(p.text, add_special_tokens=False)) == p.prompt_len
+               and 17 <= p.prompt_len <= 42 for p in shared)
+    assert [p.text.split()[12:] for p in shared] == [p.text.split() for p in prompts]   # the same own parts
 
 
 def test_cli_writes_json_and_table(base_url, tmp_path, capsys):

@@ -44,8 +44,10 @@ def _stats(workers) -> dict[str, prefill_pb2.WorkerStatsResponse]:
 
 
 def _drained(c: RouterClient, workers) -> bool:
+    """Router books and loads at 0, every worker live again in its registry (a mended link is seen at
+    the next health check that gets through gRPC's reconnect backoff), every worker's rows and K/V at 0."""
     s = c.stats()
-    return (s.running == 0 and s.waiting == 0 and all(w.load == 0 for w in c.status().workers)
+    return (s.running == 0 and s.waiting == 0 and all(w.load == 0 and w.alive for w in c.status().workers)
             and all(x.running == 0 and x.waiting == 0 and x.kv_used_bytes == 0 for x in _stats(workers).values()))
 
 

@@ -49,6 +49,21 @@ def test_greedy_over_grpc_equals_generate_and_engine(cluster, ref_model):
         assert last.ttft_s > 0
 
 
+def test_prompts_sharing_a_prefix_are_exact_and_the_workers_report_cache_hits(cluster, ref_model):
+    """Sequential prompts that share a 40-token system prompt: generate()'s tokens, and the prefix
+    caches (one per worker, on by default) report hits to the router (3 prompts, at most 2 workers
+    that prefill: one of them sees two)."""
+    rng = random.Random(11)
+    system = _prompt(rng, 40)
+    client = cluster["client"]
+    before = sum(w.prefix_cache_hit_tokens for w in client.status().workers)
+    for _ in range(3):
+        p = system + _prompt(rng, 5)
+        assert client.complete(p, max_new_tokens=6, ignore_eos=True)[1] == reference_greedy(ref_model, p, 6, ignore_eos=True)
+    wait_for(lambda: sum(w.prefix_cache_hit_tokens for w in client.status().workers) >= before + 32, 10,
+             what="a prefix cache hit of the system prompt's two 16-token blocks in the router's worker stats")
+
+
 def test_unset_max_new_tokens_runs_to_the_context_the_prompt_leaves(cluster):
     prompt = _prompt(random.Random(8), 1000)     # the tiny model's context is 1024
     _, ids, last = cluster["client"].complete(prompt, ignore_eos=True, timeout=60)

@@ -25,7 +25,7 @@ import httpx2 as httpx  # an httpx fork: pinned in requirements.lock, already a 
 import numpy as np
 
 from deploy.bench.serve_report import format_report
-from deploy.bench.workload import prompt_texts
+from deploy.bench.workload import load_tokenizer, prompt_texts
 
 
 
@@ -37,6 +37,7 @@ class ServeConfig:
     dataset: str = "random"                # "random" or "chat" (deploy/bench/prompts.txt)
     num_prompts: int = 32
     input_len: tuple[int, int] = (64, 192)  # inclusive range, tokens (random dataset)
+    prefix_len: int = 0                    # tokens every random prompt starts with, the same for all
     output_len: tuple[int, int] = (32, 96)
     request_rate: float = math.inf         # Poisson arrivals (requests/s); inf = all at once
     max_concurrency: int | None = None
@@ -68,21 +69,6 @@ class Outcome:
     error: str = ""
 
 
-def load_tokenizer(name: str):
-    """A local tokenizer for exact prompt lengths, or None (then a prompt's length is its word count)."""
-    if name == "none":
-        return None
-    try:
-        from transformers import AutoTokenizer
-        if name == "smollm2":
-            from baton.model_files import smollm2_dir
-            name = smollm2_dir()
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # noqa: BLE001 - any failure: fall back to words, say so
-        print(f"bench serve: tokenizer {name!r} unavailable ({e}); prompt lengths are word counts", file=sys.stderr)
-        return None
-
-
 def _random_text(rng, tokenizer, pool: np.ndarray, n: int) -> tuple[str, int]:
     """Text of random tokens that re-encodes to about n tokens (like vLLM's random dataset): a decode
     -> encode round trip can merge or split tokens, so trim or top up a few times and count again."""
@@ -109,13 +95,18 @@ def make_prompts(cfg: ServeConfig, tokenizer=None) -> list[Prompt]:
         return [Prompt(t, k, int(o)) for t, k, o in zip(chosen, lens, out_lens)]
     if cfg.dataset != "random":
         raise ValueError(f"unknown dataset {cfg.dataset!r}: random or chat")
-    in_lens = rng.integers(cfg.input_len[0], cfg.input_len[1] + 1, n)
+    in_lens, shared = rng.integers(cfg.input_len[0], cfg.input_len[1] + 1, n), np.random.default_rng([cfg.seed, 2])
     if tokenizer is None:  # common English words: about one token each
         words = np.array(sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())}))
-        return [Prompt(" ".join(rng.choice(words, k)), int(k), int(o)) for k, o in zip(in_lens, out_lens)]
+        prefix = "".join(w + " " for w in shared.choice(words, cfg.prefix_len))
+        return [Prompt(prefix + " ".join(rng.choice(words, k)), cfg.prefix_len + int(k), int(o))
+                for k, o in zip(in_lens, out_lens)]
     special = set(tokenizer.all_special_ids)
     pool = np.array([i for i in range(len(tokenizer)) if i not in special])
-    return [Prompt(*_random_text(rng, tokenizer, pool, int(k)), int(o)) for k, o in zip(in_lens, out_lens)]
+    prefix, p_len = _random_text(shared, tokenizer, pool, cfg.prefix_len) if cfg.prefix_len else ("", 0)
+    prefix += " " if prefix else ""   # word-level tokenizers would merge the two texts' edge words
+    return [Prompt(prefix + text, p_len + k_len, int(o))
+            for (text, k_len), o in ((_random_text(rng, tokenizer, pool, int(k)), o) for k, o in zip(in_lens, out_lens))]
 
 
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:
@@ -284,6 +275,8 @@ def parse_args(argv=None) -> tuple[ServeConfig, str | None]:
     a("--num-prompts", type=int, default=32, help="number of requests")
     a("--input-len-min", type=int, default=64, help="shortest random prompt (tokens)")
     a("--input-len-max", type=int, default=192, help="longest random prompt (tokens)")
+    a("--prefix-len", type=int, default=0, help="tokens of one shared random prefix every random prompt starts with, "
+      "on top of its own (vLLM's --random-prefix-len; measures prefix caching)")
     a("--output-len-min", type=int, default=32, help="fewest output tokens asked (max_tokens)")
     a("--output-len-max", type=int, default=96, help="most output tokens asked (max_tokens)")
     a("--request-rate", type=float, default=math.inf, help="Poisson arrival rate in requests/s; inf = all at once")
@@ -311,6 +304,7 @@ def parse_args(argv=None) -> tuple[ServeConfig, str | None]:
         p.error("lengths and --num-prompts must be >= 1 and each min <= its max")
     cfg = ServeConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, dataset=args.dataset,
                       num_prompts=args.num_prompts, input_len=(args.input_len_min, args.input_len_max),
+                      prefix_len=max(0, args.prefix_len),
                       output_len=(args.output_len_min, args.output_len_max), request_rate=args.request_rate,
                       max_concurrency=args.max_concurrency, seed=args.seed, tokenizer=args.tokenizer,
                       temperature=args.temperature, ignore_eos=args.ignore_eos, goodput=slos,

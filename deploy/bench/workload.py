@@ -4,6 +4,7 @@ config gives the same queries."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from importlib import resources
 
@@ -69,3 +70,18 @@ def make_workload(cfg: WorkloadConfig, tokenizer=None, vocab_size: int | None = 
             ids = rng.integers(1, vocab_size or 256, plen).tolist()
         queries.append(Query(i, float(arrivals[i]), ids, olen, bool(is_long[i])))
     return queries
+
+
+def load_tokenizer(name: str):
+    """A local tokenizer for exact prompt lengths, or None (then a prompt's length is its word count)."""
+    if name == "none":
+        return None
+    try:
+        from transformers import AutoTokenizer
+        if name == "smollm2":
+            from baton.model_files import smollm2_dir
+            name = smollm2_dir()
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - any failure: fall back to words, say so
+        print(f"bench: tokenizer {name!r} unavailable ({e}); prompt lengths are word counts", file=sys.stderr)
+        return None
