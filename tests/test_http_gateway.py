@@ -198,6 +198,26 @@ def test_auth(env):
         gw.stop()
 
 
+def test_answered_requests_count_as_completed_never_cancelled_streamed_or_not(env):
+    """Every request whose answer the client got in full is completed in the router's books: the
+    gateway lets the router end each call after its last message instead of cancelling it first."""
+    import concurrent.futures as cf
+    oa, grpc_client = env["oa"], env["grpc"]
+    wait_for(lambda: (s := grpc_client.stats()).running == 0 and s.waiting == 0, 20, what="router idle")
+    before = grpc_client.stats()
+
+    def one(i: int) -> str:
+        if i % 2:
+            return oa.completions.create(model="model", prompt=f"w{3 + i}", max_tokens=4, temperature=0).choices[0].text
+        return "".join(c.choices[0].text for c in oa.completions.create(model="model", prompt=f"w{3 + i}", max_tokens=4,
+                                                                         temperature=0, stream=True))
+    with cf.ThreadPoolExecutor(24) as pool:
+        assert all(isinstance(t, str) for t in pool.map(one, range(48)))
+    wait_for(lambda: (s := grpc_client.stats()).running == 0 and s.waiting == 0, 20, what="router idle")
+    after = grpc_client.stats()
+    assert (after.completed - before.completed, after.cancelled - before.cancelled) == (48, 0)
+
+
 def test_client_disconnect_cancels_the_grpc_call(env):
     grpc_client = env["grpc"]
     before = grpc_client.stats()

@@ -8,6 +8,7 @@ in `usage`, as OpenAI does. Their messages are merged as they come (streaming) o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc.aio
 
@@ -15,6 +16,7 @@ from baton.v1 import router_pb2
 from router.http_gateway.errors import APIError
 
 U64 = 2 ** 64
+END_WAIT_S = 5.0   # how long the router may take to end a call after its last message
 
 
 def choice_requests(req: router_pb2.GenerateRequest, n: int) -> list[router_pb2.GenerateRequest]:
@@ -50,6 +52,14 @@ class Calls:
             raise
 
 
+async def ended(call) -> None:
+    """Let the router end a call whose last message arrived, rather than cancel it first: the router
+    counts a request completed once the call ends after its last message, cancelled if the call is
+    cancelled before (it cannot tell a client that got everything from one that went away)."""
+    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(call.code(), END_WAIT_S)
+
+
 def stream_ended() -> APIError:
     """The router closed a stream before its last message."""
     return APIError(502, "the router ended the stream before the finish", "server_error")
@@ -65,7 +75,7 @@ async def merge(streams: list):
             while True:
                 await queue.put((i, msg, None))
                 if msg.finish_reason:
-                    return
+                    return await ended(call)
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     raise stream_ended()
@@ -81,6 +91,7 @@ async def merge(streams: list):
                 raise err
             yield i, msg
             left -= bool(msg.finish_reason)
+        await asyncio.gather(*tasks)   # every call ended by the router (bounded by END_WAIT_S)
     finally:
         for t in tasks:
             t.cancel()

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from baton.wire import FINISH_NAMES
 from router import metrics
-from router.http_gateway.choices import merge, stream_ended
+from router.http_gateway.choices import ended, merge, stream_ended
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.logprobs import CompletionLogprobs, TokenText, chat_content, choice_logprobs
 from router.http_gateway.schemas import GenerateBody
@@ -96,6 +96,7 @@ async def collect(call, first) -> Choice:
         ids.extend(msg.token_ids)
         lps.extend(msg.logprobs)
         last = msg
+    await ended(call)
     metrics.observe_request(last, source="gateway")
     return Choice("".join(text), ids, lps, last)
 
