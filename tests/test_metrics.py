@@ -108,6 +108,17 @@ def test_status_collector_over_a_status_message():
     assert s["baton_router_up"] == 0 and "baton_running" not in s
 
 
+def test_prefix_cache_counters_sum_the_workers_reports_through_the_gateways_status_view():
+    st = router_pb2.StatusResponse(stats=router_pb2.StatsResponse(), model="m")
+    st.workers.add(role="prefill", worker_id="p0", alive=True, prefix_cache_queried_tokens=100,
+                   prefix_cache_hit_tokens=64)
+    st.workers.add(role="decode", worker_id="d0", alive=True, prefix_cache_queried_tokens=20,
+                   prefix_cache_hit_tokens=16)
+    s = _samples(metrics.exposition(metrics.RouterStatusCollector(lambda: st)).decode())
+    assert s['vllm:prefix_cache_queries_total{model_name="m"}'] == 120
+    assert s['vllm:prefix_cache_hits_total{model_name="m"}'] == 80
+
+
 def test_start_metrics_server():
     srv = metrics.start_metrics_server(0, _fake_servicer())
     try:
