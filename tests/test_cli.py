@@ -168,7 +168,7 @@ def test_status_reports_the_workers_max_batch(cluster, capsys):
     assert json.loads(capsys.readouterr().out)["max_batch"] == 8   # loopback_cluster's --max-batch
 
 
-def test_status_shows_kv_usage_per_worker(cluster, capsys):
+def test_status_shows_kv_usage_and_prefix_cache_hits_per_worker(cluster, capsys):
     from router.client import RouterClient
     address = cluster["router"].address
     with RouterClient(address) as client:
@@ -184,7 +184,8 @@ def test_status_shows_kv_usage_per_worker(cluster, capsys):
     assert type(st["max_batch"]) is int
     assert main(["status", "--router", address]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert "kv used" in table[1] and re.fullmatch(r"\d+\.\d%", table[2].split()[-1]), table
+    assert "kv used" in table[1] and re.fullmatch(r"\d+\.\d%", table[2].split()[-2]), table
+    assert table[1].endswith("prefix hits") and re.fullmatch(r"\d+\.\d%", table[2].split()[-1]), table
 
 
 def test_router_keeps_max_batch_from_the_workers_stats():
