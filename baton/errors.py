@@ -34,7 +34,7 @@ class AlreadyExists(BatonError): """The request id is already on this worker, or
 class DeadlineExceeded(BatonError): """Its time ran out before it could finish."""
 class Unauthenticated(BatonError): """Missing or wrong auth token."""
 class Cancelled(BatonError): """Cancelled by its caller or by an abort."""
-class FailedPrecondition(BatonError): """Not possible in this state (e.g. scaling a colocated deployment's prefill pool)."""
+class FailedPrecondition(BatonError): """Not possible in this state (e.g. scaling a colocated prefill pool)."""
 
 
 class KVCodecError(InvalidArgument, ValueError):

@@ -1,10 +1,11 @@
 """The engine's admission policy, with no model in it: which prefilled requests take a row, which
 prompts start, which pieces of them are prefilled this step under the per-step token budget.
 
-`Scheduler.plan()` returns a StepPlan; the engine (engine.py) executes it: it allocates the K/V of
-the prompts that start, embeds the joiners, and runs the pieces in the decode step's pass. The
-scheduler holds the queues only; a request leaves them through `remove()`, which the engine calls
-from its one exit, `Engine.finish_and_free`.
+`Scheduler.plan()` returns a StepPlan; the engine (engine.py) executes it: it embeds the joiners
+and runs the pieces in the decode step's pass. A prompt that starts is handed to the engine's
+`start_prompt` first, which allocates its K/V and says how many of its tokens a cached prefix
+holds already: its pieces start after them. The scheduler holds the queues only; a request leaves
+them through `remove()`, which the engine calls from its one exit, `Engine.finish_and_free`.
 """
 from __future__ import annotations
 

@@ -35,6 +35,14 @@ def test_oldest_prompt_first_and_the_rest_of_the_budget_to_the_next():
     assert _pieces(s.plan(1)) == [("b", 212, 88, True), ("c", 0, 10, True)]
 
 
+def test_a_prompt_with_a_cached_prefix_is_prefilled_from_its_end_and_the_budget_goes_further():
+    held = {"a": 480, "b": 0}   # what the engine's start_prompt finds cached for each
+    s = Scheduler(max_rows=4, max_queue=8, chunk_tokens=512, start_prompt=lambda req: held[req.request_id])
+    s.add(_req("a", 500))
+    s.add(_req("b", 600))
+    assert _pieces(s.plan(0)) == [("a", 480, 20, True), ("b", 0, 492, False)]
+
+
 def test_a_prompt_starts_only_when_a_row_is_left_for_it():
     s = Scheduler(max_rows=2, max_queue=8, chunk_tokens=512)
     s.add(_req("a", 1000))
