@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from baton.config import EngineConfig
 from baton.model_loader import DTYPES
 
 
@@ -47,9 +48,7 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
                    help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "
                         "decode workers their own cores on one machine")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept (default: %(default)s)")
-    p.add_argument("--prefix-cache-mb", type=int, default=256,
-                   help="MiB of prompt-prefix K/V kept so that prompts starting alike (a system prompt, earlier "
-                        "turns) prefill only the rest; 0 = off (default: %(default)s)")
+    add_prefix_cache_arg(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     if role == "decode":
         p.add_argument("--colocated", action="store_true",
@@ -59,6 +58,13 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     args.role = "colocated" if getattr(args, "colocated", False) else role
     args.worker_id = args.worker_id or f"{args.role}-{uuid.uuid4().hex[:8]}"
     return args
+
+
+def add_prefix_cache_arg(p) -> None:
+    """--prefix-cache-mb, of a worker and of `baton up` (which passes it to every worker)."""
+    p.add_argument("--prefix-cache-mb", type=int, default=EngineConfig.prefix_cache_mb,
+                   help="MiB of prompt-prefix K/V each worker keeps, so that prompts starting alike (a system "
+                        "prompt, earlier turns) prefill only the rest; 0 = off (default: %(default)s)")
 
 
 def set_up_process(args: argparse.Namespace) -> None:

@@ -83,9 +83,8 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
                    help="workers that each serve prefill and decode in one process, K/V in memory "
                         "(default where prefill and decode would share a device: 1)")
     u.add_argument("--max-batch", type=int, default=32, help="rows in a decode worker's running batch")
-    u.add_argument("--prefix-cache-mb", type=int, default=256,
-                   help="MiB of prompt-prefix K/V each worker keeps, so that prompts starting alike (a system "
-                        "prompt, earlier turns) prefill only the rest; 0 = off (default: %(default)s)")
+    from baton.worker_process import add_prefix_cache_arg
+    add_prefix_cache_arg(u)
     from router import limits as request_limits
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
     u.add_argument("--address", default=None,
