@@ -59,8 +59,7 @@ def _create(oa: OpenAI, kind: str, **fields):
 
 
 REJECTED = [
-    ("chat", "tools", [TOOL]), ("chat", "tool_choice", "required"), ("chat", "tool_choice", "auto"),
-    ("chat", "min_p", 0.1),
+    ("chat", "functions", [TOOL["function"]]), ("chat", "function_call", "auto"), ("chat", "min_p", 0.1),
     ("chat", "stop_token_ids", [5]), ("chat", "allowed_token_ids", [5]), ("chat", "echo", True),
     ("chat", "add_generation_prompt", False), ("chat", "reasoning_effort", "high"),
     ("completions", "echo", True),
@@ -68,6 +67,17 @@ REJECTED = [
     ("completions", "prompt_logprobs", 1), ("completions", "use_beam_search", True),
     ("completions", "skip_special_tokens", False), ("completions", "include_stop_str_in_output", True),
 ]
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"tools": [TOOL]}, "tools", "chat template renders them"),     # this model's template has no tools
+    ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice", "does not force a tool call"),
+    ({"tool_choice": "auto"}, "tool_choice", "needs tools"),
+])
+def test_tools_this_model_cannot_take_are_400_naming_the_field(gw, fields, param, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(gw[1], "chat", **fields)
+    assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
 
 
 @pytest.mark.parametrize("kind, name, value", REJECTED, ids=[f"{k}-{n}-{v!r}"[:60] for k, n, v in REJECTED])

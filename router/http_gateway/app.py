@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from baton.v1 import router_pb2
 from router import metrics
+from router.http_gateway import tools
 from router.http_gateway.choices import Calls, choice_requests
 from router.http_gateway.config import HttpLimits
 from router.http_gateway.errors import APIError, rpc_error
@@ -122,7 +123,7 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
             body = parse_request(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
             model_id = await gw.served_model(body.model)
             if chat:
-                fields = await gw.chat_prompt(body.messages)
+                fields = await gw.chat_prompt(body.messages, tools.definitions(body.tools, body.tool_choice))
                 max_tokens = body.max_completion_tokens or body.max_tokens
             else:
                 p = body.prompt

@@ -23,6 +23,7 @@ from baton.v1 import router_pb2, router_pb2_grpc
 from router import metrics
 from router.http_gateway.errors import APIError
 from router.http_gateway.schemas import ChatMessage, TokenizeRequest
+from router.http_gateway.tools import template_message
 
 log = logging.getLogger(__name__)
 
@@ -166,20 +167,25 @@ class Gateway:
                            param="tokens", code="invalid_value")
         return await asyncio.to_thread(tok.decode, ids)
 
-    async def chat_prompt(self, messages: list[ChatMessage]) -> dict:
-        """GenerateRequest fields for a conversation."""
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    async def chat_prompt(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> dict:
+        """GenerateRequest fields for a conversation (and the tools it may call: see tools.py)."""
+        msgs = [template_message("system" if m.role == "developer" else m.role, m.text(), m.tool_calls, m.tool_call_id)
+                for m in messages]
         tok = await self.tokenizer()
-        if tok is not None and getattr(tok, "chat_template", None):
-            return {"prompt_token_ids": render_chat_template(tok, msgs)}
+        template = getattr(tok, "chat_template", None) if tok is not None else None
+        if tools and not (isinstance(template, str) and "tools" in template):
+            raise APIError(400, "tools need a model whose chat template renders them (as Qwen2.5's or Hermes' "
+                           "do); this model's does not", param="tools", code="unsupported_parameter")
+        if template:
+            return {"prompt_token_ids": render_chat_template(tok, msgs, tools)}
         if tok is None and len(msgs) == 1 and msgs[0]["role"] == "user":
             # No tokenizer here: the router applies the model's chat template (if any) to one user turn.
             return {"prompt": msgs[0]["content"], "raw": False}
         return {"prompt": plain_chat_prompt(msgs), "raw": True}
 
 
-def render_chat_template(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def render_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
         ids = ids["input_ids"]
     return [int(i) for i in ids]

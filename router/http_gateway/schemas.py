@@ -163,6 +163,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None                  # a tool's answer: to which call
 
     def text(self) -> str:
         if self.content is None:
@@ -175,6 +177,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerateBody):
     UNSUPPORTED: ClassVar[dict[str, unsupported.Rule]] = unsupported.CHAT
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[dict[str, Any]] | None = None      # see tools.py
+    tool_choice: str | dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=U32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=U32_MAX)

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from baton.wire import FINISH_NAMES
 from router import metrics
+from router.http_gateway import tools
 from router.http_gateway.choices import ended, merge, stream_ended
 from router.http_gateway.errors import APIError, rpc_error
 from router.http_gateway.logprobs import CompletionLogprobs, TokenText, chat_content, choice_logprobs
@@ -102,12 +103,15 @@ async def collect(call, first) -> Choice:
 
 
 def full_response(choices: list[Choice], body: GenerateBody, meta: dict, chat: bool, token_text: TokenText) -> dict:
-    out = []
+    out, parse_calls = [], tools.calling(body)
     for i, c in enumerate(choices):
         choice: dict[str, Any] = {"index": i, "finish_reason": FINISH_NAMES.get(c.last.finish_reason, "stop"),
                                   "logprobs": choice_logprobs(c.ids, c.logprobs, token_text, chat)}
         if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
+            content, calls = tools.parse(c.text) if parse_calls else (c.text, [])
+            choice["message"] = {"role": "assistant", "content": content}
+            if calls:
+                choice["message"]["tool_calls"], choice["finish_reason"] = calls, "tool_calls"
         else:
             choice["text"] = c.text
         if body.return_token_ids:
@@ -124,7 +128,7 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
     obj = "chat.completion.chunk" if chat else "text_completion"
     completion_lps = [CompletionLogprobs(token_text) for _ in streams]
 
-    def chunk(i: int, text: str | None, ids=None, finish=None, role=False, lps=None) -> bytes:
+    def chunk(i: int, text: str | None, ids=None, finish=None, role=False, lps=None, calls=None) -> bytes:
         c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": lps}
         if chat:
             delta: dict[str, Any] = {}
@@ -132,6 +136,8 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = tools.call_deltas(calls)
             c["delta"] = delta
         else:
             c["text"] = text or ""
@@ -152,17 +158,21 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
     if chat:
         for i in range(len(streams)):
             yield chunk(i, "", role=True)
-    lasts = []
+    lasts, filters = [], [tools.CallFilter() for _ in streams] if chat and tools.calling(body) else None
     try:
         async for i, msg in merge(streams):
             lps = logprobs(i, msg)
-            if msg.text or (body.return_token_ids and msg.token_ids) or lps:
-                yield chunk(i, msg.text, msg.token_ids, lps=lps)
+            text = filters[i].feed(msg.text) if filters else msg.text   # held back where a tool call may begin
+            if text or (body.return_token_ids and msg.token_ids) or lps:
+                yield chunk(i, text, msg.token_ids, lps=lps)
             if msg.finish_reason:
                 metrics.observe_request(msg, source="gateway")
                 lasts.append(msg)
+                rest, calls = filters[i].finish() if filters else ("", [])
+                if rest or calls:
+                    yield chunk(i, rest or None, calls=calls)
                 yield chunk(i, None if chat else "", [] if body.return_token_ids else None,
-                            finish=FINISH_NAMES.get(msg.finish_reason, "stop"))
+                            finish="tool_calls" if calls else FINISH_NAMES.get(msg.finish_reason, "stop"))
         if body.include_usage:
             yield sse({**meta, "object": obj, "choices": [], "usage": usage(lasts)})
     except grpc.RpcError as e:

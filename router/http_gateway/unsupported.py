@@ -20,7 +20,8 @@ Rule = tuple[tuple[Any, ...], str]
 
 # Honoured (in schemas.py, checked by baton.sampling.SamplingParams.validate): n, logprobs, top_logprobs,
 # presence_penalty, frequency_penalty, logit_bias, response_format, and vLLM's repetition_penalty,
-# min_tokens, guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs.
+# min_tokens, guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs; tools and
+# tool_choice "auto" / "none" (tools.py).
 COMMON: dict[str, Rule] = {
     # OpenAI
     "echo": ((False,), "echo the prompt"),
@@ -41,10 +42,8 @@ COMMON: dict[str, Rule] = {
 
 CHAT: dict[str, Rule] = {
     **COMMON,
-    "tools": (([],), "call tools (no tool parser yet)"),
-    "tool_choice": (("none",), "call tools (no tool parser yet)"),
-    "functions": (([],), "call functions (no tool parser yet)"),
-    "function_call": (("none",), "call functions (no tool parser yet)"),
+    "functions": (([],), "call functions (the deprecated form: send tools)"),
+    "function_call": (("none",), "call functions (the deprecated form: send tools and tool_choice)"),
     "modalities": ((["text"],), "answer in other modalities than text"),
     "audio": ((), "answer with audio"),
     "reasoning_effort": ((), "reason (no reasoning model is served)"),
