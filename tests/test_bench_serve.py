@@ -240,7 +240,7 @@ def test_endpoint_flops_per_token_count_every_weight_a_token_meets(tmp_path):
     assert decode == 2 * (layers + model.lm_head.weight.numel())
 
 
-def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_ratio(base_url, tmp_path):
+def test_endpoint_bench_drives_a_peer_at_burst_and_rate_with_their_own_prompts_and_reports_its_matmul_ratio(base_url, tmp_path):
     import json
 
     from deploy.bench.endpoint import main as endpoint_main
@@ -254,6 +254,8 @@ def test_endpoint_bench_drives_a_peer_at_burst_and_rate_and_reports_its_matmul_r
     assert sorted(loads) == ["50 q/s", "burst"]
     assert all(x["completed"] == 4 and x["failed"] == 0 for x in loads.values())
     assert r["results"]["fake"]["50 q/s"]["config"]["request_rate"] == 50
+    # each load draws its own prompts: the second does not find the first's in a server's prefix cache
+    assert (loads["burst"]["config"]["seed"], loads["50 q/s"]["config"]["seed"]) == (0, 1)
     md = (out / "results.md").read_text()
     assert md.count("| `fake` |") == 4  # a row per load in each load's table and in the summary
     assert f"{r['torch_matmul_gflops']:.1f} GFLOP/s" in md

@@ -110,9 +110,10 @@ def loads(args) -> list[tuple[str, float]]:
 
 def bench_server(name: str, url: str, args, model_name: str | None) -> dict[str, dict]:
     out = {}
-    for load, rate in loads(args):
+    for k, (load, rate) in enumerate(loads(args)):
+        # Each load its own prompts: the second must not find the first's in a server's prefix cache.
         cfg = ServeConfig(base_url=url, model=model_name, num_prompts=args.num_prompts, request_rate=rate,
-                          seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress, goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms})
+                          seed=args.seed + k, tokenizer=args.tokenizer, progress=not args.no_progress, goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms})
         r = run_serve_bench(cfg)
         ttft, tpot = _fmt(r["median_ttft_ms"], 1e-3, ".2f"), _fmt(r["median_tpot_ms"], 1, ".0f")
         print(f"[{name} {load}] {r['output_throughput']:.1f} out tok/s, TTFT p50 {ttft} s, TPOT p50 {tpot} ms, "
@@ -163,7 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=32, help="rows of baton's decode batch (default: 32)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per load (default: 32)")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson rate of the second load, req/s (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="workload seed; the k-th load (0: burst, 1: rate) draws its prompts with seed + k (default: 0)")
     p.add_argument("--slo-ttft-ms", type=float, default=10000, help="goodput SLO on TTFT (default: 10000)")
     p.add_argument("--slo-tpot-ms", type=float, default=250, help="goodput SLO on TPOT (default: 250)")
     p.add_argument("--tokenizer", default="smollm2",
