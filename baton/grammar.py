@@ -20,14 +20,15 @@ from collections.abc import Collection, Sequence
 import torch
 
 from baton.errors import InvalidArgument
-from baton.sampling import InvalidParam
+from baton.sampling import CONSTRAINT_NAMES, InvalidParam
 
 CACHED_SCHEMAS = 64
+_SHIFTS = torch.arange(32, dtype=torch.int32)   # a bitmask word's bits, lowest first
 WHAT = {"json_schema": "a JSON schema", "regex": "a regular expression", "grammar": "a grammar"}
 
 
 class Grammars:
-    """One model's schema compiler (built on first use: xgrammar is imported only then)."""
+    """One model's compiler of constraints (built on first use: xgrammar is imported only then)."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
@@ -62,8 +63,7 @@ class Grammars:
                 else:
                     compiled = self._compiler.compile_grammar(text)
             except Exception as e:   # xgrammar raises RuntimeError / ValueError for what it cannot use
-                what = "the JSON schema" if kind == "json_schema" else f"the {kind}"
-                raise InvalidParam(kind, f"{what} cannot be used: {_first_line(e)}") from None
+                raise InvalidParam(kind, f"{CONSTRAINT_NAMES[kind]} cannot be used: {_first_line(e)}") from None
             self._compiled[key] = compiled
             if len(self._compiled) > CACHED_SCHEMAS:
                 self._compiled.popitem(last=False)
@@ -110,6 +110,5 @@ class RowGrammar:
             self.matcher.accept_token(token)   # False past the end (an ignored EOS): the mask stays EOS only
         self.accepted = len(output_ids)
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        shifts = torch.arange(32, dtype=torch.int32)
-        bits = (self.bitmask[0].unsqueeze(-1) >> shifts) & 1                   # (ceil(V / 32), 32)
+        bits = (self.bitmask[0].unsqueeze(-1) >> _SHIFTS) & 1                  # (ceil(V / 32), 32)
         return bits.reshape(-1)[:vocab].bool().to(device)

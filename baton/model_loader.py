@@ -21,7 +21,7 @@ class LoadedModel:
 
     @functools.cached_property
     def grammars(self) -> Grammars:
-        """The compiler of JSON-schema grammars for this model's tokenizer (built on first use)."""
+        """The compiler of output constraints (JSON schema, regex, grammar) for this model's tokenizer."""
         return Grammars(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
 
     @property

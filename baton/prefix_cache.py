@@ -55,9 +55,9 @@ class PrefixCache:
     def match(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
         """(k, kv): the longest cached prefix of ids that leaves at least one token to compute (the
         last one's logits are wanted), k a multiple of BLOCK; kv[..., :k, :] holds its K/V. (0, None) if none."""
-        self.queried_tokens += len(ids)
-        if not self.max_bytes:
+        if not self.max_bytes:   # off: nothing is looked up (the stats say so)
             return 0, None
+        self.queried_tokens += len(ids)
         hashes = _block_hashes(ids, len(ids) - 1)
         for n in range(len(hashes), 0, -1):
             key = self.index.get(hashes[n - 1])

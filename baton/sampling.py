@@ -16,6 +16,8 @@ PENALTY_RANGE = 2.0          # presence / frequency penalties in [-2, 2] (OpenAI
 MAX_REPETITION_PENALTY = 10.0
 MAX_SCHEMA_CHARS = 65536     # a json_schema's, regex's or grammar's length
 CONSTRAINTS = ("json_schema", "regex", "grammar")   # what the output may be held to (baton/grammar.py)
+# How error messages name each (the gateway maps these words back to its own field names).
+CONSTRAINT_NAMES = {"json_schema": "the JSON schema", "regex": "the regex", "grammar": "the grammar"}
 
 
 class InvalidParam(ValueError):
@@ -63,7 +65,7 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens)."""
+        """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens, a constraint)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.min_tokens or self.logit_bias or self.constraint)
 
@@ -121,8 +123,8 @@ class SamplingParams:
         for kind in given:
             text = getattr(self, kind)
             if len(text) > MAX_SCHEMA_CHARS:
-                what = "the JSON schema" if kind == "json_schema" else f"the {kind}"
-                raise InvalidParam(kind, f"{what} has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+                raise InvalidParam(kind, f"{CONSTRAINT_NAMES[kind]} has {len(text)} characters; "
+                                         f"at most {MAX_SCHEMA_CHARS}")
         if self.json_schema:
             _check_schema(self.json_schema)
 

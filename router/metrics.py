@@ -209,10 +209,9 @@ def _families(stats, workers: Iterable, model: str = "") -> list[Metric]:
                                   "caches.", labels=_M)
     hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the workers' prefix caches (not "
                                "prefilled again).", labels=_M)
-    queries.add_metric(m, float(sum(w.stats.get("prefix_cache_queried_tokens", 0) for w in workers
-                                    if isinstance(w.stats, dict))))
-    hits.add_metric(m, float(sum(w.stats.get("prefix_cache_hit_tokens", 0) for w in workers
-                                 if isinstance(w.stats, dict))))
+    stats_of = [w.stats for w in workers if isinstance(w.stats, dict)]
+    queries.add_metric(m, float(sum(s.get("prefix_cache_queried_tokens", 0) for s in stats_of)))
+    hits.add_metric(m, float(sum(s.get("prefix_cache_hit_tokens", 0) for s in stats_of)))
     out += [queries, hits]
     running = GaugeMetricFamily("baton_running", "Queries in decode batches.")
     running.add_metric([], float(stats.running))

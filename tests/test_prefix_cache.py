@@ -62,7 +62,8 @@ def test_the_oldest_entries_go_first_past_the_byte_budget_and_a_prompt_cached_wh
     assert len(cache.entries) == 2 and cache.bytes == 2 * one
     cache.add(prompts[2], _kv(prompts[2]))                  # evicts prompts[1], the least recently used
     assert [cache.match(p + [0])[0] for p in prompts] == [2 * BLOCK, 0, 2 * BLOCK]
-    assert PrefixCache(0).match(prompts[0] + [0]) == (0, None)   # off
+    off = PrefixCache(0)
+    assert off.match(prompts[0] + [0]) == (0, None) and off.queried_tokens == 0   # off: nothing looked up
 
 
 def test_prompts_sharing_a_system_prompt_get_generates_tokens_in_the_engine_and_skip_its_prefill(tiny):
