@@ -15,3 +15,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512   # prompt tokens prefilled per step, in chunks (in-process / colocated)
     kv_col_chunk: int = 64            # cache columns preallocated at a time
     prefix_cache_mb: int = 256        # K/V of prompt prefixes kept for later prompts (baton/prefix_cache.py); 0 = off
+    max_model_len: int = 0            # prompt + output tokens a request may hold; 0 = the model's max_position_embeddings
+    kv_cache_memory: int = 0          # bytes for the decode batch's K/V, allocated once; 0 = sized by the policy below
+    gpu_memory_utilization: float = 0.9   # on a GPU with kv_cache_memory 0: the share of the device the worker may fill
+    enforce_eager: bool = False       # no CUDA graphs for the decode step (always eager on CPU)
