@@ -120,6 +120,8 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
         drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token always
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)   # the top token always stays
     g = _token_generator(params.seed, index, logits.device)
     return int(torch.multinomial(probs, 1, generator=g))
 

@@ -41,6 +41,7 @@ class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0                # nucleus mass in (0, 1]
     top_k: int = 0                    # 0 = off
+    min_p: float = 0.0                # [0, 1]: tokens below min_p x the top token's probability dropped; 0 = off
     seed: int = field(default_factory=lambda: random.getrandbits(63))
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -82,6 +83,8 @@ class SamplingParams:
             raise InvalidParam("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise InvalidParam("min_p", f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.top_k < 0:
             raise InvalidParam("top_k", f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.seed < 2 ** 64:

@@ -34,7 +34,16 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
         assert sample_one(logits, SamplingParams(temperature=5.0, top_k=2, seed=i), i) in (1, 2)
 
 
+def test_min_p_keeps_tokens_within_its_share_of_the_top_one():
+    # probabilities ~ (0.03, 0.51, 0.46, 0.01): token 2 is 0.905 x the top token
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0], dtype=torch.float64)
+    assert {sample_one(logits, SamplingParams(temperature=1.0, min_p=0.95, seed=i), i) for i in range(30)} == {1}
+    assert {sample_one(logits, SamplingParams(temperature=1.0, min_p=0.5, seed=i), i) for i in range(60)} == {1, 2}
+    assert {sample_one(logits, SamplingParams(temperature=1.0, min_p=0.0, seed=i), i) for i in range(200)} > {1, 2}
+
+
 @pytest.mark.parametrize("kw, field", [
+    (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"), (dict(min_p=float("nan")), "min_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(stop=("",)), "stop"), (dict(temperature=float("nan")), "temperature")])
