@@ -15,7 +15,7 @@ FINISH_NAMES = {number: name.removeprefix("FINISH_REASON_").lower()
 
 def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     m = common_pb2.SamplingParams(
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=p.seed,
         stop=list(p.stop), ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
         logit_bias=dict(p.logit_bias), json_schema=p.json_schema, regex=p.regex, grammar=p.grammar)
@@ -26,7 +26,7 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
 
 def params_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p or 1.0,
-                          top_k=m.top_k, seed=m.seed, stop=tuple(m.stop), ignore_eos=m.ignore_eos,
+                          top_k=m.top_k, min_p=m.min_p, seed=m.seed, stop=tuple(m.stop), ignore_eos=m.ignore_eos,
                           **_processors(m))
 
 

@@ -38,6 +38,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = all")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under this share of the top one's (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable) (default: none)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
@@ -220,7 +221,7 @@ def cmd_scale(args) -> int:
 def _sampling_fields(args) -> dict:
     """The sampling flags as GenerateRequest fields (logit_bias a {token_id: bias} map)."""
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+              top_k=args.top_k, min_p=args.min_p, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
               presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
               repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
               logit_bias=_logit_bias(args.logit_bias), json_schema=_text_or_file("--json-schema", args.json_schema),

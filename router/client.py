@@ -40,7 +40,7 @@ class RouterClient:
 
     def generate(self, prompt: str | list[int] = "", *, timeout: float | None = None,
                  **fields) -> Iterator[router_pb2.GenerateResponse]:
-        """Stream the completion. Fields (GenerateRequest's): max_new_tokens, temperature, top_p, top_k, seed,
+        """Stream the completion. Fields (GenerateRequest's): max_new_tokens, temperature, top_p, top_k, min_p, seed,
         stop, raw, ignore_eos, logit_bias ({token_id: bias}), min_tokens, repetition_penalty,
         frequency_penalty, presence_penalty, logprobs (k: each message's `logprobs` has one TokenLogprobs
         per token id), json_schema (a JSON schema the output follows), regex (a regular expression the

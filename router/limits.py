@@ -80,7 +80,7 @@ def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> Samplin
         if not 1 <= len(s) <= limits.max_stop_length:
             raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}")
     kw = dict(max_new_tokens=max_new_tokens, temperature=float(r.temperature), top_p=float(r.top_p or 1.0),
-              top_k=r.top_k, stop=tuple(r.stop), ignore_eos=r.ignore_eos)
+              top_k=r.top_k, min_p=float(r.min_p), stop=tuple(r.stop), ignore_eos=r.ignore_eos)
     if r.HasField("seed"):
         kw["seed"] = r.seed
     return SamplingParams(**kw)

@@ -59,7 +59,7 @@ def _create(oa: OpenAI, kind: str, **fields):
 
 
 REJECTED = [
-    ("chat", "functions", [TOOL["function"]]), ("chat", "function_call", "auto"), ("chat", "min_p", 0.1),
+    ("chat", "functions", [TOOL["function"]]), ("chat", "function_call", "auto"),
     ("chat", "stop_token_ids", [5]), ("chat", "allowed_token_ids", [5]), ("chat", "echo", True),
     ("chat", "add_generation_prompt", False), ("chat", "reasoning_effort", "high"),
     ("completions", "echo", True),
@@ -95,7 +95,7 @@ def test_unhonoured_parameter_is_400_naming_it(gw, kind, name, value):
                   metadata={"k": "v"}, stream_options=None, repetition_penalty=1.0, min_tokens=0,
                   skip_special_tokens=True, add_generation_prompt=True, priority=0)),
     ("completions", dict(n=1, best_of=1, echo=False, suffix="", logprobs=None, user="u", min_tokens=0,
-                         presence_penalty=0, add_special_tokens=True)),
+                         presence_penalty=0, add_special_tokens=True, min_p=0)),
 ])
 def test_parameters_at_their_neutral_value_pass_to_the_router(gw, kind, fields):
     with pytest.raises(openai.InternalServerError) as e:   # past the gateway: the router has no worker
@@ -105,7 +105,7 @@ def test_parameters_at_their_neutral_value_pass_to_the_router(gw, kind, fields):
 
 HONOURED = [   # past the gateway's checks: on to the router (no worker here: 503)
     ("chat", dict(n=2, logprobs=True, top_logprobs=20, presence_penalty=2, frequency_penalty=-2, min_tokens=4,
-                  repetition_penalty=1.2, logit_bias={"5": 100, "7": -100})),
+                  repetition_penalty=1.2, logit_bias={"5": 100, "7": -100}, min_p=0.1)),
     ("completions", dict(n=16, logprobs=5, presence_penalty=0.5, frequency_penalty=0.5, min_tokens=4,
                          repetition_penalty=0.9, logit_bias={"5": -3.5})),
 ]
@@ -123,7 +123,8 @@ OUT_OF_RANGE = [
     ("completions", "repetition_penalty", dict(repetition_penalty=0)), ("chat", "min_tokens", dict(min_tokens=5)),
     ("chat", "logit_bias", dict(logit_bias={"5": 101})), ("completions", "logit_bias", dict(logit_bias={"w": 1})),
     ("chat", "top_logprobs", dict(logprobs=True, top_logprobs=21)), ("chat", "top_logprobs", dict(top_logprobs=2)),
-    ("completions", "logprobs", dict(logprobs=21)), ("chat", "n", dict(n=0)), ("completions", "n", dict(n=17)),
+    ("completions", "logprobs", dict(logprobs=21)), ("completions", "min_p", dict(min_p=1.5)),
+    ("chat", "min_p", dict(min_p=-0.1)), ("chat", "n", dict(n=0)), ("completions", "n", dict(n=17)),
 ]
 
 

@@ -129,6 +129,17 @@ def test_penalties_over_http_as_generate(env, ref_model, fields, procs, eos):
     assert r.choices[0].model_extra["token_ids"] == ref
 
 
+def test_min_p_honoured_over_http(env):
+    """min_p = 1 keeps only the most likely token: a hot sample is then the greedy answer; min_p = 0.2
+    reaches the workers and its tokens are among those of at least 0.2 x the top one's probability."""
+    oa, kw = env["oa"], dict(model="model", prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = oa.completions.create(temperature=0, **kw).choices[0].text
+    hot = oa.completions.create(temperature=5.0, seed=3, **{**kw, "extra_body": {**kw["extra_body"], "min_p": 1.0}})
+    assert hot.choices[0].text == greedy
+    free = oa.completions.create(temperature=5.0, seed=3, **kw).choices[0].text
+    assert free != greedy   # without min_p the same seed wanders off
+
+
 def test_grpc_generate_carries_logprobs_per_token(env):
     msgs = list(env["grpc"].generate([5, 9, 17], max_new_tokens=5, ignore_eos=True, logprobs=2, repetition_penalty=1.3))
     assert all(len(m.logprobs) == len(m.token_ids) for m in msgs) and sum(len(m.token_ids) for m in msgs) == 5
@@ -138,7 +149,8 @@ def test_grpc_generate_carries_logprobs_per_token(env):
 def test_grpc_out_of_range_is_invalid_argument_naming_the_field(env):
     import grpc
     for fields, name in ((dict(presence_penalty=3.0), "presence_penalty"), (dict(logit_bias={300: 1.0}), "logit_bias"),
-                         (dict(min_tokens=9, max_new_tokens=4), "min_tokens"), (dict(logprobs=21), "logprobs")):
+                         (dict(min_tokens=9, max_new_tokens=4), "min_tokens"), (dict(logprobs=21), "logprobs"),
+                         (dict(min_p=2.0), "min_p")):
         with pytest.raises(grpc.RpcError) as e:
             env["grpc"].complete([5, 9], **fields)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in e.value.details()

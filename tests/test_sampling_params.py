@@ -171,7 +171,7 @@ def test_migrated_request_keeps_its_penalties_state(tiny, greedy):
 
 def test_params_survive_the_wire():
     p = SamplingParams(repetition_penalty=1.2, presence_penalty=-0.3, frequency_penalty=0.1, min_tokens=4,
-                       logit_bias=((3, -100.0), (7, 0.1)), logprobs=0, seed=9)
+                       logit_bias=((3, -100.0), (7, 0.1)), logprobs=0, seed=9, min_p=0.25)
     assert params_from_pb(params_to_pb(p)) == p
     assert params_from_pb(params_to_pb(SamplingParams(seed=1))).logprobs is None
 

@@ -24,7 +24,7 @@ HTTP_OF = {
 }
 # Router error messages name its fields; the HTTP API names some of them differently.
 PARAM_OF = (("JSON schema", "response_format"), ("the regex", "guided_regex"), ("the grammar", "guided_grammar"),
-            ("the prompt has", "prompt"), ("min_tokens", "min_tokens"),
+            ("the prompt has", "prompt"), ("min_tokens", "min_tokens"), ("min_p", "min_p"),
             ("logit_bias", "logit_bias"), ("repetition_penalty", "repetition_penalty"),
             ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
             ("logprobs", "logprobs"), ("max_new_tokens", "max_tokens"), ("temperature", "temperature"),

@@ -96,6 +96,7 @@ class GenerateBody(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int | None = Field(None, ge=0, le=U32_MAX)
     top_k: int | None = Field(None, ge=0, le=U32_MAX)
+    min_p: float | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
     # Constrained output (one of): OpenAI's response_format; vLLM's guided_json (a schema),
@@ -134,7 +135,8 @@ class GenerateBody(BaseModel):
     def sampling_fields(self, max_tokens: int | None) -> dict:
         """The GenerateRequest fields other than the prompt (every value in its protobuf range)."""
         f = dict(max_new_tokens=max_tokens or 0, temperature=1.0 if self.temperature is None else self.temperature,
-                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=self.stops(),
+                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                 min_p=self.min_p or 0.0, stop=self.stops(),
                  ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty or 0.0,
                  frequency_penalty=self.frequency_penalty or 0.0,
                  repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,

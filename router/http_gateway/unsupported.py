@@ -20,13 +20,12 @@ Rule = tuple[tuple[Any, ...], str]
 
 # Honoured (in schemas.py, checked by baton.sampling.SamplingParams.validate): n, logprobs, top_logprobs,
 # presence_penalty, frequency_penalty, logit_bias, response_format, and vLLM's repetition_penalty,
-# min_tokens, guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs; tools and
+# min_tokens, min_p, guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs; tools and
 # tool_choice "auto" / "none" (tools.py).
 COMMON: dict[str, Rule] = {
     # OpenAI
     "echo": ((False,), "echo the prompt"),
     # vLLM's extra sampling fields
-    "min_p": ((0,), "min-p sampling"),
     "use_beam_search": ((False,), "beam search"),
     "length_penalty": ((1,), "beam search"),
     "stop_token_ids": (([],), "stop on extra token ids"),
