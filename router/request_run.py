@@ -112,8 +112,8 @@ class RequestRun:
                 resp = router_pb2.GenerateResponse(text=ev.text, token_ids=[ev.token_id])
                 if ev.HasField("logprobs"):
                     resp.logprobs.append(ev.logprobs)
-                if len(self.generated) == 1:
-                    resp.request_id = self.rid
+                if len(self.generated) == 1:   # the first message says the request's id and prompt size
+                    resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
                 if not ev.finish_reason:
                     yield resp
                     continue

@@ -107,6 +107,57 @@ def test_completions_stream(env):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_batched_prompts_are_independent_requests_indexed_as_openai(env):
+    """A list of prompts (strings or token ids): choice prompt_index * n + j equals that prompt's own
+    request's choice j; usage counts each prompt once and sums the completions; streamed alike."""
+    oa = env["oa"]
+    prompts, kw = ["w5 w9 w17", "w30 w31", "w40 w41 w42 w43"], dict(model="model", max_tokens=5, temperature=1.0,
+                                                                     seed=11, extra_body={"ignore_eos": True})
+    r = oa.completions.create(prompt=prompts, n=2, **kw)
+    singles = [oa.completions.create(prompt=p, n=2, **kw) for p in prompts]
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [c.text for s in singles for c in s.choices]
+    assert r.usage.prompt_tokens == 3 + 2 + 4 and r.usage.completion_tokens == 30 and r.usage.total_tokens == 39
+    ids = oa.completions.create(prompt=[[40, 41, 42, 43], [30, 31]], **kw)   # token-id prompts, n = 1
+    assert [c.text for c in ids.choices] == [singles[2].choices[0].text, singles[1].choices[0].text]
+    texts, usage = {}, None
+    for chunk in oa.completions.create(prompt=prompts[:2], stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {k: singles[k].choices[0].text for k in range(2)}
+    assert (usage.prompt_tokens, usage.completion_tokens) == (5, 10)
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(env):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries its choice's usage so far."""
+    chunks = list(env["oa"].completions.create(
+        model="model", prompt=["w5 w9 w17", "w30 w31"], max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    done = {0: 0, 1: 0}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        assert c.usage.prompt_tokens == (3, 2)[choice.index] and c.usage.completion_tokens >= done[choice.index]
+        done[choice.index] = c.usage.completion_tokens
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    assert done == {0: 4, 1: 4} and chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 13
+    chat = list(env["oa"].chat.completions.create(
+        model="model", messages=[{"role": "user", "content": "w5"}], max_tokens=3, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chat) and chat[-2].usage.completion_tokens == 3
+    plain = list(env["oa"].completions.create(model="model", prompt="w5", max_tokens=2, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1])   # without it, only the last chunk
+
+
+@pytest.mark.parametrize("prompt, words", [(["w5", ""], "the prompt at index 1 must not be empty"),
+                                           ([[5], []], "the prompt at index 1 must not be empty"),
+                                           (["w5"] * 65, "at most 64 prompts")])
+def test_batched_prompts_refused_naming_the_prompt(env, prompt, words):
+    r = httpx.post(env["url"] + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and words in r.json()["error"]["message"]
+
+
 def test_chat_stream_and_not_equal_grpc(env):
     from router.http_gateway import plain_chat_prompt
     oa = env["oa"]

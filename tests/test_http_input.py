@@ -85,6 +85,18 @@ def test_integer_beyond_uint32_is_400_naming_the_field(url, path, field):
     assert err["param"] == field and field in err["message"], err
 
 
+@pytest.mark.parametrize("part, words", [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "content part 1 has type 'image_url'"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "content part 1 has type 'input_audio'"),
+    ({"text": "w6"}, "content part 1 has no type"), ("w6", "content part 1 is a str"),
+    ({"type": "text", "text": 6}, "content part 1: its text must be a string")])
+def test_non_text_content_part_is_400_naming_its_type(url, part, words):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "w5"}, part]}]}
+    err = _error(httpx.post(url + "/v1/chat/completions", json=body, timeout=30), 400)
+    assert err["param"] == "messages" and err["message"].startswith("messages[0].content: " + words), err
+    assert "function-after" not in err["message"] and "ContentPart" not in err["message"], err
+
+
 @pytest.mark.parametrize("body", [b"[" * 100_000, b'{"prompt": ' * 100_000, b'{"prompt": "w5", "stream_options": '
                                   + b'{"a": ' * 200 + b"1" + b"}" * 201], ids=["arrays", "objects", "in-a-field"])
 def test_deeply_nested_json_is_400(url, body):

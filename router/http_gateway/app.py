@@ -85,10 +85,10 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def _generate_request(gw: Gateway, body: GenerateBody, fields: dict, max_tokens: int | None, chat: bool):
+def _generate_request(gw: Gateway, body: GenerateBody, rid: str, fields: dict, max_tokens: int | None, chat: bool):
     sampling = body.sampling_fields(max_tokens)
     check_sampling(sampling, chat, body.constraint_param)
-    req = router_pb2.GenerateRequest(request_id=uuid.uuid4().hex, **fields, **sampling)
+    req = router_pb2.GenerateRequest(request_id=rid, **fields, **sampling)
     size = req.ByteSize()
     if size > gw.max_message_bytes:   # gRPC would refuse to send it, as RESOURCE_EXHAUSTED (a 429)
         raise APIError(413, f"the request is too large: {size} bytes once encoded for the router, which takes at "
@@ -122,17 +122,20 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
             _check_auth(request)
             body = parse_request(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
             model_id = await gw.served_model(body.model)
+            rid = uuid.uuid4().hex
             if chat:
-                fields = await gw.chat_prompt(body.messages, tools.definitions(body.tools, body.tool_choice))
+                prompts = [await gw.chat_prompt(body.messages, tools.definitions(body.tools, body.tool_choice))]
                 max_tokens = body.max_completion_tokens or body.max_tokens
-            else:
-                p = body.prompt
-                fields = {"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_token_ids": p}
+            else:   # a batch of prompts: each an independent request (id <rid>-<k>), n choices each
+                prompts = [{"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_token_ids": p}
+                           for p in body.prompts()]
                 max_tokens = body.max_tokens or 16   # OpenAI's default for completions
-            req = _generate_request(gw, body, fields, max_tokens, chat)
+            reqs = [_generate_request(gw, body, rid if len(prompts) == 1 else f"{rid}-{k}", fields, max_tokens, chat)
+                    for k, fields in enumerate(prompts)]
             token_text = TokenText(await gw.tokenizer() if body.num_logprobs is not None else None)
+            # choice index = prompt index * n + j, as OpenAI's
             calls = Calls([gw.stub.Generate(r, timeout=gw.request_timeout_s, metadata=gw.metadata)
-                           for r in choice_requests(req, body.n)])
+                           for req in reqs for r in choice_requests(req, body.n)])
             try:
                 firsts = await unless_disconnected(request, calls, calls.first_messages())
             except grpc.RpcError as e:
@@ -140,7 +143,7 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
             if any(m is grpc.aio.EOF for m in firsts):
                 calls.cancel()
                 raise APIError(502, "the router ended the stream without a token", "server_error")
-            streams, rid = list(zip(calls.calls, firsts)), req.request_id
+            streams = list(zip(calls.calls, firsts))
             meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()), "model": model_id}
             if body.stream:
                 count(endpoint, 200)

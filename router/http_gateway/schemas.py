@@ -16,6 +16,7 @@ U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 MAX_JSON_DEPTH = 32   # a chat body needs 5 levels; a client's tool schemas a few more
 MAX_N = 16            # choices per request: each is a request of its own to the router
+MAX_PROMPTS = 64      # prompts in one /v1/completions request (each n choices, each a router request)
 
 
 # ---- the raw body ----------------------------------------------------------------------------------
@@ -113,6 +114,11 @@ class GenerateBody(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's stream_options.continuous_usage_stats (with include_usage): usage in every chunk."""
+        return self.include_usage and bool((self.stream_options or {}).get("continuous_usage_stats"))
+
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
@@ -149,15 +155,10 @@ class GenerateBody(BaseModel):
 
 
 class ContentPart(BaseModel):
+    """A text part of a message's content (ChatMessage checks the parts first: text only)."""
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_only(self):
-        if self.type != "text" or self.text is None:
-            raise ValueError(f"only text content parts are supported, got type {self.type!r}")
-        return self
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
@@ -168,12 +169,28 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None   # an assistant's earlier calls
     tool_call_id: str | None = None                  # a tool's answer: to which call
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """Parts checked here, so that a refusal names the part and its type (not pydantic's union internals)."""
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    what = (f"is a {type(part).__name__}, not an object" if not isinstance(part, dict) else
+                            f"has type {kind!r}" if kind is not None else "has no type")
+                    raise ValueError(f"content part {i} {what}: only text parts "
+                                     '({"type": "text", "text": "..."}) are supported; this model reads text only')
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {i}: its text must be a string")
+        return v
+
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content)
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(GenerateBody):
@@ -206,20 +223,26 @@ class CompletionRequest(GenerateBody):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one (a string or token ids) or a batch (a list of either), as OpenAI and vLLM take."""
+        v = self.prompt
+        return list(v) if isinstance(v, list) and isinstance(v[0], (str, list)) else [v]
+
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
+    def _prompts(cls, v):
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
-            if isinstance(v[0], (str, list)):
-                if len(v) != 1:
-                    raise ValueError(f"one prompt per request is supported, got {len(v)}")
-                v = v[0]
-                if isinstance(v, list) and not v:
-                    raise ValueError("prompt must not be empty")
-            if isinstance(v, list) and any(t < 0 or t > U32_MAX for t in v):
-                raise ValueError("prompt token ids must be in [0, 2^32)")
+            batch = v if isinstance(v[0], (str, list)) else [v]
+            if len(batch) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}")
+            for i, p in enumerate(batch):
+                where = f"the prompt at index {i}" if batch is v else "prompt"
+                if not p:
+                    raise ValueError(f"{where} must not be empty")
+                if isinstance(p, list) and any(t < 0 or t > U32_MAX for t in p):
+                    raise ValueError(f"{where}: token ids must be in [0, 2^32)")
         return v
 
 

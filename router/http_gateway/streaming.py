@@ -72,10 +72,15 @@ class CancellingStream(StreamingResponse):
 
 
 
-def usage(lasts) -> dict:
-    """OpenAI's usage over the choices' last messages: the prompt counted once, the completions summed."""
-    p, c = int(lasts[0].usage.prompt_tokens), sum(int(m.usage.completion_tokens) for m in lasts)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def usage(lasts, n: int) -> dict:
+    """OpenAI's usage over the choices' last messages, in choice order (n per prompt): each prompt
+    counted once, the completions summed."""
+    p = sum(int(m.usage.prompt_tokens) for m in lasts[::n])
+    return _usage(p, sum(int(m.usage.completion_tokens) for m in lasts))
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 @dataclass
@@ -118,15 +123,19 @@ def full_response(choices: list[Choice], body: GenerateBody, meta: dict, chat: b
             choice["token_ids"] = c.ids
         out.append(choice)
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
-            "usage": usage([c.last for c in choices])}
+            "usage": usage([c.last for c in choices], body.n)}
 
 
 async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, token_text: TokenText):
     """The SSE body: per choice (its `index`), one chunk per router message and its finish chunk; then
-    the usage chunk (if asked for) and [DONE]. An error after the first token becomes a last
-    `data: {"error": ...}` event. `streams`: (call, first message) per choice."""
+    the usage chunk (if asked for) and [DONE]. With continuous usage (vLLM's) every chunk carries its
+    choice's usage so far: its prompt (the router's first message says it) and its tokens out. An
+    error after the first token becomes a last `data: {"error": ...}` event. `streams`: (call, first
+    message) per choice."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     completion_lps = [CompletionLogprobs(token_text) for _ in streams]
+    prompt_tokens = [int(first.usage.prompt_tokens) for _, first in streams]
+    tokens_out = [0] * len(streams)
 
     def chunk(i: int, text: str | None, ids=None, finish=None, role=False, lps=None, calls=None) -> bytes:
         c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": lps}
@@ -145,7 +154,7 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
             c["token_ids"] = list(ids)
         out = {**meta, "object": obj, "choices": [c]}
         if body.include_usage:
-            out["usage"] = None
+            out["usage"] = _usage(prompt_tokens[i], tokens_out[i]) if body.continuous_usage else None
         return sse(out)
 
     def logprobs(i: int, msg):
@@ -158,23 +167,24 @@ async def sse_events(streams: list, body: GenerateBody, meta: dict, chat: bool, 
     if chat:
         for i in range(len(streams)):
             yield chunk(i, "", role=True)
-    lasts, filters = [], [tools.CallFilter() for _ in streams] if chat and tools.calling(body) else None
+    lasts, filters = {}, [tools.CallFilter() for _ in streams] if chat and tools.calling(body) else None
     try:
         async for i, msg in merge(streams):
+            tokens_out[i] += len(msg.token_ids)
             lps = logprobs(i, msg)
             text = filters[i].feed(msg.text) if filters else msg.text   # held back where a tool call may begin
             if text or (body.return_token_ids and msg.token_ids) or lps:
                 yield chunk(i, text, msg.token_ids, lps=lps)
             if msg.finish_reason:
                 metrics.observe_request(msg, source="gateway")
-                lasts.append(msg)
+                lasts[i] = msg
                 rest, calls = filters[i].finish() if filters else ("", [])
                 if rest or calls:
                     yield chunk(i, rest or None, calls=calls)
                 yield chunk(i, None if chat else "", [] if body.return_token_ids else None,
                             finish="tool_calls" if calls else FINISH_NAMES.get(msg.finish_reason, "stop"))
         if body.include_usage:
-            yield sse({**meta, "object": obj, "choices": [], "usage": usage(lasts)})
+            yield sse({**meta, "object": obj, "choices": [], "usage": usage([lasts[i] for i in sorted(lasts)], body.n)})
     except grpc.RpcError as e:
         yield sse(rpc_error(e, chat).body())
     except APIError as err:
