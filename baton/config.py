@@ -11,9 +11,7 @@ class EngineConfig:
     device: str = "auto"              # auto = cuda when present, else cpu
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
-    max_new_tokens_limit: int = 4096  # the largest max_new_tokens a request may ask for
     prefill_chunk_tokens: int = 512   # prompt tokens prefilled per step, in chunks (in-process / colocated)
-    kv_col_chunk: int = 64            # cache columns preallocated at a time
     prefix_cache_mb: int = 256        # K/V of prompt prefixes kept for later prompts (baton/prefix_cache.py); 0 = off
     max_model_len: int = 0            # prompt + output tokens a request may hold; 0 = the model's max_position_embeddings
     kv_cache_memory: int = 0          # bytes for the decode batch's K/V, allocated once; 0 = sized by the policy below

@@ -12,14 +12,17 @@ prefill): a burst neither stalls the running rows nor queues behind one long pro
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from baton.config import EngineConfig
+from baton.decode_graphs import DecodeGraphs
 from baton.detokenizer import IncrementalDetokenizer
 from baton.grammar import Grammars
-from baton.kv_cache import BatchKVCache
+from baton.errors import InvalidArgument
+from baton.kv_cache import BatchKVCache, KVCapacity, kv_capacity, step_slack, token_bytes
 from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
 from baton.prefix_cache import PrefixCache
@@ -27,6 +30,8 @@ from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampler import sample_rows
 from baton.sampling import Logprobs, SamplingParams
 from baton.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,11 +71,17 @@ class Prefiller:
 class DecodeBatch:
     """The running batch. Single-threaded: callers serialise admit/abort/step."""
 
-    def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, col_chunk: int = 64):
+    def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, capacity: KVCapacity | None = None,
+                 *, graphs: bool = False, buckets: list[int] | None = None):
+        """`capacity`: the cache's size (Engine sizes it from its memory budget); by default room
+        for `max_batch` rows of the model's whole context. `graphs`: capture the decode step as
+        CUDA graphs (a CUDA runner); `buckets`: pad eager steps to these batch sizes (tests)."""
         self.runner, self.tokenizer, self.grammars = runner, model.tokenizer, model.grammars
-        self.eos_ids, self.max_len = model.eos_ids, model.max_len
+        cols = capacity.cols if capacity else model.max_len + step_slack(model.max_len)
+        self.eos_ids, self.max_len = model.eos_ids, capacity.max_len if capacity else model.max_len
         self.cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim,
-                                  dtype=runner.dtype, device=runner.device, max_rows=max_batch, col_chunk=col_chunk)
+                                  dtype=runner.dtype, device=runner.device, max_rows=max_batch, max_cols=cols)
+        self.decode = DecodeGraphs(runner, max_batch, capture=graphs, buckets=buckets)   # after the cache: its memory first
         self.rows: list[Request] = []      # row r of the cache belongs to rows[r]
         self.index: dict[str, int] = {}    # request_id -> row
 
@@ -132,7 +143,10 @@ class DecodeBatch:
         if not self.rows and not chunks:
             return []
         last = [r.output_ids[-1] for r in self.rows]
-        logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
+        if chunks:
+            logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
+        else:   # decode only: the static-buffer step (CUDA graphs where captured)
+            logits, prompt_logits = self.decode.step(last, self.cache), []
         picks = sample_rows(logits, self.rows, self.eos_ids, self.grammars)
         events = [r.append_token(t, self.eos_ids, self.max_len, lp) for r, (t, lp) in zip(self.rows, picks)]
         for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
@@ -155,7 +169,14 @@ class Engine:
         self.runner = ModelRunner(model.model)
         self.prefixes = PrefixCache(config.prefix_cache_mb << 20)   # shared with the prefiller: one thread runs both
         self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars, self.prefixes)
-        self.batch = DecodeBatch(self.runner, model, config.max_batch, config.kv_col_chunk)
+        r = self.runner
+        self.capacity = kv_capacity(
+            config.max_batch, token_bytes(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype), model.max_len,
+            max_model_len=config.max_model_len, budget=config.kv_cache_memory, device=r.device,
+            gpu_memory_utilization=config.gpu_memory_utilization)
+        self.batch = DecodeBatch(self.runner, model, config.max_batch, self.capacity,
+                                 graphs=r.device.type == "cuda" and not config.enforce_eager)
+        log.info("%s", self.capacity.describe())
         self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens, self._start_prompt)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running
         self.prompt_kv: dict[str, torch.Tensor] = {}    # (L, 2, Hkv, P, D) of each prompt being prefilled here
@@ -165,20 +186,28 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler)
 
-    def _check_new(self, request_id: str) -> None:
+    @property
+    def max_len(self) -> int:
+        """Prompt + output tokens a request may reach here (the model's context, or less if the
+        cache's budget or --max-model-len says so)."""
+        return self.batch.max_len
+
+    def _check_new(self, req: Request) -> None:
         self.scheduler.check_room()
-        if request_id in self.requests:
-            raise ValueError(f"duplicate request_id {request_id!r}")
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        if len(req.all_ids) >= self.max_len:
+            raise InvalidArgument(f"{len(req.all_ids)} tokens do not fit the context of {self.max_len}")
 
     def add_request(self, req: Request) -> None:
         """A new query, to be prefilled in this process."""
-        self._check_new(req.request_id)
+        self._check_new(req)
         self.scheduler.add(req)
         self.requests[req.request_id] = req
 
     def add_prefilled(self, req: Request, pre: PrefillOutput) -> None:
         """A query prefilled elsewhere (a prefill worker); it takes the next free row."""
-        self._check_new(req.request_id)
+        self._check_new(req)
         self.scheduler.add_prefilled(req, pre)
         self.requests[req.request_id] = req
 

@@ -1,34 +1,98 @@
-"""BATON's batch KV cache: one dense, left-padded tensor that queries join and leave.
+"""BATON's batch KV cache: one dense, left-padded tensor that queries join and leave, allocated once.
 
-Layout: buf (L, 2, rows, Hkv, cols, D). Row r holds its `lens[r]` tokens right-aligned
-in columns [end - lens[r], end), so every row writes its next token into the same column
-`end` and one decode step is a single dense batched forward (vector shaping). Columns
-[start, end) are the ones some row still needs; the attention mask hides the rest.
+Layout: buf (L, 2, rows, Hkv, cols, D), sized at start (`kv_capacity`) and never reallocated, so
+every address a captured CUDA graph or a registered transfer buffer holds stays valid. Row r holds
+its `lens[r]` tokens right-aligned in columns [end - lens[r], end), so every row writes its next
+token into the same column `end` and one decode step is a single dense batched forward (vector
+shaping). Columns [start, end) are the ones some row still needs; the attention mask hides the rest.
 
-- insert: a newcomer's K/V goes right-aligned into a free row; if it is longer than the
-  batch, `start` moves left (widening) — into preallocated slack, so no copy.
-- reserve: room for a whole group of newcomers in at most one reallocation.
-- remove: the last row is moved into the freed row (a one-row copy); `start` moves right
-  past columns no row needs any more (trimming, no copy).
-- step: writes one column; the buffer is reallocated only when the slack runs out, with
-  geometric growth, so the amortised cost per step is O(one column).
+- insert: a newcomer's K/V goes right-aligned into a free row; if it is longer than the batch,
+  `start` moves left (widening), or the window moves right in place when there is no room left of it.
+- remove: the last row is moved into the freed row (a one-row copy); `start` moves right past
+  columns no row needs any more (trimming, no copy).
+- step: writes column `end`; when `end` reaches the last column, the window is moved back to
+  column 0 in place (a compaction: one copy of the live window every `cols - width` steps).
+
+Each row's token count is kept twice: `lens` on the host (bookkeeping) and `pos` on the device
+(positions and the mask are built from it, so a step reads no host list and never syncs).
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_BYTES = 4 << 30     # as vLLM's CPU backend (VLLM_CPU_KVCACHE_SPACE=4)
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    rows: int
+    cols: int          # columns of the buffer: the longest row it can hold, plus room to step before compacting
+    max_len: int       # prompt + output tokens a request may reach
+    nbytes: int
+
+    def describe(self) -> str:
+        return (f"batch K/V cache: {self.nbytes / 2 ** 30:.2f} GiB, {self.rows} rows x {self.cols} columns "
+                f"({self.rows * self.cols:,} token slots); a request holds at most {self.max_len:,} tokens")
+
+
+def token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V of one token, all layers."""
+    return num_layers * 2 * num_kv_heads * head_dim * dtype.itemsize
+
+
+def step_slack(max_len: int) -> int:
+    """Columns beyond the longest row: how many steps run between two compactions at worst."""
+    return max(16, min(256, max_len // 8))
+
+
+def kv_capacity(rows: int, per_token: int, model_max_len: int, *, max_model_len: int = 0, budget: int = 0,
+                device: torch.device | str = "cpu", gpu_memory_utilization: float = 0.9) -> KVCapacity:
+    """How many columns the batch cache gets, and so the longest request it admits.
+
+    `budget` (bytes, --kv-cache-memory) when given; otherwise what the device allows: on a GPU the
+    share `gpu_memory_utilization` of its memory less what is already allocated (the weights), on a
+    CPU 4 GiB (vLLM's default); never more than the model's context needs. A request's length is
+    capped by the model, by `max_model_len` when set, and by what fits; a `max_model_len` that does
+    not fit is an error that says what to change, as vLLM's is."""
+    if max_model_len > model_max_len:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context of {model_max_len} tokens")
+    want = max_model_len or model_max_len
+    full = want + step_slack(want)                       # columns that hold the longest request comfortably
+    if not budget:
+        device = torch.device(device)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            budget = max(0, int(total * gpu_memory_utilization) - torch.cuda.memory_reserved(device))
+        else:
+            budget = CPU_DEFAULT_BYTES
+    cols = min(budget // (rows * per_token), full)
+    max_len = want if cols == full else cols - step_slack(cols)
+    if max_len < 16 or (max_model_len and max_len < max_model_len):
+        raise ValueError(
+            f"the batch K/V cache does not fit: {rows} rows of {want} tokens need "
+            f"{rows * full * per_token / 2 ** 30:.2f} GiB, the budget is {budget / 2 ** 30:.2f} GiB; lower "
+            f"--max-model-len or --max-num-seqs, or raise --kv-cache-memory (or --gpu-memory-utilization)")
+    return KVCapacity(rows, cols, max_len, rows * cols * per_token)
 
 
 class BatchKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", max_rows: int = 32, col_chunk: int = 64):
+                 device: torch.device | str = "cpu", max_rows: int = 32, max_cols: int = 1024):
         self.shape_lhd = (num_layers, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, torch.device(device)
-        self.max_rows = max_rows
-        self.col_chunk = col_chunk
+        self.max_rows, self.max_cols = max_rows, max_cols
         self.lens: list[int] = []          # tokens held per row, row order
         self.start = self.end = 0
-        self.relayouts = 0                 # how often the buffer was reallocated (for tests/metrics)
-        self.buf = self._alloc(min(max_rows, 4), col_chunk)
+        self.compactions = 0               # how often the window was moved back to column 0
+        # Zeros, not empty: masked columns still meet V in the attention matmul, and 0 * NaN is NaN.
+        self.buf = torch.zeros(num_layers, 2, max_rows, num_kv_heads, max_cols, head_dim, dtype=dtype,
+                               device=self.device)
+        self.pos = torch.zeros(max_rows, dtype=torch.long, device=self.device)   # (rows,) == lens, on the device
 
     # ---- shape bookkeeping -------------------------------------------------------------
     @property
@@ -41,7 +105,7 @@ class BatchKVCache:
         return self.end - self.start
 
     def nbytes(self) -> int:
-        """Bytes allocated (the buffer keeps its peak size so later batches reuse it)."""
+        """Bytes allocated (once, at start)."""
         return self.buf.numel() * self.buf.element_size()
 
     def used_bytes(self) -> int:
@@ -49,42 +113,28 @@ class BatchKVCache:
         L, H, D = self.shape_lhd
         return self.num_rows * self.width * L * 2 * H * D * self.buf.element_size()
 
-    def _alloc(self, rows: int, cols: int) -> torch.Tensor:
-        L, H, D = self.shape_lhd
-        # Zeros, not empty: masked columns still meet V in the attention matmul, and 0 * NaN is NaN.
-        # (Tried: empty + zeroing only the padding insert() exposes; the gRPC decode worker got
-        # slower, TTFT p50 8.5 -> 15 s in `baton bench --systems baton_grpc`, cause not found.)
-        return torch.zeros(L, 2, rows, H, cols, D, dtype=self.dtype, device=self.device)
+    def fits(self, tokens: int) -> bool:
+        """Whether a row of this many tokens can be held (and step once)."""
+        return tokens < self.max_cols
 
-    def _relayout(self, rows: int, left: int, right: int) -> None:
-        """Reallocate so there are `rows` rows, `left` free columns before start, `right` after end."""
-        cols = left + self.width + right
-        new = self._alloc(rows, cols)
-        n = self.num_rows
-        if n:
-            new[:, :, :n, :, left:left + self.width] = self.buf[:, :, :n, :, self.start:self.end]
-        self.buf = new
-        self.start, self.end = left, left + self.width
-        self.relayouts += 1
+    def _move(self, new_end: int) -> None:
+        """Move the live window [start, end) so that it ends at `new_end`, in place (same buffer)."""
+        n, w = self.num_rows, self.width
+        if n and new_end != self.end:
+            window = self.buf[:, :, :n, :, self.start:self.end].clone()
+            self.buf[:, :, :n, :, new_end - w:new_end] = window
+        self.start, self.end = new_end - w, new_end
 
     # ---- insertion and removal ------------------------------------------------------------
     def reserve(self, rows: int, longest: int) -> None:
-        """Room for `rows` rows in all and a newcomer of `longest` tokens, in at most one
-        reallocation: a group of newcomers then goes in without the buffer growing row by row."""
-        rows_cap, cols = self.buf.shape[2], self.buf.shape[4]
-        if rows > rows_cap:  # geometric, like insert(): arrivals one or two at a time stay amortised O(1)
-            rows = max(rows, 2 * rows_cap)
-        rows = min(self.max_rows, rows)
-        if self.num_rows == 0:
-            if rows > rows_cap or longest + self.col_chunk > cols:  # nothing to keep: just allocate
-                self.buf = self._alloc(max(rows, rows_cap), max(cols, longest + 2 * self.col_chunk))
-                self.relayouts += 1
-            self.start = self.end = longest  # the group fits left of the window, slack stays right
-            return
-        need_left = max(0, longest - self.width)
-        if rows > rows_cap or need_left > self.start:
-            slack = max(self.col_chunk, self.width // 2)
-            self._relayout(max(rows, rows_cap), need_left + slack, slack)
+        """Room for `rows` rows in all and a newcomer of `longest` tokens: the window moves right at
+        most once for a group of newcomers, not once per newcomer."""
+        if rows > self.max_rows:
+            raise RuntimeError(f"{rows} rows do not fit a batch of {self.max_rows}")
+        if not self.fits(longest):
+            raise ValueError(f"a row of {longest} tokens does not fit the cache's {self.max_cols} columns")
+        if longest > self.end:
+            self._move(longest)
 
     def insert(self, kv: torch.Tensor) -> int:
         """Embed one prefilled query's K/V (L, 2, Hkv, P, D) as a new row; returns the row index."""
@@ -94,18 +144,11 @@ class BatchKVCache:
             raise ValueError(f"K/V shape {tuple(kv.shape)} does not match the model ({L}, 2, {H}, P, {D})")
         if self.num_rows >= self.max_rows:
             raise RuntimeError("batch is full")
-        if self.num_rows == 0 and not (P <= self.start and self.buf.shape[4] - self.end >= self.col_chunk):
-            # An empty batch keeps its buffer; centre the window so both sides have slack.
-            self.start = self.end = self.buf.shape[4] // 2
-        rows_cap = self.buf.shape[2]
-        need_left = max(0, P - self.width)
-        if self.num_rows == rows_cap or need_left > self.start:
-            rows = min(self.max_rows, 2 * rows_cap) if self.num_rows == rows_cap else rows_cap
-            slack = max(self.col_chunk, self.width // 2)
-            self._relayout(rows, need_left + slack, slack)
+        self.reserve(self.num_rows + 1, P)
         row = self.num_rows
         self.start = min(self.start, self.end - P)
         self.buf[:, :, row, :, self.end - P:self.end] = kv.to(device=self.device, dtype=self.dtype)
+        self.pos[row] = P
         self.lens.append(P)
         return row
 
@@ -115,6 +158,7 @@ class BatchKVCache:
         moved = None
         if row != last:
             self.buf[:, :, row, :, self.start:self.end] = self.buf[:, :, last, :, self.start:self.end]
+            self.pos[row] = self.pos[last]
             self.lens[row] = self.lens[last]
             moved = last
         self.lens.pop()
@@ -122,19 +166,23 @@ class BatchKVCache:
         return moved
 
     def _trim(self) -> None:
-        """Forget columns that no remaining row needs (the longest row may have left)."""
-        self.start = self.end - max(self.lens) if self.lens else self.end
+        """Forget columns that no remaining row needs (the longest row may have left); an empty
+        batch starts again at column 0."""
+        if self.lens:
+            self.start = self.end - max(self.lens)
+        else:
+            self.start = self.end = 0
 
     # ---- one decode step -------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
-        """(n,) position id of each row's next token = tokens it already holds."""
-        return torch.tensor(self.lens, dtype=torch.long, device=self.device)
+        """(n,) position id of each row's next token = tokens it already holds (a device view)."""
+        return self.pos[:self.num_rows]
 
     def append_column(self) -> int:
         """Make room for this step's column; returns its absolute index (== end)."""
-        if self.end >= self.buf.shape[4]:
-            slack = max(self.col_chunk, self.width)  # geometric growth: amortised O(1) per step
-            self._relayout(self.buf.shape[2], min(self.start, self.col_chunk), slack)
+        if self.end >= self.max_cols:
+            self._move(self.width)
+            self.compactions += 1
         return self.end
 
     def attention_mask(self) -> torch.Tensor:
@@ -154,6 +202,7 @@ class BatchKVCache:
 
     def commit_step(self) -> None:
         self.end += 1
+        self.pos[:self.num_rows] += 1
         self.lens = [x + 1 for x in self.lens]
 
     def row_kv(self, row: int) -> torch.Tensor:

@@ -93,8 +93,9 @@ class ModelRunner:
         self.embed_weight = body.embed_tokens.weight       # (V, hidden)
         self.norm_weight = body.norm.weight
         self.lm_head_weight = hf_model.lm_head.weight       # tied to embed_weight in SmolLM2
-        self._rotary = body.rotary_emb
-        self._cos = self._sin = None                         # (positions, D) tables, grown on demand
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = body.rotary_emb(probe, position_ids=torch.arange(self.max_positions, device=self.device)[None])
+        self._cos, self._sin = cos[0], sin[0]                # (positions, D)
         self.layers = []
         for layer in body.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -111,14 +112,9 @@ class ModelRunner:
         return F.embedding(ids, self.embed_weight)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (...,) -> cos, sin (..., 1, D), to broadcast over heads. Tables are computed once by
-        the model's own rotary module, so the values equal what `generate()` uses."""
-        need = int(pos.max()) + 1 if pos.numel() else 1
-        if self._cos is None or need > self._cos.shape[0]:
-            n = min(max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024), max(need, self.max_positions))
-            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = self._rotary(probe, position_ids=torch.arange(n, device=self.device)[None])  # (1, n, D)
-            self._cos, self._sin = cos[0], sin[0]
+        """pos (...,) -> cos, sin (..., 1, D), to broadcast over heads: a gather from tables the
+        model's own rotary module computed once for its whole context (so the values equal what
+        `generate()` uses, and a step never reads a position back to the host)."""
         return self._cos[pos].unsqueeze(-2), self._sin[pos].unsqueeze(-2)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -187,7 +183,7 @@ class ModelRunner:
                 values[:, :, col] = v[:n]
                 # GQA without repeating K/V: the group's query heads act as query positions.
                 qd = q[:n].unflatten(1, (self.num_kv_heads, self.group))   # (n, Hkv, G, D)
-                attn[:n] = _decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+                attn[:n] = decode_attention(qd, keys, values, mask, self.scale).flatten(1)
             for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
                 kv = c.kv[li]                                              # (2, Hkv, P, D)
                 kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
@@ -225,7 +221,7 @@ def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
     return torch.ones(m, c.end, dtype=torch.bool, device=device).tril(c.start)
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q (n, Hkv, G, D) over keys/values (n, Hkv, T, D) strided views, additive mask (n, 1, 1, T).
     Two batched matmuls: with a handful of query positions per row this beat CPU flash SDPA by

@@ -50,7 +50,7 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
     if colocated:
         # A prefill for another decode worker runs on the engine's thread too, between two steps.
         remote = prefill_worker(
-            loop.engine.prefiller, loop.engine.model.max_len, auth_token=auth_token, tls_cert=tls_cert,
+            loop.engine.prefiller, loop.engine.max_len, auth_token=auth_token, tls_cert=tls_cert,
             tls_key=tls_key, tls_root_cert=tls_root_cert,
             compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None))
         add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)

@@ -17,7 +17,7 @@ class FakeLoop:
 
     def __init__(self):
         runner = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=4, dtype=None, vocab_size=100)
-        self.engine = SimpleNamespace(runner=runner, model=SimpleNamespace(max_len=64, grammars=None))
+        self.engine = SimpleNamespace(runner=runner, max_len=64, model=SimpleNamespace(grammars=None))
         self.submitted, self.aborted = [], []
 
     def submit(self, req):

@@ -1,7 +1,9 @@
-"""BatchKVCache bookkeeping: right-aligned rows, cheap insert/remove, amortised growth."""
+"""BatchKVCache bookkeeping: right-aligned rows, cheap insert/remove, one buffer for its whole life,
+and its size from a memory budget."""
+import pytest
 import torch
 
-from baton.kv_cache import BatchKVCache
+from baton.kv_cache import BatchKVCache, kv_capacity, step_slack
 
 
 def _kv(P, fill, L=2, H=2, D=4):
@@ -17,8 +19,12 @@ def _step(c):
     c.commit_step()
 
 
+def _cache(rows=4, cols=16):
+    return BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=rows, max_cols=cols)
+
+
 def test_rows_are_right_aligned_and_masked():
-    c = BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=4, col_chunk=8)
+    c = _cache()
     assert c.insert(_kv(3, 1)) == 0
     assert c.insert(_kv(5, 2)) == 1           # longer: widens
     assert c.width == 5 and c.lens == [3, 5]
@@ -29,51 +35,75 @@ def test_rows_are_right_aligned_and_masked():
 
 
 def test_remove_moves_last_row_and_trims():
-    c = BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=4, col_chunk=8)
+    c = _cache()
     for P, fill in [(2, 1), (9, 2), (4, 3)]:
         c.insert(_kv(P, fill))
     _step(c)
     assert c.remove(1) == 2                   # the longest row leaves; the last one moves into row 1
     assert c.lens == [3, 5] and c.width == 5  # trimmed from 10 to 5 columns, no copy of other rows
+    assert c.positions().tolist() == [3, 5]
     assert torch.equal(c.row_kv(1)[..., :4, :], _kv(4, 3))
     assert c.remove(1) is None and c.lens == [3]
 
 
-def test_growth_is_amortised():
-    c = BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=8, col_chunk=8)
-    for i in range(8):
+def test_the_buffer_is_never_reallocated_and_compaction_keeps_every_row():
+    """500 steps with rows leaving and joining in a 40-column cache: the window is moved back to
+    column 0 many times, in the same buffer, and every row keeps its own K/V."""
+    c = _cache(rows=4, cols=40)
+    address = c.buf.data_ptr()
+    fills = {}
+    for i in range(4):
         c.insert(_kv(1 + i, i))
-    before = c.relayouts
-    for _ in range(500):
+        fills[i] = (i, 1 + i)                 # row -> (fill, prompt length)
+    for s in range(500):
         _step(c)
-    assert c.relayouts - before <= 8          # geometric growth: a handful of reallocations in 500 steps
-    assert [c.row_kv(r)[0, 0, 0, 0, 0].item() for r in range(8)] == [float(i) for i in range(8)]
+        longest = max(range(c.num_rows), key=lambda r: c.lens[r])
+        if c.lens[longest] >= 30:             # it leaves; a newcomer takes a row
+            moved = c.remove(longest)
+            if moved is not None:
+                fills[longest] = fills.pop(moved)
+            else:
+                fills.pop(longest)
+            fills[c.insert(_kv(3, 50 + s))] = (50 + s, 3)
+    assert c.buf.data_ptr() == address and c.compactions >= 10
+    for r, (fill, P) in fills.items():
+        kv = c.row_kv(r)
+        assert torch.equal(kv[..., :P, :], _kv(P, fill)) and bool((kv[..., P:, :] == 100.0).all())
+    assert c.positions().tolist() == c.lens
 
 
-def test_empty_batch_reuses_its_buffer():
-    c = BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=2, col_chunk=64)
+def test_an_empty_batch_starts_again_at_column_zero():
+    c = _cache(cols=64)
     c.insert(_kv(10, 1))
+    for _ in range(20):
+        _step(c)
     c.remove(0)
-    before = c.relayouts
+    assert (c.start, c.end) == (0, 0)
     c.insert(_kv(20, 1))
-    assert c.relayouts == before and c.width == 20
+    assert (c.start, c.end) == (0, 20)
 
 
-def test_reserve_makes_room_for_a_group_in_one_reallocation():
-    c = BatchKVCache(2, 2, 4, dtype=torch.float64, max_rows=8, col_chunk=4)
-    lens = [3, 9, 5, 12, 1, 7]
-    c.reserve(len(lens), max(lens))
-    before = c.relayouts
-    for i, P in enumerate(lens):
-        c.insert(_kv(P, i + 1))
-    assert c.relayouts == before and c.lens == lens
-    assert all(torch.equal(c.row_kv(i), _kv(P, i + 1)) for i, P in enumerate(lens))
+def test_reserve_moves_the_window_once_for_a_group_of_newcomers():
+    c = _cache(rows=8, cols=64)
+    c.insert(_kv(4, 1))
     _step(c)
-    c.reserve(8, 20)                          # a non-empty batch: one relayout keeps every row
-    assert c.relayouts == before + 1
-    for i, P in enumerate([20, 2]):
+    c.reserve(4, 30)                          # one move: the window ends at column 30 now
+    assert c.end == 30 and torch.equal(c.row_kv(0)[..., :4, :], _kv(4, 1))
+    for i, P in enumerate([30, 7, 12]):
         c.insert(_kv(P, 10 + i))
-    assert c.relayouts == before + 1 and c.lens == [P + 1 for P in lens] + [20, 2]
-    assert all(torch.equal(c.row_kv(i)[..., :P, :], _kv(P, i + 1)) for i, P in enumerate(lens))
-    assert torch.equal(c.row_kv(6), _kv(20, 10)) and torch.equal(c.row_kv(7), _kv(2, 11))
+    assert c.end == 30 and c.lens == [5, 30, 7, 12]
+    with pytest.raises(ValueError, match="does not fit"):
+        c.reserve(5, 64)                      # a row must leave a column to step into
 
+
+def test_capacity_comes_from_the_budget_and_caps_the_context():
+    per_token = 1000
+    full = kv_capacity(4, per_token, 1024, budget=1 << 30)       # plenty: the model's whole context
+    assert full.max_len == 1024 and full.cols == 1024 + step_slack(1024)
+    small = kv_capacity(4, per_token, 1024, budget=4 * 600 * per_token)
+    assert small.cols == 600 and small.max_len == 600 - step_slack(600) and small.nbytes <= 4 * 600 * per_token
+    assert kv_capacity(4, per_token, 1024, max_model_len=256).max_len == 256
+    with pytest.raises(ValueError, match="--max-model-len or --max-num-seqs"):
+        kv_capacity(4, per_token, 1024, max_model_len=1000, budget=4 * 600 * per_token)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        kv_capacity(4, per_token, 1024, max_model_len=2048)
