@@ -18,7 +18,7 @@ class Limits:
     max_new_tokens: int | None = None
     max_stop_strings: int = 8
     max_stop_length: int = 64
-    max_prompt_chars: int = 64 * 1024
+    max_prompt_chars: int = 64 * 1024      # a text prompt's characters (before tokenizing); token ids are not
     max_request_id_length: int = 128
 
     def for_context(self, context: int) -> Limits:
@@ -39,6 +39,9 @@ def add_args(p) -> None:
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="largest max_new_tokens (HTTP max_tokens) a request may ask for; more gets INVALID_ARGUMENT "
                         f"(HTTP 400) (default: {_CONTEXT})")
+    g.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="characters a text prompt may have before it is tokenized; more gets INVALID_ARGUMENT "
+                        "(HTTP 400) (default: %(default)s)")
     g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
                    help="stop strings a request may give (default: %(default)s)")
     g.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
@@ -63,7 +66,8 @@ def add_args(p) -> None:
 
 def from_args(a) -> Limits:
     return Limits(max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens,
-                  max_stop_strings=a.max_stop_strings, max_stop_length=a.max_stop_length)
+                  max_stop_strings=a.max_stop_strings, max_stop_length=a.max_stop_length,
+                  max_prompt_chars=a.max_prompt_chars)
 
 
 def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> SamplingParams:
@@ -97,6 +101,12 @@ def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: 
     if num_tokens + max_new_tokens > context:
         raise InvalidArgument(f"the prompt has {num_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                               f"the model's context of {context} tokens")
+
+
+def check_prompt_chars(limits: Limits, prompt: str) -> None:
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(f"the prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} allowed "
+                              "(--max-prompt-chars)")
 
 
 def check_request_id(limits: Limits, request_id: str) -> None:

@@ -16,7 +16,7 @@ from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
 from baton.wire import sampling_from_request
 from router.books import Books
 from router.config import RouterConfig
-from router.limits import Limits, check_prompt, check_request_id, validate_sampling
+from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
 from router.registry import Registry, max_batch, worker_stats
 from router.request_run import LivenessWatcher, RequestRun
 
@@ -56,8 +56,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if self.tokenizer is not None and max(ids) >= len(self.tokenizer):
                 raise InvalidArgument(f"prompt_token_ids must be in [0, {len(self.tokenizer)})")
             return ids
-        if len(r.prompt) > self.limits.max_prompt_chars:
-            raise InvalidArgument(f"prompt has {len(r.prompt)} characters; at most {self.limits.max_prompt_chars}")
+        check_prompt_chars(self.limits, r.prompt)
         if not r.prompt.strip():
             raise InvalidArgument("prompt must not be empty")
         if self.tokenizer is None:

@@ -220,6 +220,27 @@ def test_connections_over_the_cap_get_503(router):
         gw.stop()
 
 
+def test_text_prompt_over_max_prompt_chars_is_400_naming_the_flag(tmp_path):
+    """The text-prompt cap is the router's --max-prompt-chars (`baton up` too), and the 400 names it."""
+    from deploy.cli import build_parser
+    from router import limits
+    from router.http_gateway import start_gateway
+    from router.main import start_router
+    up = build_parser().parse_args(["up", "--max-prompt-chars", "10"])
+    assert limits.from_args(up).max_prompt_chars == 10 and limits.Limits().max_prompt_chars == 65536
+    server, port, _, watcher = start_router(save_tiny(tmp_path / "model"), "127.0.0.1", 0, limits=limits.from_args(up))
+    gw = start_gateway(f"127.0.0.1:{port}", "127.0.0.1", 0)
+    try:
+        r = httpx.post(gw.url + "/v1/completions", json={"prompt": "w5 w6 w7 w8", "max_tokens": 2}, timeout=30)
+        err = _error(r, 400)
+        assert err["param"] == "prompt" and "11 characters; at most 10" in err["message"], err
+        assert "--max-prompt-chars" in err["message"], err
+    finally:
+        gw.stop()
+        watcher.stopped.set()
+        server.stop(0).wait(2)
+
+
 def test_every_gateway_flag_says_its_default_and_baton_up_passes_the_http_limits():
     from deploy.cli import build_parser
     from router.http_gateway import HttpLimits, config, server
