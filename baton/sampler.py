@@ -1,4 +1,4 @@
-"""Per-row token choice.
+"""Token choice for a whole batch at once, on the device.
 
 A sampled token depends only on its row's logits, its parameters, its own token history and
 (seed, index of the token): each token draws from a generator seeded by both, so a query's text
@@ -75,27 +75,48 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def process(logits: torch.Tensor, row: Row, eos_ids: Collection[int],
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-row parameters as an (m, 1) column in `like`'s dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def _rows_where(rows: Sequence[Row], test) -> list[int]:
+    return [r for r, row in enumerate(rows) if test(row.params, row)]
+
+
+def process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int],
             grammars: Grammars | None = None) -> torch.Tensor:
-    """logits (V,) -> the row's processed logits (V,), a new tensor."""
-    p, x = row.params, _wide(logits).clone()
-    dev = x.device
-    if p.logit_bias:
-        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
-        x[ids] += torch.tensor([b for _, b in p.logit_bias], dtype=x.dtype, device=dev)
-    if len(row.output_ids) < p.min_tokens and eos_ids and not p.ignore_eos:
-        x[torch.tensor(sorted(eos_ids), device=dev)] = float("-inf")
-    if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-        h = _counts(row, x)
-        if p.repetition_penalty != 1.0:
-            penalised = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
-            x = torch.where(h.seen, penalised, x)
-        if p.frequency_penalty or p.presence_penalty:
-            counts = h.counts.to(x.dtype)                                     # (V,)
-            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
-    if p.constraint:
-        allowed = _grammar(row, grammars, x.shape[-1]).allowed(row.output_ids, x.shape[-1], dev)   # (V,)
-        x = x.masked_fill(~allowed, float("-inf"))
+    """logits (n, V) -> the rows' processed logits (n, V), a new tensor; rows without processors
+    keep their logits exactly."""
+    x = _wide(logits).clone()
+    dev, dt = x.device, x.dtype
+    bias = [(r, t, b) for r, row in enumerate(rows) for t, b in row.params.logit_bias]
+    if bias:
+        ri, ti, bi = zip(*bias)
+        x.index_put_((torch.tensor(ri, device=dev), torch.tensor(ti, device=dev)),
+                     torch.tensor(bi, dtype=dt, device=dev), accumulate=True)
+    held = _rows_where(rows, lambda p, row: len(row.output_ids) < p.min_tokens and not p.ignore_eos)
+    if held and eos_ids:
+        x[torch.tensor(held, device=dev)[:, None], torch.tensor(sorted(eos_ids), device=dev)[None, :]] = float("-inf")
+    pen = _rows_where(rows, lambda p, row: p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)
+    if pen:
+        idx = torch.tensor(pen, device=dev)
+        hist = [_counts(rows[r], x) for r in pen]
+        seen = torch.stack([h.seen for h in hist])                                   # (m, V)
+        counts = torch.stack([h.counts for h in hist]).to(dt)                        # (m, V)
+        params = [rows[r].params for r in pen]
+        rep = _column([p.repetition_penalty for p in params], x)
+        sub = x[idx]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub -= _column([p.frequency_penalty for p in params], x) * counts \
+            + _column([p.presence_penalty for p in params], x) * (counts > 0).to(dt)
+        x[idx] = sub
+    held_to = _rows_where(rows, lambda p, row: p.constraint)
+    if held_to:
+        V = x.shape[-1]
+        allowed = torch.stack([_grammar(rows[r], grammars, V).allowed(rows[r].output_ids, V, dev) for r in held_to])
+        idx = torch.tensor(held_to, device=dev)
+        x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     return x
 
 
@@ -106,44 +127,69 @@ def _grammar(row: Row, grammars: Grammars | None, vocab: int) -> RowGrammar:
     return row.grammar_state
 
 
+def choose(scores: torch.Tensor, params: Sequence[SamplingParams], indices: Sequence[int]) -> torch.Tensor:
+    """scores (n, V), already processed -> (n,) token ids, on the device. `indices[r]` is the
+    position in its output of row r's token (with its seed, what its draw depends on)."""
+    tokens = torch.argmax(scores, dim=-1)
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    ps = [params[r] for r in sampled]
+    s = scores[torch.tensor(sampled, device=scores.device)].float()
+    s /= _column([p.temperature for p in ps], s)                                     # (m, V)
+    V = s.shape[-1]
+    if any(0 < p.top_k < V for p in ps) or any(p.top_p < 1.0 for p in ps):
+        ordered, order = torch.sort(s, dim=-1, descending=True)                       # (m, V)
+        kth = ordered.gather(1, torch.tensor([[(p.top_k if 0 < p.top_k < V else V) - 1] for p in ps],
+                                              device=s.device))                       # (m, 1)
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))                   # top-k, ties kept
+        head = torch.softmax(ordered, dim=-1)
+        # top-p: drop a token once the mass before it reaches top_p (the first always stays); 1.0 = off
+        top_p = _column([p.top_p if p.top_p < 1.0 else float("inf") for p in ps], head)
+        ordered = ordered.masked_fill(head.cumsum(-1) - head >= top_p, float("-inf"))
+        s = s.scatter(1, order, ordered)
+    probs = torch.softmax(s, dim=-1)
+    if any(p.min_p > 0.0 for p in ps):   # the top token always stays
+        probs = probs.masked_fill(probs < _column([p.min_p for p in ps], probs) * probs.amax(-1, keepdim=True), 0.0)
+    noise = torch.empty_like(probs)
+    for j, (r, p) in enumerate(zip(sampled, ps)):
+        noise[j].exponential_(generator=_token_generator(p.seed, indices[r], probs.device))
+    tokens[torch.tensor(sampled, device=tokens.device)] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
+    return tokens
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     """logits (V,), already processed -> token id; `index` is the position of this token in the output."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
-    if 0 < params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token always
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)   # the top token always stays
-    g = _token_generator(params.seed, index, logits.device)
-    return int(torch.multinomial(probs, 1, generator=g))
+    return int(choose(logits[None], [params], [index])[0])
 
 
-def logprobs_of(logits: torch.Tensor, token: int, k: int) -> Logprobs:
-    """logits (V,) raw -> the chosen token's log-probability and the k most likely tokens'."""
-    lp = torch.log_softmax(_wide(logits), dim=-1)                   # (V,)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int]) -> list[Logprobs]:
+    """logits (m, V) raw, tokens (m,) chosen -> each row's chosen token's log-probability and its
+    ks[r] most likely tokens' (one copy to the host)."""
+    lp = torch.log_softmax(_wide(logits), dim=-1)                                    # (m, V)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    k = max(ks)
     top = torch.topk(lp, k) if k else None
-    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-    return Logprobs(float(lp[token]), pairs)
+    ids, vals = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(ks), [[]] * len(ks))
+    return [Logprobs(c, tuple(zip(i[:kr], v[:kr]))) for c, i, v, kr in zip(chosen, ids, vals, ks)]
 
 
 def sample_rows(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int] = (),
                 grammars: Grammars | None = None) -> list[tuple[int, Logprobs | None]]:
-    """logits (n, V) -> per row (token id, its Logprobs if asked for). Plain greedy rows share one argmax."""
-    tokens = torch.argmax(logits, dim=-1).tolist() if len(rows) else []
-    out = []
-    for r, row in enumerate(rows):
-        p = row.params
-        if p.processed or not p.greedy:
-            scores = process(logits[r], row, eos_ids, grammars) if p.processed else logits[r]
-            tokens[r] = sample_one(scores, p, len(row.output_ids))
-        lp = logprobs_of(logits[r], tokens[r], p.logprobs) if p.logprobs is not None else None
-        out.append((tokens[r], lp))
-    return out
+    """logits (n, V) -> per row (token id, its Logprobs if asked for), the whole batch at once."""
+    if not len(rows):
+        return []
+    params = [row.params for row in rows]
+    if all(p.greedy and not p.processed for p in params):
+        chosen = torch.argmax(logits, dim=-1)
+    else:
+        scores = process(logits, rows, eos_ids, grammars) if any(p.processed for p in params) else logits
+        chosen = choose(scores, params, [len(row.output_ids) for row in rows])
+    tokens = chosen.tolist()
+    lps: list[Logprobs | None] = [None] * len(rows)
+    asked = [r for r, p in enumerate(params) if p.logprobs is not None]
+    if asked:
+        idx = torch.tensor(asked, device=logits.device)
+        for r, lp in zip(asked, logprobs_of(logits[idx], chosen[idx], [params[r].logprobs for r in asked])):
+            lps[r] = lp
+    return list(zip(tokens, lps))

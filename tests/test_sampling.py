@@ -50,3 +50,35 @@ def test_min_p_keeps_tokens_within_its_share_of_the_top_one():
 def test_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw).validate()
+
+
+def _row(params, output=(), prompt=(1, 2)):
+    from types import SimpleNamespace
+    return SimpleNamespace(params=params, prompt_ids=list(prompt), output_ids=list(output), sampler_state=None,
+                           grammar_state=None)
+
+
+def test_a_batch_is_sampled_at_once_as_each_row_alone():
+    """The batched sampler: every row of a mixed batch (greedy, top-k, top-p, min-p, penalties, bias,
+    min_tokens) gets the token and logprobs it gets alone."""
+    from baton.sampler import sample_rows
+    torch.manual_seed(0)
+    logits = torch.randn(7, 50, dtype=torch.float64) * 3
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5, seed=1),
+              SamplingParams(temperature=1.2, top_p=0.7, seed=2, logprobs=3),
+              SamplingParams(temperature=1.0, min_p=0.2, seed=3), SamplingParams(repetition_penalty=1.3, logprobs=0),
+              SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.4, logit_bias=((7, 5.0),), seed=4),
+              SamplingParams(min_tokens=3, seed=5, temperature=1.0)]
+    rows = lambda: [_row(p, output=[3, 4, 4], prompt=[1, 9]) if i != 6 else _row(p) for i, p in enumerate(params)]
+    together = sample_rows(logits, rows(), eos_ids={int(logits[6].argmax())})
+    alone = [sample_rows(logits[i:i + 1], [r], eos_ids={int(logits[6].argmax())})[0] for i, r in enumerate(rows())]
+    assert together == alone
+    assert together[0][0] == int(logits[0].argmax()) and together[6][0] != int(logits[6].argmax())
+    assert together[2][1] is not None and len(together[2][1].top) == 3
+
+
+def test_the_draw_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    picks = [sample_one(probs.log(), SamplingParams(temperature=1.0, seed=9), i) for i in range(3000)]
+    share = [picks.count(t) / len(picks) for t in range(4)]
+    assert all(abs(s - p) < 0.04 for s, p in zip(share, probs.tolist())) and share[3] == 0
