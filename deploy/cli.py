@@ -90,6 +90,8 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
     u.add_argument("--address", default=None,
                    help="join this Ray cluster (default: start a local one for this process)")
+    from deploy import ray_node
+    ray_node.add_args(u)  # --ray-dashboard
     u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
     u.add_argument("--http-port", type=int, default=None,
                    help="also serve an OpenAI-compatible HTTP API on this port (default: none)")

@@ -2,37 +2,24 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 log = logging.getLogger(__name__)
 
 
-def _init_ray(address: str | None, workers: int) -> None:
-    import ray
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # Ray starts workers at niceness 15; ours do the serving, so they must not yield the cores
-        # to the router, the gateway or the clients (measured: TTFT p50 12.8 s niced vs ... s not).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # Logical CPUs: one per worker actor; each worker sets its own torch threads.
-        ray.init(num_cpus=max(workers + 2, os.cpu_count() or 2), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
-
-
 def up(args) -> int:
     import ray
 
     from baton.signals import announce_ready, stop_event
+    from deploy import ray_node
     from deploy.cluster import Deployment
     from router import limits as request_limits
     from router.main import router_config, start_router
 
     t0 = time.monotonic()
     print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
-    _init_ray(args.address, (args.prefill_workers or 1) + (args.decode_workers or 1) + (args.colocated_workers or 0))
+    ray_node.start(args, (args.prefill_workers or 1) + (args.decode_workers or 1) + (args.colocated_workers or 0))
     holder = {}
     server, port, servicer, watcher = start_router(
         args.model, args.host, args.port, config=router_config(args), limits=request_limits.from_args(args),

@@ -1,0 +1,83 @@
+"""Nothing `baton up` starts listens beyond loopback unless the user asks (issue 23): every listening
+socket of every process it started (its process tree and its Ray session's daemons), in each
+topology; with --host 0.0.0.0 only the router's gRPC port and the HTTP port are on the wildcard
+address. Stopping it leaves no process and no port behind. (The disaggregated cluster of
+test_ray_deploy.py is checked with default flags there.)"""
+from __future__ import annotations
+
+import socket
+
+import psutil
+import pytest
+
+from deploy.procs import Proc, wait_for
+from listening import beyond_loopback, listeners, processes, still_listening
+from tiny_model import save_tiny, save_tokenizer
+
+pytestmark = pytest.mark.slow(40)
+
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    save_tokenizer(path)   # the HTTP gateway renders text
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_and_list(model_dir: str, flags: list[str]):
+    """`baton up` with these flags and a free HTTP port; one request through it, then every listening
+    socket of its processes. Stops it and checks that no process or port outlives it."""
+    http_port = _free_port()
+    proc = Proc(["deploy.cli", "up", "--port", "0", "--model", model_dir, "--dtype", "float64", "--max-batch", "4",
+                 "--http-port", str(http_port), *flags], env=ENV, ready_timeout=180)
+    procs = []
+    try:
+        router_port = int(proc.address.rsplit(":", 1)[1])
+        from router.client import RouterClient
+        with RouterClient(f"127.0.0.1:{router_port}") as client:   # workers, K/V path and all in use
+            assert len(client.complete([5, 9, 200], max_new_tokens=4, ignore_eos=True)[1]) == 4
+        procs = processes(proc.pid)
+        found = listeners(procs)
+    finally:
+        procs = procs or processes(proc.pid)
+        rc = proc.stop(20)
+    ports = {(s.ip, s.port) for s in found}
+    assert rc == 0
+    wait_for(lambda: not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 10,
+             what="every process of baton up to exit")
+    left = still_listening(ports)
+    assert not left, f"still listening after baton up stopped: {left}"
+    return found, router_port, http_port
+
+
+def _check_started_everything(found, router_port: int, http_port: int) -> None:
+    """The scan saw the router, the gateway, Ray's daemons and the workers (it would pass on nothing)."""
+    names = " ".join(s.process for s in found)
+    assert {router_port, http_port} <= {s.port for s in found}, found
+    for daemon in ("gcs_server", "raylet", "ray::WorkerActor"):
+        assert daemon in names, f"no listening socket of {daemon} among {[str(s) for s in found]}"
+
+
+def test_colocated_default_flags_listen_on_loopback_only(model_dir):
+    found, router_port, http_port = _serve_and_list(model_dir, [])
+    _check_started_everything(found, router_port, http_port)
+    exposed = beyond_loopback(found)
+    assert not exposed, "listening beyond loopback: " + ", ".join(map(str, exposed))
+
+
+def test_disaggregated_host_0_0_0_0_opens_only_the_router_and_http_ports(model_dir):
+    found, router_port, http_port = _serve_and_list(
+        model_dir, ["--host", "0.0.0.0", "--prefill-workers", "1", "--decode-workers", "1"])
+    _check_started_everything(found, router_port, http_port)
+    exposed = beyond_loopback(found, allowed={router_port, http_port})
+    assert not exposed, "listening beyond loopback, unasked: " + ", ".join(map(str, exposed))
+    wildcard = {s.port for s in found if s.ip not in ("127.0.0.1", "::1")}
+    assert wildcard == {router_port, http_port}, found
