@@ -158,6 +158,28 @@ def test_batched_prompts_refused_naming_the_prompt(env, prompt, words):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and words in r.json()["error"]["message"]
 
 
+def test_answers_match_the_documented_response_models(env):
+    """What /openapi.json says the routes answer (router/http_gateway/responses.py, extra fields
+    forbidden) is what they answer, with the optional parts (logprobs, token ids, a batch) present."""
+    from router.http_gateway import responses as R
+    url, ids = env["url"], {"ignore_eos": True}
+    cases = [
+        ("post", "/v1/completions", {"prompt": ["w5 w6", "w7"], "max_tokens": 3, "logprobs": 2, "n": 2,
+                                     "return_token_ids": True, **ids}, R.CompletionResponse),
+        ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 3,
+                                          "logprobs": True, "top_logprobs": 2, "return_token_ids": True, **ids},
+         R.ChatCompletionResponse),
+        ("get", "/v1/models", None, R.ModelList), ("get", "/v1/models/model", None, R.ModelCard),
+        ("post", "/tokenize", {"prompt": "w5 w6"}, R.TokenizeResponse),
+        ("post", "/detokenize", {"tokens": [5, 6]}, R.DetokenizeResponse),
+        ("get", "/version", None, R.VersionResponse), ("get", "/health", None, R.HealthResponse),
+        ("post", "/v1/completions", {"prompt": "w5", "max_tokens": 0}, R.ErrorResponse),
+    ]
+    for method, path, body, model in cases:
+        r = httpx.request(method, url + path, json=body, timeout=30)
+        model.model_validate(r.json())
+
+
 def test_chat_stream_and_not_equal_grpc(env):
     from router.http_gateway import plain_chat_prompt
     oa = env["oa"]

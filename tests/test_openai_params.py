@@ -210,6 +210,37 @@ def test_openapi_documents_the_request_bodies(gw):
     assert doc["info"]["version"] == importlib.metadata.version("baton") and "/version" in doc["paths"]
 
 
+@pytest.mark.parametrize("path, method, name", [
+    ("/v1/completions", "post", "CompletionResponse"), ("/v1/chat/completions", "post", "ChatCompletionResponse"),
+    ("/v1/models", "get", "ModelList"), ("/v1/models/{model_id}", "get", "ModelCard"),
+    ("/tokenize", "post", "TokenizeResponse"), ("/detokenize", "post", "DetokenizeResponse"),
+    ("/version", "get", "VersionResponse"), ("/health", "get", "HealthResponse")])
+def test_openapi_documents_the_responses(gw, path, method, name):
+    doc = httpx.get(gw[0] + "/openapi.json", timeout=30).json()
+    responses = doc["paths"][path][method]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    assert doc["components"]["schemas"][name]["properties"]
+    if path.startswith("/v1/"):   # errors documented as OpenAI's error object
+        assert responses["404" if "{" in path else "401"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"}
+
+
+def test_docs_page_loads_nothing_from_outside(gw):
+    """/docs is Swagger UI from the gateway's own files: no URL on the page leaves the server, and
+    every file it loads is served (offline, it is not blank); /redoc (a CDN page) is off."""
+    import re
+    page = httpx.get(gw[0] + "/docs", timeout=30)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    urls = re.findall(r'(?:src|href)="([^"]+)"|url: *\'([^\']+)\'', page.text)
+    urls = [a or b for a, b in urls]
+    assert urls and not [u for u in urls if "//" in u], urls
+    for u in urls:
+        r = httpx.get(gw[0] + u, timeout=30)
+        assert r.status_code == 200 and len(r.content) > 100, (u, r.status_code)
+    assert httpx.get(gw[0] + "/docs/static/swagger-ui.js.map", timeout=30).status_code == 404   # only those
+    assert httpx.get(gw[0] + "/redoc", timeout=30).status_code == 404
+
+
 def _values(o):
     if isinstance(o, dict):
         for v in o.values():

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response
 
 from baton.v1 import router_pb2
 from router import metrics
-from router.http_gateway import tools
+from router.http_gateway import docs_ui, tools
+from router.http_gateway import responses as R
 from router.http_gateway.choices import Calls, choice_requests
 from router.http_gateway.config import HttpLimits
 from router.http_gateway.errors import APIError, rpc_error
@@ -107,7 +108,7 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
             await gw.close()
 
     app = FastAPI(title="baton", description="OpenAI-compatible API of a baton deployment", version=VERSION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)   # /docs: docs_ui, from local files
     app.openapi = _openapi(app)
     app.state.gateway = gw
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
@@ -163,26 +164,31 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
             count(endpoint, 499)
             return Response(status_code=499)
 
-    @app.post("/v1/chat/completions")
+    generation_errors = (400, 401, 404, 413, 429, 503, 504)
+
+    @app.post("/v1/chat/completions", responses=R.documented(R.ChatCompletionResponse, *generation_errors))
     async def chat_completions(request: Request):
+        """A chat completion; with `stream: true`, server-sent `chat.completion.chunk` events, then `[DONE]`."""
         return await _generate(request, "chat", chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=R.documented(R.CompletionResponse, *generation_errors))
     async def completions(request: Request):
+        """A text completion of one prompt or a batch; with `stream: true`, server-sent `text_completion`
+        events, then `[DONE]`."""
         return await _generate(request, "completions", chat=False)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=R.documented(R.ModelList, 401))
     async def models(request: Request):
         _check_auth(request)
         return {"object": "list", "data": [await gw.model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=R.documented(R.ModelCard, 401, 404))
     async def model(model_id: str, request: Request):
         _check_auth(request)
         await gw.served_model(model_id)
         return await gw.model_card()
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=R.documented(R.TokenizeResponse, 400, 401, 404, 501))
     async def tokenize(request: Request):
         _check_auth(request)
         body = parse_request(await request.body(), TokenizeRequest)
@@ -190,18 +196,18 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
         ids = await gw.tokenize(body)
         return {"count": len(ids), "max_model_len": gw.max_model_len, "tokens": ids, "token_strs": None}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=R.documented(R.DetokenizeResponse, 400, 401, 404, 501))
     async def detokenize(request: Request):
         _check_auth(request)
         body = parse_request(await request.body(), DetokenizeRequest)
         await gw.served_model(body.model)
         return {"prompt": await gw.detokenize(body.tokens)}
 
-    @app.get("/version")
+    @app.get("/version", responses=R.documented(R.VersionResponse))
     async def version():
         return {"version": VERSION}
 
-    @app.get("/health")
+    @app.get("/health", responses={**R.documented(R.HealthResponse), 503: {"model": R.HealthResponse}})
     async def health():
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         try:
@@ -213,10 +219,14 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
         ok = status == "SERVING"
         return JSONResponse({"status": "ok" if ok else "unavailable", "router": status}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus():
         body = await asyncio.to_thread(metrics.exposition, gw.status_collector)
         return Response(body, media_type=metrics.CONTENT_TYPE)
+
+    docs_ui.add_routes(app)
 
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
