@@ -11,6 +11,7 @@ import pytest
 
 from deploy.procs import Proc, wait_for
 from deploy.drill import Load, restarted, workers
+from listening import beyond_loopback, listeners, processes, still_listening
 from loopback import kill_with_work_in_flight
 from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama
 
@@ -109,12 +110,23 @@ def test_sigkill_decode_under_load_migrates(up, ref):
     wait_for(lambda: all(w.alive for w in workers(c, "decode")), 60, what="decode worker restarted")
 
 
-def test_sigterm_leaves_no_process(up):
+def test_listens_on_loopback_only(up):
+    """With default flags every socket of baton up's processes (workers Ray restarted included) is on
+    loopback: the disaggregated twin of tests/test_listen_loopback.py, on this module's cluster."""
+    found = listeners(processes(up["proc"].pid))
+    assert {"gcs_server", "raylet", "ray::WorkerActor"} <= {s.process.split()[0] for s in found}, found
+    exposed = beyond_loopback(found)
+    assert not exposed, "listening beyond loopback: " + ", ".join(map(str, exposed))
+
+
+def test_sigterm_leaves_no_process_nor_port(up):
     proc = up["proc"]
     tree = _tree(proc.pid)
     assert len(tree) > 3  # router process, Ray's processes, worker actors
+    ports = {(s.ip, s.port) for s in listeners(processes(proc.pid))}
     t = time.monotonic()
     assert proc.stop(10) == 0
     assert time.monotonic() - t < 10
     wait_for(lambda: not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 5,
              what="every process of baton up to exit")
+    assert not still_listening(ports)
