@@ -10,8 +10,9 @@ transformers' generate()), greedy cancelled by the client after a few tokens, gr
 Prints RSS, open fds, threads (/proc/PID) and the K/V and rows of every process at the start and
 the end, and the outcome counts. Exits 1 if a greedy request returned OK with wrong tokens, a
 request failed with an unclear code, or something leaked once the load stopped: the router's or
-a live worker's running / waiting / kv_used_bytes not back to 0 within DRAIN_S, or the open fds
-of a process that lived through the whole run grown by more than FD_SLACK.
+a live worker's running / waiting / kv_used_bytes not back to 0 within DRAIN_S, the open fds
+of a process that lived through the whole run grown by more than FD_SLACK, or a process listening
+beyond loopback (at the start, and at the end with the replaced workers).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc  # noqa: E402
 
 from deploy.procs import Proc, wait_for  # noqa: E402
+from listening import beyond_loopback, listeners, processes  # noqa: E402
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 from router.client import RouterClient  # noqa: E402
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama  # noqa: E402
@@ -193,6 +195,12 @@ def drained(pool: Pool, client: RouterClient) -> bool:
     return True
 
 
+def exposed(pool: Pool) -> list[str]:
+    """The sockets of the router and workers on an address other than loopback (tests/listening.py)."""
+    return [f"listening beyond loopback: {s}"
+            for _, p in pool.procs() for s in beyond_loopback(listeners(processes(p.pid)))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 30)))
@@ -212,6 +220,7 @@ def main() -> int:
                          what="2 prefill and 2 decode workers live")
                 t0 = time.monotonic()
                 start = snapshot(pool, client, f"start (soak of {a.minutes:g} min)")
+                problems += exposed(pool)
                 base = client.stats()
                 until = t0 + a.minutes * 60
                 load, events = Load(pool.router.address, refs, prompts, until), Counter()
@@ -227,6 +236,7 @@ def main() -> int:
                 except AssertionError as e:
                     problems.append(str(e))
                 end = snapshot(pool, client, "end (load stopped, drained)")
+                problems += exposed(pool)
                 s = client.stats()
                 print("\nrouter books over the run: " + ", ".join(
                     f"{k} {getattr(s, k) - getattr(base, k)}" for k in
