@@ -34,16 +34,16 @@ def start(args, workers: int) -> None:
     if args.address and args.address != "local":
         ray.init(address=args.address, log_to_driver=True)
         return
-    _local_only()
-    # Ray starts workers at niceness 15; ours do the serving, so they must not yield the cores
-    # to the router, the gateway or the clients (measured: TTFT p50 12.8 s niced vs ... s not).
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # a local cluster reports nowhere
     dashboard = getattr(args, "ray_dashboard", False)
     if dashboard:
         from ray._private.utils import get_dashboard_dependency_error
         if get_dashboard_dependency_error() is not None:
             raise SystemExit("baton: --ray-dashboard needs Ray's dashboard packages: pip install 'ray[default]'")
+    _local_only()
+    # Ray starts workers at niceness 15; ours do the serving, so they must not yield the cores
+    # to the router, the gateway or the clients (measured: TTFT p50 12.8 s niced vs ... s not).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # a local cluster reports nowhere
     # Logical CPUs: one per worker actor; each worker sets its own torch threads.
     ray.init(address="local", num_cpus=max(workers + 2, os.cpu_count() or 2), include_dashboard=dashboard,
              dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=False)

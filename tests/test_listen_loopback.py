@@ -5,6 +5,7 @@ address. Stopping it leaves no process and no port behind. (The disaggregated cl
 test_ray_deploy.py is checked with default flags there.)"""
 from __future__ import annotations
 
+import argparse
 import socket
 
 import psutil
@@ -81,3 +82,14 @@ def test_disaggregated_host_0_0_0_0_opens_only_the_router_and_http_ports(model_d
     assert not exposed, "listening beyond loopback, unasked: " + ", ".join(map(str, exposed))
     wildcard = {s.port for s in found if s.ip not in ("127.0.0.1", "::1")}
     assert wildcard == {router_port, http_port}, found
+
+
+def test_ray_dashboard_is_off_unless_asked_and_refused_plainly_without_its_packages(monkeypatch):
+    from deploy import ray_node
+    parser = argparse.ArgumentParser()
+    ray_node.add_args(parser)
+    assert parser.parse_args([]).ray_dashboard is False
+    import ray._private.utils
+    monkeypatch.setattr(ray._private.utils, "get_dashboard_dependency_error", lambda: ImportError("aiohttp"))
+    with pytest.raises(SystemExit, match=r"ray\[default\]"):   # before anything starts
+        ray_node.start(argparse.Namespace(address=None, **vars(parser.parse_args(["--ray-dashboard"]))), workers=1)
