@@ -1,5 +1,8 @@
 """Fault injection for tests: break every Nth K/V chunk or worker call, off unless configured.
 
+The K/V faults wrap a worker's transport from outside (`wrap_transport`, installed where the
+worker is built when faults are configured); the transports themselves know nothing of them.
+
 As vLLM drops K/V at random with a connector and fails every Nth network operation, a worker
 started with
 
@@ -7,9 +10,12 @@ started with
 
 breaks the 7th, 14th, ... K/V chunk it sends by dropping it, and so on. The environment is read
 once, at the first use in the process. Kinds, and where they fire:
-- prefill side, per K/V data chunk sent (KVPusher): kv_drop, kv_truncate (half the bytes),
+- prefill side, per K/V data chunk sent (the grpc transport): kv_drop, kv_truncate (half the bytes),
   kv_corrupt (one byte flipped), kv_duplicate (sent twice), kv_stall (waits past the transfer's
-  deadline, which then ends it with DEADLINE_EXCEEDED);
+  deadline, which then ends it with DEADLINE_EXCEEDED). A transport that sends no chunks (nixl: the
+  decode worker reads a registered region) has one occurrence per transfer, where only kv_stall
+  applies: the call stays open past its deadline after the read. The byte faults have no
+  counterpart in a one-sided read, whose integrity is the fabric's;
 - prefill_fail: the Nth Prefill call fails with UNAVAILABLE;
 - decode side: attach_fail / transfer_fail, the Nth Attach / TransferKV fails with UNAVAILABLE.
 BATON_FAULTS_SEED seeds which byte is flipped and where a chunk is cut (default 0).
@@ -100,9 +106,47 @@ class Faults:
                     time.sleep(deadline_s + 1.0)
                 yield data
 
+    def stall_once(self, deadline_s: float) -> Iterator[bytes]:
+        """No data chunks, and on every Nth transfer a stall past the deadline (a chunkless transport)."""
+        if self.fire("kv_stall"):
+            time.sleep(deadline_s + 1.0)
+        yield from ()
+
     def counts(self) -> dict[str, int]:
         with self.lock:
             return dict(self.fired)
+
+
+class FaultyTransport:
+    """A sending transport (baton/kv_transport/base.py) whose transfers this process's faults break."""
+
+    def __init__(self, inner, faults: Faults, deadline_s: float):
+        self.inner, self.faults, self.deadline_s = inner, faults, deadline_s
+        self.name = inner.name
+
+    def prepare(self, header, kv):
+        from baton.kv_transport.base import Outgoing
+        out = self.inner.prepare(header, kv)
+        if header.HasField("nixl"):
+            return Outgoing(lambda: self.faults.stall_once(self.deadline_s), out.finish)
+        return Outgoing(lambda: self.faults.kv_chunks(out.frames(), self.deadline_s), out.finish)
+
+    def held_bytes(self) -> int:
+        return self.inner.held_bytes()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def wrap_transport(transport, deadline_s: float):
+    """`transport` as the worker should use it: itself, or wrapped in this process's faults when configured."""
+    faults = injector()
+    return FaultyTransport(transport, faults, deadline_s) if faults.every else transport
+
+
+def transfer_timeout_s(default: float) -> float:
+    """The prefill side's K/V transfer deadline: BATON_FAULTS_TRANSFER_TIMEOUT_S with faults on, else `default`."""
+    return injector().transfer_timeout_s or default
 
 
 @functools.cache

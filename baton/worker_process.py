@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from baton import kv_transport
 from baton.config import EngineConfig
 from baton.model_loader import DTYPES
 
@@ -50,11 +51,16 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept (default: %(default)s)")
     add_prefix_cache_arg(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    kv_transport.add_arg(p)
     if role == "decode":
         p.add_argument("--colocated", action="store_true",
                        help="also serve the Prefill role: prompts sent to this worker are prefilled in its own "
                             "decode steps and their K/V handed to its batch in memory (one device, one process)")
     args = p.parse_args(argv)
+    try:   # refused at start, with the reason, where it cannot run: never a silent fallback
+        kv_transport.check(args.kv_transport)
+    except kv_transport.TransportUnavailable as e:
+        p.error(str(e))
     args.role = "colocated" if getattr(args, "colocated", False) else role
     args.worker_id = args.worker_id or f"{args.role}-{uuid.uuid4().hex[:8]}"
     return args

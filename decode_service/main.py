@@ -24,19 +24,25 @@ def build(args: argparse.Namespace) -> Served:
                        max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-    server, port = serve(loop, args.host, args.port, lease_s=args.lease_s, colocated=args.role == "colocated",
-                         **security(args))
+    server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
+                                     colocated=args.role == "colocated", kv_transport=args.kv_transport,
+                                     worker_id=args.worker_id, **security(args))
 
     def stop(grace: float) -> None:
         server.stop(grace).wait(grace + 1)
         loop.stop()
+        for t in transports:   # registered memory goes with the worker
+            t.close()
     return Served(args.role, port, stop)
 
 
 def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key=None, tls_client_ca=None,
-          tls_root_cert=None, lease_s: float = 30.0, colocated: bool = False):
-    """Start the Decode service on a running engine loop, and its watchdog; returns (server, port).
-    `colocated`: the same server also serves the Prefill role (ColocatedPrefill)."""
+          tls_root_cert=None, lease_s: float = 30.0, colocated: bool = False, kv_transport: str = "grpc",
+          worker_id: str = "decode"):
+    """Start the Decode service on a running engine loop, and its watchdog; returns (server, port,
+    its K/V transports: close them once the server is stopped). `colocated`: the same server also
+    serves the Prefill role (ColocatedPrefill). `kv_transport`: how K/V reaches it (baton/kv_transport/)."""
+    from baton import faults, kv_transport as transports
     from baton.v1 import decode_pb2_grpc
     from decode_service.worker import SERVICE, STALL_S, ColocatedPrefill, DecodeServicer, DecodeWorker
     from prefill_service.worker import SERVICE as PREFILL_SERVICE, add_servicer, prefill_worker
@@ -45,21 +51,28 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                                           tls_client_ca=tls_client_ca,
                                           max_workers=grpc_util.worker_threads(cfg.max_batch, cfg.max_queue))
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker, attach_timeout_s=lease_s), server)
+    servicer = DecodeServicer(worker, attach_timeout_s=lease_s)
+    servicer.receivers = transports.receiving(kv_transport, servicer.max_kv_bytes, loop.engine.runner.device,
+                                              transports.agent_name(worker_id, "recv"), host)
+    worker.transports = [servicer.receivers[kv_transport]]
+    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     services = [SERVICE]
     if colocated:
         # A prefill for another decode worker runs on the engine's thread too, between two steps.
         remote = prefill_worker(
             loop.engine.prefiller, loop.engine.max_len, auth_token=auth_token, tls_cert=tls_cert,
-            tls_key=tls_key, tls_root_cert=tls_root_cert,
-            compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None))
+            tls_key=tls_key, tls_root_cert=tls_root_cert, transfer_timeout_s=faults.transfer_timeout_s(30.0),
+            compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None),
+            transport=faults.wrap_transport(transports.sending(kv_transport, transports.agent_name(
+                worker_id, "send"), host), faults.transfer_timeout_s(30.0)))
+        worker.transports.append(remote.transport)
         add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
         services.append(PREFILL_SERVICE)
     health = grpc_util.add_health_and_reflection(server, services)
     server.start()
     grpc_util.set_health(health, services, loop.alive)
     Watchdog(worker, health, services, STALL_S).start()
-    return server, bound
+    return server, bound, worker.transports
 
 
 class Watchdog(threading.Thread):

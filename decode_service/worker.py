@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +30,16 @@ import torch
 from baton import faults, grammar, grpc_util
 from baton.engine import PrefillOutput
 from baton.engine_loop import EngineLoop, StreamClosed, TokenStream
-from baton.errors import (AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
-                          Unavailable)
-from baton.kv_codec import DTYPES, KVAssembler
+from baton.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                          ResourceExhausted, Unavailable)
+from baton.kv_transport.base import Receiver, dtype_of, header_transport
+from baton.kv_transport.grpc import GrpcReceiver
 from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
 from baton.wire import event_to_pb, logprobs_from_pb, params_from_pb
-from prefill_service.worker import PrefillResult, PrefillWorker
+from prefill_service.worker import PrefillResult, PrefillWorker, transport_stats
 
 SERVICE = "baton.v1.Decode"
 STALL_S = 15.0   # an engine loop that has not gone round for this long, with work to do, is stalled
@@ -61,6 +62,7 @@ class DecodeWorker:
         self.tombstones: dict[str, float] = {}     # request_id -> when it was aborted
         self.cond = threading.Condition()
         self.transfers = {"count": 0, "bytes": 0, "seconds": 0.0}
+        self.transports: list = []   # its K/V transports' receiving (and, colocated, sending) sides, for Stats
         runner = loop.engine.runner
         self.kv_shape = (runner.num_layers, 2, runner.num_kv_heads, runner.head_dim)
         self.dtype = runner.dtype
@@ -158,36 +160,39 @@ class DecodeWorker:
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0, stall_s: float = STALL_S):
+    def __init__(self, worker: DecodeWorker, attach_timeout_s: float = 30.0, stall_s: float = STALL_S,
+                 receivers: dict[str, Receiver] | None = None):
         self.worker, self.loop = worker, worker.loop
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         runner = self.loop.engine.runner
         self.max_kv_bytes = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim * \
             runner.dtype.itemsize * self.loop.engine.max_len
+        # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
+        self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
     @grpc_util.rpc
     def TransferKV(self, request_iterator, context):
+        """Control first (the header: checked before anything is read or allocated), then the bytes by
+        the transport the header names, then the request joins the batch's queue."""
         t0 = time.monotonic()
         faults.injector().check_call("transfer_fail")
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("a K/V transfer must start with a header")
         h = first.header
-        if h.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {h.dtype!r}")
-        params = params_from_pb(h.params)
+        dtype, params = dtype_of(h.dtype), params_from_pb(h.params)
         num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
-        self.worker.check_header(h.request_id, DTYPES[h.dtype], tuple(h.shape), num_tokens, params)
-        asm = KVAssembler(h.dtype, list(h.shape), h.nbytes, self.max_kv_bytes,
-                          h.crc32 if h.HasField("crc32") else None)
-        for chunk in request_iterator:
-            if chunk.WhichOneof("payload") != "data":
-                raise InvalidArgument("only data chunks may follow the header")
-            asm.add(chunk.data)
-        kv = asm.tensor()
+        self.worker.check_header(h.request_id, dtype, tuple(h.shape), num_tokens, params)
         vocab = self.loop.engine.runner.vocab_size
         if h.next_token >= vocab:
             raise InvalidArgument(f"next_token must be in [0, {vocab})")
+        kind = header_transport(h)
+        if kind not in self.receivers:
+            raise FailedPrecondition(f"K/V sent with {kind}, but this worker takes {', '.join(self.receivers)} "
+                                     f"(start every worker with the same --kv-transport)")
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (remaining if remaining is not None else self.attach_timeout_s)
+        kv = self.receivers[kind].receive(h, _data(request_iterator), dtype, tuple(h.shape), deadline, context.is_active)
         req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids))
         try:
             lp = logprobs_from_pb(h.next_token_logprobs) if h.HasField("next_token_logprobs") else None
@@ -240,6 +245,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return worker_stats(self.worker)
 
 
+def _data(chunks) -> Iterator[bytes]:
+    """The data chunks that follow a transfer's header."""
+    for chunk in chunks:
+        if chunk.WhichOneof("payload") != "data":
+            raise InvalidArgument("only data chunks may follow the header")
+        yield chunk.data
+
+
 def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
     s = worker.loop.engine.stats()
     return prefill_pb2.WorkerStatsResponse(
@@ -248,7 +261,8 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
         attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
         faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch,
-        prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"])
+        prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
+        **transport_stats(*worker.transports))
 
 
 class ColocatedPrefill:

@@ -60,6 +60,11 @@ class PrefillWorker:
     def load(self) -> int:
         return sum(self.active.values())
 
+    @property
+    def transport(self):
+        """The sender's K/V transport (baton/kv_transport/), if it has one."""
+        return getattr(self.send, "transport", None)
+
     def check(self, req: Request) -> None:
         """Refuse what no worker could prefill: bad sampling parameters, no tokens, too many, ids
         outside the vocabulary."""
@@ -196,20 +201,30 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                                kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
                                                completed=s["prefills"], pid=os.getpid(),
                                                faults_fired=faults.injector().counts(),
-                                               **_prefix_stats(self.worker.prefiller.prefixes.stats()))
+                                               **_prefix_stats(self.worker.prefiller.prefixes.stats()),
+                                               **transport_stats(self.worker.transport))
 
 
 def prefill_worker(prefiller: Prefiller, max_len: int, *, auth_token=None, tls_cert=None, tls_key=None,
-                   tls_root_cert=None, transfer_timeout_s: float = 30.0, compute=None) -> PrefillWorker:
-    """A PrefillWorker that pushes K/V over gRPC. It presents its own certificate to decode
-    workers, which matters when they demand one (mutual TLS). `compute` runs the model on the
-    process's model thread (default: the calling thread)."""
-    return PrefillWorker(prefiller, max_len, KVPusher(auth_token, tls_root_cert, tls_cert, tls_key), transfer_timeout_s,
-                         compute=compute)
+                   tls_root_cert=None, transfer_timeout_s: float = 30.0, compute=None,
+                   transport=None) -> PrefillWorker:
+    """A PrefillWorker that pushes K/V to decode workers through `transport` (baton/kv_transport/;
+    default grpc), its control over gRPC. It presents its own certificate to decode workers, which
+    matters when they demand one (mutual TLS). `compute` runs the model on the process's model
+    thread (default: the calling thread)."""
+    pusher = KVPusher(auth_token, tls_root_cert, tls_cert, tls_key, transport=transport)
+    return PrefillWorker(prefiller, max_len, pusher, transfer_timeout_s, compute=compute)
 
 
 def add_servicer(worker, server) -> None:
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(worker), server)
+
+
+def transport_stats(*transports) -> dict:
+    """A worker's Stats fields of its K/V transport(s): the name and the bytes held for transfers."""
+    named = [t for t in transports if t is not None]
+    return {"kv_transport": named[0].name if named else "grpc",
+            "kv_transport_held_bytes": sum(t.held_bytes() for t in named)}
 
 
 def _prefix_stats(s: dict) -> dict:

@@ -40,6 +40,7 @@ class WorkerHandle:
         return router_pb2.WorkerInfo(
             role=self.role, worker_id=self.worker_id, pid=self.pid, node=self.node, address=self.address,
             alive=self.alive, load=self.load, draining=self.draining,
+            kv_transport=s.get("kv_transport", ""),
             **{k: s.get(k, 0) for k in STAT_KEYS if k in router_pb2.WorkerInfo.DESCRIPTOR.fields_by_name})
 
 
@@ -145,7 +146,7 @@ STAT_KEYS = ("running", "waiting", "batch_width", "kv_cache_bytes", "kv_used_byt
 
 def worker_stats(reply) -> dict:
     """The STAT_KEYS of a WorkerStatsResponse or WorkerInfo (0 where a message has no such field)."""
-    return {k: getattr(reply, k, 0) for k in STAT_KEYS}
+    return {**{k: getattr(reply, k, 0) for k in STAT_KEYS}, "kv_transport": getattr(reply, "kv_transport", "")}
 
 
 def max_batch(workers) -> int:
