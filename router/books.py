@@ -40,12 +40,13 @@ class Books:
             self.waiting -= 1
             self.running += 1
 
-    def settle(self, rid: str, was_running: bool, outcome: Status) -> None:
+    def settle(self, rid: str, was_running: bool, outcome: Status, counted: bool = True) -> None:
+        """Off `waiting` / `running`, and its outcome counted unless `counted` is False (the warm-up)."""
         with self.lock:
             self.running -= was_running
             self.waiting -= not was_running
             self.active_ids.discard(rid)
-            self.counts[OUTCOMES[outcome]] += 1
+            self.counts[OUTCOMES[outcome]] += counted
 
     def add(self, **kw: int) -> None:
         with self.lock:

@@ -28,7 +28,8 @@ class RouterHealth(threading.Thread):
         req = router_pb2.GenerateRequest(request_id=f"warmup-{uuid.uuid4().hex[:12]}", prompt_token_ids=[1, 2, 3],
                                          max_new_tokens=1)
         try:
-            return any([r.finish_reason for r in self.servicer.Generate(req, ctx)])  # drained: it settles as completed
+            # drained, it settles as completed; uncounted: the warm-up is in no book, no metric
+            return any([r.finish_reason for r in self.servicer.generate(req, ctx, counted=False)])
         except Exception as e:
             log.info("warm-up generation failed: %s", e)
             return False
@@ -42,7 +43,7 @@ class RouterHealth(threading.Thread):
         if ok and not self.warm:
             self.warm = ok = self._warm_up()
         if ok != self.serving:
-            log.warning("router health: %s", "SERVING" if ok else "NOT_SERVING")
+            log.log(logging.INFO if ok else logging.WARNING, "router health: %s", "SERVING" if ok else "NOT_SERVING")
         self.serving = ok
         grpc_util.set_health(self.health, [self.service], ok)
 

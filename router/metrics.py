@@ -82,6 +82,28 @@ V_QUEUE = _vllm_histogram("vllm:request_queue_time_seconds",
 V_PROMPT_LEN = _vllm_histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.", _TOKENS_BUCKETS)
 V_GEN_LEN = _vllm_histogram("vllm:request_generation_tokens", "Generated tokens per finished request.",
                             _TOKENS_BUCKETS)
+# vLLM's request phases (its v1 definitions, from baton's timings): queue = arrival to a decode worker
+# taking the request; prefill = from then to the first token (prefill compute and the K/V transfer);
+# decode = first token to last; inference = prefill + decode.
+V_PREFILL_TIME = _vllm_histogram("vllm:request_prefill_time_seconds",
+                                 "Prefill phase: a decode worker taking the request to its first token.",
+                                 _LATENCY_BUCKETS)
+V_DECODE_TIME = _vllm_histogram("vllm:request_decode_time_seconds", "Decode phase: first token to last.",
+                                _LATENCY_BUCKETS)
+V_INFERENCE_TIME = _vllm_histogram("vllm:request_inference_time_seconds",
+                                   "Prefill and decode phases: a decode worker taking the request to its last token.",
+                                   _LATENCY_BUCKETS)
+V_REQ_TPOT = _vllm_histogram("vllm:request_time_per_output_token_seconds",
+                             "Time per output token after the first, one sample per request (vLLM's newer name).",
+                             _TPOT_BUCKETS)
+V_MAX_GEN = _vllm_histogram("vllm:request_max_num_generation_tokens",
+                            "The max_tokens each finished request asked for (its default filled in).", _TOKENS_BUCKETS)
+V_PARAMS_MAX = _vllm_histogram("vllm:request_params_max_tokens", "The max_tokens parameter of finished requests.",
+                               _TOKENS_BUCKETS)
+# baton never preempts: a request in a batch stays there until it ends (the batch widens instead).
+# Exported at 0 for the dashboards; a request moved off a failed worker is baton_migrations_total.
+V_PREEMPTIONS = Counter("vllm:num_preemptions", "Requests preempted (always 0: baton does not preempt).", _M,
+                        registry=REGISTRY)
 V_PROMPT = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", _M, registry=REGISTRY)
 V_GEN = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", _M, registry=REGISTRY)
 V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason (length, stop).",
@@ -90,8 +112,12 @@ V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason 
 HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
                         ["endpoint", "code"], registry=REGISTRY)
 
+_PER_MODEL = (V_TTFT, V_TPOT, V_ITL, V_E2E, V_QUEUE, V_PROMPT_LEN, V_GEN_LEN, V_PROMPT, V_GEN, V_PREFILL_TIME,
+              V_DECODE_TIME, V_INFERENCE_TIME, V_REQ_TPOT, V_MAX_GEN, V_PARAMS_MAX, V_PREEMPTIONS)
+
 _lock = threading.Lock()
 _model_name = ""
+_observed: set[str] = set()   # model names a request was observed under
 
 
 def served_name(model: str) -> str:
@@ -100,15 +126,23 @@ def served_name(model: str) -> str:
 
 
 def set_model_name(name: str) -> None:
-    """The `model_name` label of the vllm: metrics from now on; its series start at 0."""
+    """The `model_name` label of the vllm: metrics from now on; its series start at 0. The previous
+    name's series go if no request was observed under it: `baton up --served-model-name smol` sets the
+    router's name (its --model's), then the gateway's, and only `smol` is served."""
     global _model_name
-    if not name or name == _model_name:
-        return
-    _model_name = name
-    for h in (V_TTFT, V_TPOT, V_ITL, V_E2E, V_QUEUE, V_PROMPT_LEN, V_GEN_LEN, V_PROMPT, V_GEN):
-        h.labels(name)
-    for reason in FINISH_NAMES.values():
-        V_SUCCESS.labels(name, reason)
+    with _lock:
+        if not name or name == _model_name:
+            return
+        old, _model_name = _model_name, name
+        if old and old not in _observed:
+            for m in _PER_MODEL:
+                m.remove(old)
+            for reason in FINISH_NAMES.values():
+                V_SUCCESS.remove(old, reason)
+        for m in _PER_MODEL:
+            m.labels(name)
+        for reason in FINISH_NAMES.values():
+            V_SUCCESS.labels(name, reason)
 
 
 def model_name(model: str = "") -> str:
@@ -119,14 +153,24 @@ _seen_by_router: collections.OrderedDict[str, None] = collections.OrderedDict() 
 _SEEN_MAX = 8192
 
 
+def claim(rid: str) -> None:
+    """A router in this process admitted request `rid`: it observes it (when it settles as completed),
+    a gateway in this process does not."""
+    with _lock:
+        _seen_by_router[rid] = None
+        while len(_seen_by_router) > _SEEN_MAX:
+            _seen_by_router.popitem(last=False)
+
+
 def observe_request(last, source: str = "router") -> None:
     """Record one finished request from its last GenerateResponse (usage, ttft_s, e2e_s, kv_*).
 
-    The router calls it in-process just before it sends that response. The HTTP gateway calls it
-    with source="gateway" for each last response it relays; that is skipped when a router in this
-    same process has already observed that request id (it always observes first), so a gateway
-    and a router sharing a process (`baton up --http-port`) count each request once, and a gateway
-    in a process of its own still fills the histograms."""
+    The router calls it in-process when a request settles as completed (router/request_run.py), so
+    these metrics count what its books count (`baton_requests_total{outcome="completed"}`), and never
+    its start-up warm-up. The HTTP gateway calls it with source="gateway" for each last response it
+    relays; that is skipped for a request a router in this same process admitted (`claim`, before its
+    first message), so a gateway and a router sharing a process (`baton up --http-port`) count each
+    request once, and a gateway in a process of its own still fills the histograms."""
     rid = getattr(last, "request_id", "")
     with _lock:
         if source == "router":
@@ -142,6 +186,8 @@ def observe_request(last, source: str = "router") -> None:
         ttft, e2e, queue = float(last.ttft_s), float(last.e2e_s), float(last.queue_s)
         finish = FINISH_NAMES.get(int(last.finish_reason), "stop")
         m = model_name()
+        with _lock:
+            _observed.add(m)
         if ttft > 0:
             TTFT.observe(ttft)
             V_TTFT.labels(m).observe(ttft)
@@ -153,8 +199,17 @@ def observe_request(last, source: str = "router") -> None:
             TPOT.observe(tpot)
             V_TPOT.labels(m).observe(tpot)
             V_ITL.labels(m).observe(tpot)
+            V_REQ_TPOT.labels(m).observe(tpot)
         if queue > 0:
             V_QUEUE.labels(m).observe(queue)
+        if e2e >= ttft > 0:
+            V_PREFILL_TIME.labels(m).observe(max(0.0, ttft - queue))
+            V_DECODE_TIME.labels(m).observe(e2e - ttft)
+            V_INFERENCE_TIME.labels(m).observe(max(0.0, e2e - queue))
+        max_tokens = int(getattr(last, "max_new_tokens", 0))
+        if max_tokens:
+            V_MAX_GEN.labels(m).observe(max_tokens)
+            V_PARAMS_MAX.labels(m).observe(max_tokens)
         if last.kv_bytes:
             KV_BYTES.inc(int(last.kv_bytes))
             KV_TRANSFER.observe(max(0.0, float(last.kv_transfer_s)))
@@ -199,7 +254,11 @@ def _families(stats, workers: Iterable, model: str = "") -> list[Metric]:
     kv_ratio = GaugeMetricFamily("baton_kv_cache_usage_ratio",
                                  "K/V bytes of live rows / bytes of the batch KV caches, over decode workers.")
     kv_ratio.add_metric([], usage)
-    out: list[Metric] = [v_running, v_waiting, v_kv, kv_ratio]
+    config = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's layout (value 1): one padded batch cache "
+                               "per decode worker, not vLLM's blocks (baton_worker_kv_cache_bytes holds its size).",
+                               labels=_M + ["cache_layout"])
+    config.add_metric(m + ["padded_batch"], 1.0)
+    out: list[Metric] = [v_running, v_waiting, v_kv, kv_ratio, config]
     req = CounterMetricFamily("baton_requests", "Requests by outcome (completed, failed, cancelled, rejected).",
                               labels=["outcome"])
     for o in _OUTCOMES:

@@ -10,7 +10,8 @@
    at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
    repeated);
 4. `settle`, called once when the RPC ends however it ends, counts the outcome, frees what the
-   request holds on every worker and gives back the load it reserved.
+   request holds on every worker and gives back the load it reserved. A request counts as completed
+   once its last message went out on a live call (`_tokens`), in the books and the metrics alike.
 Failure kinds come from status codes and trailing metadata (`baton-failed-role`), never from text.
 """
 from __future__ import annotations
@@ -51,9 +52,10 @@ class WorkerFailed(Exception):
 
 class RequestRun:
     def __init__(self, rid: str, ids: list[int], params: SamplingParams, context, *, registry: Registry,
-                 config: RouterConfig, books: Books, auth):
+                 config: RouterConfig, books: Books, auth, counted: bool = True):
         self.rid, self.ids, self.params, self.context = rid, ids, params, context
         self.registry, self.config, self.books, self.auth = registry, config, books, auth
+        self.counted = counted                      # False: the warm-up, in no book and no metric
         self.status = Status.WAITING
         self.lock = threading.Lock()
         self.settled = False
@@ -121,8 +123,12 @@ class RequestRun:
                 yield resp
                 # gRPC resumes a stream only after the message went out on a live call: a client
                 # that cancelled before it got the last token never reaches this line.
-                self.status = Status.FINISHED
-                metrics.observe_request(resp)
+                with self.lock:   # from here settle counts it completed, so the metrics count it too
+                    completed = not self.settled   # (unless a cancel settled it in the meantime)
+                    if completed:
+                        self.status = Status.FINISHED
+                if completed and self.counted:
+                    metrics.observe_request(resp)
                 log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
                          "ttft_s=%.4f e2e_s=%.4f", self.rid, FINISH_NAMES[resp.finish_reason],
                          len(self.ids), len(self.generated), resp.ttft_s, resp.e2e_s)
@@ -143,7 +149,9 @@ class RequestRun:
         resp.ttft_s, resp.e2e_s, resp.queue_s = self.first_token_s - self.arrival, now - self.arrival, self.queue_s
         resp.prefill_s, resp.kv_transfer_s, resp.kv_bytes = self.prefill_s, self.transfer_s, self.kv_bytes
         resp.migrations, resp.request_id = self.migrations, self.rid
-        self.books.add(kv_bytes=self.kv_bytes)
+        resp.max_new_tokens = self.params.max_new_tokens
+        if self.counted:
+            self.books.add(kv_bytes=self.kv_bytes)
 
     def prefill_with_retry(self, decode: WorkerHandle) -> None:
         req = prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
@@ -270,7 +278,7 @@ class RequestRun:
             else:
                 was_running = True
             held, self.held = self.held, []
-            self.books.settle(self.rid, was_running, self.status)
+            self.books.settle(self.rid, was_running, self.status, self.counted)
         for w in held:
             self.registry.release(w)
         if self.status is not Status.FINISHED:

@@ -14,6 +14,7 @@ from baton.model_files import encode_prompt
 from baton.sampling import SamplingParams
 from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
 from baton.wire import sampling_from_request
+from router import metrics
 from router.books import Books
 from router.config import RouterConfig
 from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
@@ -65,10 +66,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     @grpc_util.rpc
     def Generate(self, request, context):
+        yield from self.generate(request, context)
+
+    def generate(self, request, context, counted: bool = True):
+        """A request's stream. `counted=False` (the router's start-up warm-up, router/health.py): it
+        runs like any other but counts in no book and no metric."""
         rid, ids, params = self._parse(request)
         self.books.admit(rid)
+        metrics.claim(rid)   # from now on this process's router, not a gateway beside it, observes it
         run = RequestRun(rid, ids, params, context, registry=self.registry, config=self.config, books=self.books,
-                         auth=self.auth)
+                         auth=self.auth, counted=counted)
         if not context.add_callback(run.settle):
             run.settle()
             return

@@ -57,6 +57,13 @@ def test_router_and_gateway_in_one_process_count_once():
     assert _value("baton_e2e_seconds_count") == n + 1
     metrics.observe_request(_last(), source="gateway")   # a request this process's router never saw: counted
     assert _value("baton_e2e_seconds_count") == n + 2
+    # The gateway may get the last message before the router's stream resumes and observes it: the
+    # router claimed the request at admission, so the gateway skips it and it still counts once.
+    r = _last()
+    metrics.claim(r.request_id)
+    metrics.observe_request(r, source="gateway")
+    metrics.observe_request(r)
+    assert _value("baton_e2e_seconds_count") == n + 3
 
 
 def test_a_malformed_response_is_logged_not_raised_nor_counted(caplog):
@@ -135,3 +142,47 @@ def test_start_metrics_server():
             urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=5)
     finally:
         srv.stop()
+
+
+def test_phase_histograms_split_e2e_as_vllm():
+    """queue + prefill = TTFT, prefill + decode = inference, queue + inference = e2e (vLLM v1's phases)."""
+    lab = {"model_name": metrics.model_name()}
+    names = ("vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_sum",
+             "vllm:request_inference_time_seconds_sum", "vllm:request_max_num_generation_tokens_sum",
+             "vllm:request_params_max_tokens_count")
+    before = {n: _value(n, lab) for n in names}
+    r = _last(completion=5, ttft=0.3, e2e=1.0)
+    r.queue_s, r.max_new_tokens = 0.1, 32
+    metrics.observe_request(r)
+    got = {n: _value(n, lab) - before[n] for n in names}
+    assert got["vllm:request_prefill_time_seconds_sum"] == pytest.approx(0.2, rel=1e-5)
+    assert got["vllm:request_decode_time_seconds_sum"] == pytest.approx(0.7, rel=1e-5)
+    assert got["vllm:request_inference_time_seconds_sum"] == pytest.approx(0.9, rel=1e-5)
+    assert got["vllm:request_max_num_generation_tokens_sum"] == 32 and got["vllm:request_params_max_tokens_count"] == 1
+
+
+def test_a_served_name_replaces_the_routers_unused_series():
+    """`baton up --served-model-name smol`: the router sets its --model's name, the gateway then `smol`;
+    a name no request was observed under leaves no series behind (one model_name on the dashboards),
+    one that served requests keeps them."""
+    def names() -> set[str]:
+        text = metrics.exposition().decode()
+        return {n for n in ("unused-router-name", "served-a", "served-b") if f'model_name="{n}"' in text}
+    metrics.set_model_name("unused-router-name")
+    metrics.set_model_name("served-a")
+    assert names() == {"served-a"}
+    metrics.observe_request(_last())   # a request under served-a
+    metrics.set_model_name("served-b")
+    assert names() == {"served-a", "served-b"}
+
+
+def test_the_warm_up_is_in_no_book():
+    from baton.request import Status
+    from router.books import Books
+    b = Books(max_queue=4, max_running=4)
+    for rid, counted in (("warmup-1", False), ("real-1", True)):
+        b.admit(rid)
+        b.start_running()
+        b.settle(rid, True, Status.FINISHED, counted)
+    running, waiting, counts = b.snapshot()
+    assert (running, waiting, counts["completed"]) == (0, 0, 1)

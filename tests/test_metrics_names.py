@@ -16,6 +16,31 @@ from baton.v1 import router_pb2
 from router import metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "baton.json"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "http.md"
+
+# The vllm: series vLLM's own Grafana dashboards query, as PromQL names them: its repository's
+# examples/online_serving/prometheus_grafana/grafana.json (now examples/observability/prometheus_grafana/),
+# and the dashboards under examples/observability/dashboards/grafana/ (overview, performance and query
+# statistics, KV cache, instances, service status), read for this list; the same names are in vLLM's
+# tests/entrypoints/openai/test_metrics.py EXPECTED_METRICS_V1.
+VLLM_DASHBOARD_NAMES = {
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_bucket",
+    "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+    "vllm:inter_token_latency_seconds_bucket", "vllm:inter_token_latency_seconds_sum",
+    "vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_bucket",
+    "vllm:request_time_per_output_token_seconds_bucket", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket", "vllm:request_success_total",
+    "vllm:request_queue_time_seconds_sum", "vllm:request_prefill_time_seconds_sum",
+    "vllm:request_decode_time_seconds_sum", "vllm:request_inference_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_bucket", "vllm:request_decode_time_seconds_bucket",
+    "vllm:request_inference_time_seconds_bucket", "vllm:request_max_num_generation_tokens_sum",
+    "vllm:request_params_max_tokens_sum", "vllm:num_preemptions_total", "vllm:cache_config_info",
+    "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:iteration_tokens_total_bucket",
+}
+# Those baton does not export, each listed in docs/http.md with the reason.
+NOT_EXPORTED = {"vllm:iteration_tokens_total_bucket"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -134,6 +159,17 @@ def env(tmp_path_factory):
             gw.stop()
 
 
+def test_the_warm_up_counts_nowhere(env):
+    """The router's start-up warm-up (one real generation before SERVING) is in no book and no metric:
+    before any request the router's own /metrics reads zero completed, zero successes, no TTFT sample."""
+    s = samples(httpx.get(env["router_metrics"], timeout=10).text)
+    assert s['baton_requests_total{outcome="completed"}'] == 0
+    assert sum(v for k, v in s.items() if k.startswith("vllm:request_success_total")) == 0
+    assert s.get('vllm:time_to_first_token_seconds_count{model_name="model"}', 0) == 0
+    assert s.get("baton_ttft_seconds_count", 0) == 0
+    assert s.get('vllm:prompt_tokens_total{model_name="model"}', 0) == 0
+
+
 def test_one_generation_fills_every_dashboard_metric(env):
     key = 'vllm:prompt_tokens_total{model_name="model"}'
     scrape = lambda url: httpx.get(url, timeout=10).text  # noqa: E731
@@ -157,3 +193,33 @@ def test_one_generation_fills_every_dashboard_metric(env):
         assert 0.0 <= s['vllm:kv_cache_usage_perc{model_name="model"}'] <= 1.0
         assert 0.0 <= s["baton_kv_cache_usage_ratio"] <= 1.0
         assert s['vllm:request_success_total{finished_reason="length",model_name="model"}'] >= 1
+
+
+def test_every_vllm_dashboard_name_is_exported_or_documented_as_not(env):
+    r = httpx.post(env["url"] + "/v1/completions", timeout=60, json={
+        "model": "model", "prompt": ["w50 w51", "w52"], "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    docs = DOCS.read_text()
+    for name in NOT_EXPORTED:
+        assert f"`{name.removesuffix('_bucket')}`" in docs, name   # with the reason why
+    for url in (env["url"] + "/metrics", env["router_metrics"]):
+        names = sample_names(httpx.get(url, timeout=10).text)
+        missing = VLLM_DASHBOARD_NAMES - NOT_EXPORTED - names
+        assert not missing, (url, sorted(missing))
+        assert not NOT_EXPORTED & names
+
+
+def test_books_and_metrics_count_the_same_requests(env):
+    """`baton_requests_total{outcome="completed"}` (the router's books) and the sum of
+    `vllm:request_success_total` (its metrics) count the same requests: the metrics are observed
+    where the books mark a request completed, once, and never for the warm-up."""
+    for body in ({"prompt": "w5 w6", "n": 2}, {"prompt": ["w7", "w8 w9"]}, {"prompt": "w10", "stream": True}):
+        r = httpx.post(env["url"] + "/v1/completions", timeout=60,
+                       json={"model": "model", "max_tokens": 2, "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+    s = samples(httpx.get(env["router_metrics"], timeout=10).text)
+    completed = s['baton_requests_total{outcome="completed"}']
+    assert completed >= 5
+    assert sum(v for k, v in s.items() if k.startswith("vllm:request_success_total")) == completed
+    assert s['vllm:time_to_first_token_seconds_count{model_name="model"}'] == completed
+    assert s['vllm:request_inference_time_seconds_count{model_name="model"}'] == completed
