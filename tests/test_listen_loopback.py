@@ -50,13 +50,29 @@ def _serve_and_list(model_dir: str, flags: list[str]):
     finally:
         procs = procs or processes(proc.pid)
         rc = proc.stop(20)
-    ports = {(s.ip, s.port) for s in found}
+        try:
+            wait_for(lambda: not _alive(procs), 10, what="every process of baton up to exit")
+        finally:
+            for p in _alive(procs):   # the test fails; nothing it started outlives it
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
     assert rc == 0
-    wait_for(lambda: not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 10,
-             what="every process of baton up to exit")
-    left = still_listening(ports)
+    left = still_listening({(s.ip, s.port) for s in found})
     assert not left, f"still listening after baton up stopped: {left}"
     return found, router_port, http_port
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def _check_started_everything(found, router_port: int, http_port: int) -> None:
