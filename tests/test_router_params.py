@@ -18,6 +18,7 @@ from tiny_model import save_tiny
     (dict(min_tokens=9, max_new_tokens=4), "min_tokens must be in [0, max_new_tokens=4]"),
     (dict(logit_bias={5: 101.0}), "logit_bias values must be in [-100, 100]"),
     (dict(logprobs=21), "logprobs must be in [0, 20]"),
+    (dict(min_p=1.5), "min_p must be in [0, 1]"),
 ])
 def test_out_of_range_sampling_field_is_invalid_argument_naming_it(router, fields, needle):  # noqa: F811
     with RouterClient(router) as client, pytest.raises(grpc.RpcError) as e:
@@ -37,3 +38,10 @@ def test_sampling_fields_reach_the_worker(tmp_path):
         with pytest.raises(grpc.RpcError) as e:   # the worker checks token ids against the vocabulary
             client.complete([1, 2, 3], max_new_tokens=3, logit_bias={300: 1.0}, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in e.value.details()
+
+
+def test_baton_generate_min_p_flag_is_a_request_field():
+    from deploy.cli import _sampling_fields, build_parser
+    args = build_parser().parse_args(["generate", "hi", "--min-p", "0.25", "--temperature", "1"])
+    assert _sampling_fields(args)["min_p"] == 0.25
+    assert _sampling_fields(build_parser().parse_args(["generate", "hi"]))["min_p"] == 0.0
