@@ -73,11 +73,33 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(model: str):
-    """The tokenizer and context length, without loading weights. (None, ctx) when the model has none."""
+    """The tokenizer and context length, without loading weights. (None, ctx) when the model has none.
+    $BATON_CHAT_TEMPLATE (`baton up --chat-template`), when set, replaces the model's chat template."""
     from transformers import AutoTokenizer
     path = model_dir(model)
     context = int(model_config(model).get("max_position_embeddings", 2048))
-    return (AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None), context
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    if tokenizer is not None and os.environ.get(CHAT_TEMPLATE_ENV):
+        tokenizer.chat_template = os.environ[CHAT_TEMPLATE_ENV]
+    return tokenizer, context
+
+
+CHAT_TEMPLATE_ENV = "BATON_CHAT_TEMPLATE"
+
+
+def chat_template_text(value: str) -> str:
+    """vLLM's --chat-template: a file's path or the Jinja template itself, as the template's text;
+    ValueError naming the flag when it is neither or does not compile."""
+    import jinja2
+    path = Path(value).expanduser()
+    text = path.read_text() if len(value) < 4096 and "{" not in value and path.is_file() else value
+    if "{" not in text:
+        raise ValueError(f"--chat-template {value!r}: no such file, and no Jinja template either")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: the template does not compile: {e.message} (line {e.lineno})") from None
+    return text
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:

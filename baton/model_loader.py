@@ -35,8 +35,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name: str, dtype: str, device: str = "auto") -> str:
+    """`auto` (vLLM's): the model's own dtype (config.json's torch_dtype, or dtype) on a GPU, float32
+    on CPU, where half precision is slow and float32 is what the exact-token tests compare. The
+    built-in smollm2 is Q4_1 dequantised to float32, so it is float32 either way."""
+    if dtype != "auto":
+        return dtype
+    if resolve_device(device).type == "cpu":
+        return "float32"
+    from baton.model_files import model_config
+    config = model_config(name)
+    own = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+    return own if own in DTYPES else "float32"
+
+
 def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = resolve_dtype(name, dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = model_dir(name)

@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from baton import kv_transport
 from baton.config import EngineConfig
-from baton.model_loader import DTYPES
+
+# The dtypes a model serves in (baton.kv_codec.DTYPES's names: its K/V travels in them), and `auto`.
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+DTYPE_HELP = ("weights, activations and K/V; auto = the model's own (config.json's torch_dtype) on a GPU, float32 "
+              "on CPU (the built-in smollm2 is Q4_1 dequantised to float32)")
 
 
 @dataclass
@@ -29,7 +34,7 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=0, help="gRPC port, 0 = a free one (default: %(default)s)")
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and K/V dtype (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help=DTYPE_HELP + " (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="rows in the decode batch (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -49,7 +54,7 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
                    help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "
                         "decode workers their own cores on one machine")
     p.add_argument("--lease-s", type=float, default=30.0, help="how long unclaimed K/V is kept (default: %(default)s)")
-    add_prefix_cache_arg(p)
+    add_engine_args(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     kv_transport.add_arg(p)
     if role == "decode":
@@ -66,11 +71,52 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     return args
 
 
-def add_prefix_cache_arg(p) -> None:
-    """--prefix-cache-mb, of a worker and of `baton up` (which passes it to every worker)."""
-    p.add_argument("--prefix-cache-mb", type=int, default=EngineConfig.prefix_cache_mb,
+def add_engine_args(p) -> None:
+    """The engine's flags, of a worker and of `baton up` / `baton serve` (which pass them to every
+    worker, engine_argv()): they become its EngineConfig."""
+    d = EngineConfig()
+    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
                    help="MiB of prompt-prefix K/V each worker keeps, so that prompts starting alike (a system "
                         "prompt, earlier turns) prefill only the rest; 0 = off (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, metavar="N",
+                   help="prompt + output tokens a request may hold (vLLM's); longer prompts get INVALID_ARGUMENT "
+                        "(HTTP 400); at most the model's max_position_embeddings (default: 0 = that context)")
+    p.add_argument("--kv-cache-memory", type=byte_size, default=d.kv_cache_memory, metavar="BYTES",
+                   help="bytes of a decode worker's batch K/V cache, allocated once (e.g. 2GiB, 512MB, 1073741824); "
+                        "its rows x context is printed at start-up (default: 0 = sized by --gpu-memory-utilization "
+                        "on a GPU, by --max-batch rows of the context on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization, metavar="F",
+                   help="on a GPU with no --kv-cache-memory: the share of the device's memory (0-1] a worker may "
+                        "fill, weights and K/V cache together (vLLM's) (default: %(default)s)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
+
+
+def engine_argv(a: argparse.Namespace) -> list[str]:
+    """The engine flags of `baton up` / `baton serve`, as a worker's command line."""
+    argv = ["--prefix-cache-mb", str(a.prefix_cache_mb), "--max-model-len", str(a.max_model_len),
+            "--kv-cache-memory", str(a.kv_cache_memory), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    return argv + (["--enforce-eager"] if a.enforce_eager else [])
+
+
+def engine_config(a: argparse.Namespace, **kw) -> EngineConfig:
+    """A worker's EngineConfig from its flags (its dtype resolved: set_up_process)."""
+    return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, max_queue=a.max_queue,
+                        prefix_cache_mb=a.prefix_cache_mb, max_model_len=a.max_model_len,
+                        kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
+                        enforce_eager=a.enforce_eager, **kw)
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'1073741824', '2GiB', '512MB', '1.5G' -> bytes (k, M, G, T are powers of 1000; Ki, Mi, Gi, Ti of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = _UNITS.get(m.group(2).lower().removesuffix("b")) if m else None
+    if unit is None:
+        raise argparse.ArgumentTypeError(f"a size in bytes, e.g. 2GiB, 512MB or 1073741824; got {text!r}")
+    return int(float(m.group(1)) * unit)
 
 
 def set_up_process(args: argparse.Namespace) -> None:
@@ -82,6 +128,8 @@ def set_up_process(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     if args.threads:
         torch.set_num_threads(args.threads)
+    from baton.model_loader import resolve_dtype
+    args.dtype = resolve_dtype(args.model, args.dtype, args.device)
 
 
 def security(args: argparse.Namespace) -> dict:

@@ -8,20 +8,18 @@ import threading
 import time
 
 from baton import grpc_util
-from baton.worker_process import Served, parse_args, security, set_up_process
+from baton.worker_process import Served, engine_config, parse_args, security, set_up_process
 
 
 def build(args: argparse.Namespace) -> Served:
     """The engine loop's thread loads the model and runs it (one thread for all model work);
     a warm-up request, then the Decode service (and Prefill too when colocated)."""
-    from baton.config import EngineConfig
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
     from baton.model_loader import load_model
     from baton.request import Request
     from baton.sampling import SamplingParams
-    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                       max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb)
+    cfg = engine_config(args)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
     server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,

@@ -1,15 +1,15 @@
-"""The `baton` command line: up, generate, scale, status, bench."""
+"""The `baton` command line: up, serve, generate, scale, status, bench.
+
+Importing this module imports neither torch, Ray nor gRPC, and main() builds the parser of the
+one command it runs: `baton --help`, `--version` and `status` answer in a fraction of a second
+(docs/benchmarks.md). Each command imports what it needs when it runs."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-import uuid
 from pathlib import Path
-
-from baton.model_loader import DTYPES
-from baton.sampling import choice_grammar
 
 
 ROUTER = "127.0.0.1:50051"
@@ -27,9 +27,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="smollm2 (built in) or a local Hugging Face model directory")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
+def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    from baton.worker_process import DTYPE_HELP, DTYPE_NAMES
+    what = ("smollm2 (built in: SmolLM2-135M-Instruct, Q4_1 dequantised to float32) or a local Hugging Face "
+            "model directory")
+    if positional:
+        p.add_argument("model", nargs="?", default="smollm2", help=what + " (default: %(default)s)")
+    else:
+        p.add_argument("--model", default="smollm2", help=what)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help=DTYPE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
@@ -70,10 +76,20 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
                    help="the router's token (default: $BATON_AUTH_TOKEN, else none)")
 
 
-def _add_up_args(u: argparse.ArgumentParser) -> None:
-    u.add_argument("--host", default="127.0.0.1", help="address the router (and the HTTP API) listen on")
-    u.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
-    _add_model_args(u)
+def _add_up_args(u: argparse.ArgumentParser, serve: bool = False) -> None:
+    """`baton up`'s flags; `serve`: `baton serve`'s, vLLM's serve line (the model positional, --host and
+    --port those of the HTTP API, the router on --grpc-host / --grpc-port)."""
+    if serve:
+        _add_model_args(u, positional=True)
+        u.add_argument("--host", default="127.0.0.1", help="address the OpenAI HTTP API listens on")
+        u.add_argument("--port", type=int, default=8000, help="the OpenAI HTTP API's port")
+        u.add_argument("--grpc-host", default="127.0.0.1", help="address the gRPC router listens on")
+        u.add_argument("--grpc-port", type=int, default=50051, help="the gRPC router's port")
+    else:
+        u.add_argument("--host", default="127.0.0.1", help="address the router (and the HTTP API, unless "
+                                                           "--http-host) listen on")
+        u.add_argument("--port", type=int, default=50051, help="the router's gRPC port")
+        _add_model_args(u)
     u.add_argument("--prefill-workers", type=int, default=None,
                    help="dedicated prefill workers (disaggregated pools; default: 1 with --decode-workers, "
                         "none on one device (colocated workers), half the GPUs on two or more)")
@@ -83,9 +99,11 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--colocated-workers", type=int, default=None,
                    help="workers that each serve prefill and decode in one process, K/V in memory "
                         "(default where prefill and decode would share a device: 1)")
-    u.add_argument("--max-batch", type=int, default=32, help="rows in a decode worker's running batch")
-    from baton.worker_process import add_prefix_cache_arg
-    add_prefix_cache_arg(u)
+    u.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=32,
+                   help="rows in a decode worker's running batch: requests it decodes at once (--max-num-seqs: "
+                        "vLLM's name)")
+    from baton.worker_process import add_engine_args
+    add_engine_args(u)  # --prefix-cache-mb, --max-model-len, --kv-cache-memory, --gpu-memory-utilization, ...
     from router import limits as request_limits
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
     u.add_argument("--address", default=None,
@@ -93,25 +111,77 @@ def _add_up_args(u: argparse.ArgumentParser) -> None:
     from deploy import ray_node
     ray_node.add_args(u)  # --ray-dashboard
     u.add_argument("--worker-host", default="127.0.0.1", help="address workers bind (their node's IP on a cluster)")
-    u.add_argument("--http-port", type=int, default=None,
-                   help="also serve an OpenAI-compatible HTTP API on this port (default: none)")
+    if not serve:
+        u.add_argument("--http-port", type=int, default=None,
+                       help="also serve an OpenAI-compatible HTTP API on this port (default: none)")
+        u.add_argument("--http-host", default=None,
+                       help="address the HTTP API listens on (default: --host's), e.g. 0.0.0.0 to expose the "
+                            "HTTP API alone while the router stays on 127.0.0.1")
     from router.http_gateway import config as http_config
     http_config.add_args(u)  # --served-model-name, --request-timeout, --http-max-body-bytes, ...
-    u.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
-                   help="clients (gRPC and HTTP) must send this token (default: $BATON_AUTH_TOKEN, else none)")
+    u.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template, a file's path or the template itself, used instead of the "
+                        "model's own for chat requests (default: the model's, from its tokenizer_config.json)")
+    u.add_argument("--auth-token", "--api-key", dest="auth_token", default=os.environ.get("BATON_AUTH_TOKEN"),
+                   help="clients (gRPC and HTTP, as `Authorization: Bearer KEY`) must send this token; --api-key "
+                        "is vLLM's name (default: $BATON_AUTH_TOKEN, else none)")
     u.add_argument("--tls-cert", help="the servers' TLS certificate, PEM (default: none, plain TCP)")
     u.add_argument("--tls-key", help="its private key, PEM (default: none)")
     u.add_argument("--tls-root-cert", help="CA that signed the workers' certificates (default: none)")
     u.add_argument("--tls-mutual", action="store_true",
                    help="workers demand a client certificate signed by --tls-root-cert (mutual TLS between workers)")
+    _add_refused_args(u)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_refused_args(p: argparse.ArgumentParser) -> None:
+    """vLLM flags that baton cannot honour: accepted by the parser so that the refusal names them and says
+    why (refusal()), rather than argparse's "unrecognized arguments"."""
+    g = p.add_argument_group("vLLM flags baton refuses (with the reason)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="1 only: a worker holds the whole model on one device; more GPUs serve more workers")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N",
+                   help="1 only: a worker runs every layer; more GPUs serve more workers")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="refused: baton runs only Llama-family models with transformers' own code, never code "
+                        "from a model directory")
 
-    g = sub.add_parser("generate", help="stream a completion", formatter_class=HelpFormatter)
+
+def refusal(args: argparse.Namespace) -> str | None:
+    """Why a vLLM flag given to `baton up` / `baton serve` cannot be honoured (None: nothing refused)."""
+    more = ("to use more GPUs, run more workers: --colocated-workers N, or --prefill-workers N --decode-workers M "
+            "(one per GPU)")
+    if args.tensor_parallel_size != 1:
+        return (f"--tensor-parallel-size {args.tensor_parallel_size}: not supported: a baton worker holds the "
+                f"whole model on one device (no sharding of its weights); {more}")
+    if args.pipeline_parallel_size != 1:
+        return (f"--pipeline-parallel-size {args.pipeline_parallel_size}: not supported: a baton worker runs "
+                f"every layer of the model on one device; {more}")
+    if args.trust_remote_code:
+        return ("--trust-remote-code: not supported: baton runs only Llama-family models with the code of "
+                "transformers it ships with (its own model runner), never Python code from a model directory")
+    return None
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, read only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"baton {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as package_version
+    try:
+        return package_version("baton")
+    except PackageNotFoundError:   # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _fill_generate(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompt", help="the prompt (a user message: the chat template applies unless --raw)")
     _add_router_args(g)
     g.add_argument("--local", action="store_true", help="run the engine in this process, no servers")
@@ -119,23 +189,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    u = sub.add_parser("up", help="serve: router + prefill and decode workers on Ray", formatter_class=HelpFormatter)
+
+def _fill_up(u: argparse.ArgumentParser) -> None:
     _add_up_args(u)
     u.set_defaults(func=cmd_up)
 
-    sub.add_parser("bench", help="the benchmark (see baton bench --help)", add_help=False)
 
-    s = sub.add_parser("status", help="workers, queue and batch sizes", formatter_class=HelpFormatter)
+def _fill_serve(v: argparse.ArgumentParser) -> None:
+    _add_up_args(v, serve=True)
+    v.set_defaults(func=cmd_serve)
+
+
+def _fill_status(s: argparse.ArgumentParser) -> None:
     _add_router_args(s)
     s.add_argument("--json", action="store_true", help="print the router's StatusResponse as JSON")
     s.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("scale", help="resize a worker pool", formatter_class=HelpFormatter)
+
+def _fill_scale(c: argparse.ArgumentParser) -> None:
     _add_router_args(c)
-    c.add_argument("role", choices=["prefill", "decode", "colocated"], help="the pool")
+    c.add_argument("role", choices=["prefill", "decode", "colocated"],
+                   help="the pool: colocated in the default deployment on one device, prefill or decode where "
+                        "the pools are apart (baton status shows which)")
     c.add_argument("count", type=int, help="its size wanted, >= 1")
     c.set_defaults(func=cmd_scale)
+
+
+DESCRIPTION = ("baton: an LLM server that batches like BATON (prefill and decode workers placed by Ray, a gRPC "
+               "router, an OpenAI-compatible HTTP API). `baton COMMAND --help` explains each command's flags.")
+
+# command: (its one-line help, what fills its parser)
+COMMANDS = {
+    "up": ("serve: router + prefill and decode workers on Ray (gRPC; --http-port adds the OpenAI API)", _fill_up),
+    "serve": ("vLLM's serve line: `baton serve MODEL --port 8000`, the same deployment as up with the OpenAI "
+              "API on --port and the gRPC router on --grpc-port", _fill_serve),
+    "generate": ("stream a completion", _fill_generate),
+    "status": ("workers, queue and batch sizes", _fill_status),
+    "scale": ("resize a worker pool", _fill_scale),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; `only`: fill just that command's flags (the others keep their one-line help),
+    so that a command imports no module another one's flags come from."""
+    parser = argparse.ArgumentParser(prog="baton", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=_Version, help="print baton's version and exit")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (what, fill) in COMMANDS.items():
+        p = sub.add_parser(name, help=what, description=what, formatter_class=HelpFormatter)
+        if only is None or only == name:
+            fill(p)
+    sub.add_parser("bench", help="the benchmark (see baton bench --help)", add_help=False)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command argv names (its first word that is no top-level option)."""
+    words = iter(argv)
+    for w in words:
+        if w == "--log-level":
+            next(words, None)
+        elif not w.startswith("-"):
+            return w
+    return None
 
 
 def _with_router(args, call) -> int:
@@ -158,8 +275,49 @@ def _with_router(args, call) -> int:
 
 
 def cmd_up(args) -> int:
+    why = refusal(args) or _bad_value(args)
+    if why:
+        print(f"baton: {why}", file=sys.stderr)
+        return 2
     from deploy.up import up
-    return up(args)
+    rc = up(args)
+    # Everything this process started has stopped (up() waited for it): leave now. The interpreter's
+    # own teardown (gRPC's and torch's finalisers, Ray's atexit hook) took another 0.5-1.2 s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _bad_value(args) -> str | None:
+    """What is wrong with an engine flag's value, before anything starts; --chat-template read (and set
+    for the router and the HTTP API, which tokenise chat prompts in this process)."""
+    if not 0 < args.gpu_memory_utilization <= 1:
+        return f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}"
+    if args.max_batch < 1:
+        return f"--max-batch (--max-num-seqs) must be >= 1, got {args.max_batch}"
+    from baton import model_files
+    if args.max_model_len:
+        try:
+            context = int(model_files.model_config(args.model).get("max_position_embeddings", 2048))
+        except (OSError, ValueError):
+            context = None   # no such model: the router says so
+        if context and not 0 < args.max_model_len <= context:
+            return (f"--max-model-len must be in [1, {context}] (the model's max_position_embeddings), or 0 for "
+                    f"that; got {args.max_model_len}")
+    if args.chat_template:
+        try:
+            os.environ[model_files.CHAT_TEMPLATE_ENV] = model_files.chat_template_text(args.chat_template)
+        except (OSError, ValueError) as e:
+            return str(e)
+    return None
+
+
+def cmd_serve(args) -> int:
+    """`baton serve`: `baton up` with the HTTP API on --host:--port and the router on --grpc-host:--grpc-port."""
+    args.http_host, args.http_port = args.host, args.port
+    args.host, args.port = args.grpc_host, args.grpc_port
+    return cmd_up(args)
 
 
 def cmd_status(args) -> int:
@@ -229,6 +387,7 @@ def _sampling_fields(args) -> dict:
               logit_bias=_logit_bias(args.logit_bias), json_schema=_text_or_file("--json-schema", args.json_schema),
               regex=args.regex, grammar=_text_or_file("--grammar", args.grammar))
     if args.choice:
+        from baton.sampling import choice_grammar
         kw["grammar"] = choice_grammar(args.choice)
     if args.seed is not None:
         kw["seed"] = args.seed
@@ -277,6 +436,8 @@ def cmd_generate(args) -> int:
         return 2
     if not args.local:
         return _with_router(args, lambda client: _stream(client, args.prompt, args.raw, fields))
+    import uuid
+
     from baton import grammar
     from baton.config import EngineConfig
     from baton.engine import Engine
@@ -317,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser: many options
         from deploy.bench.run import main as bench_main
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command(argv) or "").parse_args(argv)   # `baton --help`, `--version`: no command's flags
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args) or 0
 

@@ -23,10 +23,11 @@ def build(args: argparse.Namespace) -> Served:
     # the tokenizer's EOS too; grammars for constrained requests
     prefixes = PrefixCache(args.prefix_cache_mb << 20)
     prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars, prefixes))
+    max_len = min(model.max_len, args.max_model_len or model.max_len)   # --max-model-len caps the context
     timeout_s = faults.transfer_timeout_s(TRANSFER_TIMEOUT_S)    # faults: tests only (baton/faults.py)
     transport = faults.wrap_transport(kv_transport.sending(args.kv_transport, kv_transport.agent_name(
         args.worker_id, "send"), args.host), timeout_s)
-    server, port = serve(prefiller, model.max_len, args.host, args.port, device=device, max_queue=args.max_queue,
+    server, port = serve(prefiller, max_len, args.host, args.port, device=device, max_queue=args.max_queue,
                          transport=transport, transfer_timeout_s=timeout_s, **security(args))
 
     def stop(grace: float) -> None:

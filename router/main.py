@@ -23,9 +23,11 @@ from router.server import SERVICE, RouterConfig, RouterServicer
 
 def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, config: RouterConfig = RouterConfig(),
                  limits: Limits = Limits(), tls_cert=None, tls_key=None, tls_root_cert=None, scaler=None,
-                 health_period_s: float = 1.0):
-    """Start the Router service; returns (server, bound_port, servicer, health_thread)."""
+                 health_period_s: float = 1.0, max_model_len: int = 0):
+    """Start the Router service; returns (server, bound_port, servicer, health_thread).
+    `max_model_len`: the context requests are checked against, when less than the model's (0 = the model's)."""
     tokenizer, context = load_tokenizer(model)
+    context = capped_context(context, max_model_len)
     metrics.set_model_name(metrics.served_name(model))   # the vllm: metrics' model_name label
     registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
@@ -39,6 +41,14 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
     watcher = RouterHealth(servicer, health, SERVICE, health_period_s)
     watcher.start()
     return server, bound, servicer, watcher
+
+
+def capped_context(context: int, max_model_len: int) -> int:
+    """The model's context, or --max-model-len when it is set; more than the model's is refused."""
+    if max_model_len < 0 or max_model_len > context:
+        raise ValueError(f"--max-model-len must be in [1, {context}] (the model's max_position_embeddings), "
+                         f"or 0 for that; got {max_model_len}")
+    return max_model_len or context
 
 
 def router_config(a) -> RouterConfig:
@@ -59,6 +69,9 @@ def main(argv=None) -> int:
                    help="smollm2 or a local Hugging Face model directory: its tokenizer and context; the workers "
                         "load the weights (default: %(default)s)")
     request_limits.add_args(p)
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="prompt + output tokens a request may hold, when less than the model's context "
+                        "(default: 0 = max_position_embeddings in its config.json)")
     p.add_argument("--auth-token", default=os.environ.get("BATON_AUTH_TOKEN"),
                    help="clients and workers must send this token (default: $BATON_AUTH_TOKEN, else none)")
     p.add_argument("--tls-cert", help="the router's TLS certificate, PEM (default: none, plain TCP)")
@@ -71,7 +84,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
     server, port, servicer, watcher = start_router(a.model, a.host, a.port, config=router_config(a),
                                                    limits=request_limits.from_args(a), tls_cert=a.tls_cert,
-                                                   tls_key=a.tls_key, tls_root_cert=a.tls_root_cert)
+                                                   tls_key=a.tls_key, tls_root_cert=a.tls_root_cert,
+                                                   max_model_len=a.max_model_len)
     if a.metrics_port is not None:
         from router.metrics import start_metrics_server
         print(f"BATON_METRICS address={a.host}:{start_metrics_server(a.metrics_port, servicer, a.host).port}", flush=True)
