@@ -104,6 +104,8 @@ def _add_up_args(u: argparse.ArgumentParser, serve: bool = False) -> None:
                         "vLLM's name)")
     from baton.worker_process import add_engine_args
     add_engine_args(u)  # --prefix-cache-mb, --max-model-len, --kv-cache-memory, --gpu-memory-utilization, ...
+    from baton import kv_transport
+    kv_transport.add_arg(u)  # --kv-transport grpc|nixl (passed to every worker: deploy/cluster.py)
     from router import limits as request_limits
     request_limits.add_args(u)  # --max-queue (router and decode workers), --max-new-tokens, ...
     u.add_argument("--address", default=None,
@@ -337,13 +339,13 @@ def _print_status(st, as_json: bool) -> None:
     print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}"
           f"{batch}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
     print(f"{'role':9} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5} "
-          f"{'kv used':>7} {'prefix hits':>11}")
+          f"{'kv used':>7} {'prefix hits':>11} {'kv transport':12}")
     for w in st.workers:
         kv = f"{kv_usage_percent(w):.1f}%" if w.role != "prefill" else "-"
         hits = (f"{100 * w.prefix_cache_hit_tokens / w.prefix_cache_queried_tokens:.1f}%"
                 if w.prefix_cache_queried_tokens else "-")
         print(f"{w.role:9} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
-              f"{w.running:>5} {w.batch_width:>5} {kv:>7} {hits:>11}")
+              f"{w.running:>5} {w.batch_width:>5} {kv:>7} {hits:>11} {w.kv_transport or '-':12}")
 
 
 def kv_usage_percent(w) -> float:
