@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	# constrained decoding (json_schema); its other needs are in the lock, and its triton is for GPU
 	# kernels baton does not call (it masks logits itself)
 	$(PIP) install -q --no-deps xgrammar==0.1.25
+	# K/V over NIXL (--kv-transport nixl): UCX inside, loads on CPU-only machines too; its deps are
+	# torch and numpy (already in the lock), so --no-deps keeps pip from swapping in a CUDA torch
+	$(PIP) install -q --no-deps nixl-cu13==1.5.1
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

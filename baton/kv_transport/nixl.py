@@ -1,0 +1,338 @@
+"""The NIXL transport: the decode worker reads the prompt's K/V straight out of the prefill worker's
+memory with one NIXL READ over UCX (shared memory or TCP between hosts' DRAM, NVLink/cuda_ipc or
+RDMA between GPUs). Control stays on gRPC (base.py): the TransferKV header carries, instead of
+data chunks, a NixlSource: the prefill agent's partial metadata (its connection info and the one
+registered region) and the region's address and length.
+
+Why the decode side pulls (as vLLM's NixlConnector does) rather than the prefill side writing
+(as SGLang does):
+- the receiver decides before any byte moves: it checks the header (shape, dtype, an aborted id,
+  its queue) and only then reads; a refusal costs no transfer and no memory on its side;
+- no extra round trip: a WRITE needs the destination's address first (a second control message);
+  a READ needs only what the one TransferKV header already carries, so the call's answer is also
+  the completion the prefill worker waits for;
+- one owner per side: the prefill worker lends its region until the reader lets go, the decode
+  worker owns where the bytes land.
+
+Memory. The prefill worker registers the prefill's own K/V tensor (no copy) for the span of one
+transfer. The decode worker reads into a staging buffer from a pool registered once (pages already
+touched: a read into fresh pages pays their faults inside the copy and ran 2-5x slower here); the
+batch's insert copies it into the cache and, once nothing refers to the buffer any more
+(its storage's use count, so no view of it can outlive a reuse), it serves the next transfer.
+The cache rows themselves are not registered: the batch cache is re-laid out as it grows and
+shrinks (BatchKVCache), so a row's address does not outlive a step.
+
+Freeing, the rule that keeps a reader off freed memory (vllm#21570): the prefill worker frees a
+lent region when its TransferKV call ends with an answer from the decode worker's handler (OK or a
+refusal: the handler released its read before answering), or, when the call ended otherwise
+(cancelled, deadline, connection lost), on the decode worker's `released:<transfer_id>`
+notification, sent after its read is released whatever the outcome, or at the latest after
+RELEASE_GRACE_S (a reader that died sends none). The decode worker polls its read's state with
+short sleeps, never past the call's deadline, and abandons it as soon as the call is cancelled;
+a failed or abandoned read's buffer goes back to the pool and is never handed on. One transfer is
+one READ of one contiguous region: no Python loop per chunk.
+
+By default, on a worker bound to loopback, UCX uses only the loopback network device
+(UCX_NET_DEVICES=lo unless set), so nothing listens beyond the machine.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
+from baton.kv_transport.base import Outgoing, Receiver, Transport, expected_nbytes
+
+log = logging.getLogger(__name__)
+RELEASE_GRACE_S = 2.0          # a lent region whose reader never said it let go is freed after this
+POOL_BYTES = 1 << 30           # registered staging memory a decode worker keeps for reuse, at most
+ROUND_BYTES = 1 << 20          # staging buffers are sized in whole MiB, so near sizes share them
+PREFIX = b"released:"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@functools.cache
+def load_nixl():
+    """The nixl module, or TransportUnavailable saying why it cannot be used here."""
+    from baton.kv_transport import TransportUnavailable
+    errors = []
+    for name in ("nixl_cu13", "nixl_cu12", "nixl"):
+        try:
+            module = __import__(name)
+            module.nixl_agent     # noqa: B018 (the meta-package "nixl" without a backend has none)
+            return module
+        except Exception as e:    # ImportError, or a shared library that will not load
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    raise TransportUnavailable("--kv-transport nixl: NIXL cannot be loaded on this machine ("
+                               + "; ".join(errors) + "); install it with `make install` (nixl-cu13) "
+                               "or start the workers with --kv-transport grpc")
+
+
+def make_agent(name: str, host: str):
+    """A NIXL agent with the UCX backend, its calls serialised (several gRPC threads share it)."""
+    from baton.kv_transport import TransportUnavailable
+    nixl = load_nixl()
+    if host in LOOPBACK:
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    try:
+        sync = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        agent = nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"], sync_mode=sync))
+    except Exception as e:
+        raise TransportUnavailable(f"--kv-transport nixl: no NIXL agent with UCX here: {type(e).__name__}: {e}") from e
+    if "UCX" not in agent.backends:
+        raise TransportUnavailable(f"--kv-transport nixl: NIXL has no UCX backend here (plugins: {agent.plugin_list})")
+    return agent
+
+
+def _mem(t: torch.Tensor) -> tuple[str, int]:
+    """NIXL's memory type and device id of a tensor."""
+    return ("VRAM", t.get_device()) if t.is_cuda else ("DRAM", 0)
+
+
+# ---- sending side (prefill worker) ---------------------------------------------------------------
+
+@dataclass
+class _Lent:
+    kv: torch.Tensor              # kept alive while lent
+    reg: object                   # its registration
+    nbytes: int
+    free_by: float | None = None  # set when the call ended without an answer: free at the latest then
+    released: bool = False        # the reader said it let go (its notification may beat the call's end)
+    unanswered: bool = False      # the call ended without the reader's answer
+
+
+class NixlTransport(Transport):
+    name = "nixl"
+
+    def __init__(self, agent_name: str, host: str = "127.0.0.1", release_grace_s: float = RELEASE_GRACE_S):
+        self.agent = make_agent(agent_name, host)
+        self.agent_name, self.release_grace_s = agent_name, release_grace_s
+        self.lent: dict[str, _Lent] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.reaper = threading.Thread(target=self._reap, name="nixl-release", daemon=True)
+        self.reaper.start()
+
+    def prepare(self, header, kv: torch.Tensor) -> Outgoing:
+        kv = kv.detach().contiguous()                     # (L, 2, Hkv, P, D), lent as it is
+        nbytes, (mem_type, device_id) = kv.numel() * kv.element_size(), _mem(kv)
+        tid = uuid.uuid4().hex
+        with self.cond:
+            if self.closed:
+                raise Unavailable("the NIXL transport is closed (the worker is stopping)")
+            reg = self.agent.register_memory(kv)
+            metadata = self.agent.get_partial_agent_metadata(reg, True)
+            self.lent[tid] = _Lent(kv, reg, nbytes)
+        header.nbytes = nbytes
+        header.nixl.agent, header.nixl.metadata, header.nixl.transfer_id = self.agent_name, metadata, tid
+        header.nixl.address, header.nixl.nbytes = kv.data_ptr(), nbytes
+        header.nixl.mem_type, header.nixl.device_id = mem_type, device_id
+        return Outgoing(lambda: (), lambda clean: self._finish(tid, clean))
+
+    def _finish(self, tid: str, clean: bool) -> None:
+        with self.cond:   # the reaper deregisters (it can take milliseconds): not on the request's path
+            if tid in self.lent:
+                lent = self.lent[tid]
+                lent.unanswered = not clean
+                lent.free_by = time.monotonic() + (0.0 if clean or lent.released else self.release_grace_s)
+                self.cond.notify_all()
+
+    def _free(self, tid: str) -> None:
+        """Under self.cond."""
+        lent = self.lent.pop(tid, None)
+        if lent is not None:
+            self.agent.deregister_memory(lent.reg)
+
+    def _reap(self) -> None:
+        """Frees regions whose reader let go (its notification) or whose grace ran out; drains the
+        notifications of transfers already freed, so they do not pile up."""
+        while True:
+            with self.cond:
+                waiting = any(x.free_by is not None for x in self.lent.values())
+                self.cond.wait(0.002 if waiting else 0.5)
+                if self.closed:
+                    return
+                for msgs in self.agent.get_new_notifs().values():
+                    for m in msgs:
+                        lent = self.lent.get(tid := m[len(PREFIX):].decode()) if m.startswith(PREFIX) else None
+                        if lent is not None and lent.free_by is not None:
+                            self._free(tid)
+                        elif lent is not None:
+                            lent.released = True
+                now = time.monotonic()
+                for tid in [t for t, x in self.lent.items() if x.free_by is not None and now >= x.free_by]:
+                    if self.lent[tid].unanswered and not self.lent[tid].released:
+                        log.warning("NIXL: K/V region %s freed after %.1f s without its reader's release",
+                                    tid, self.release_grace_s)
+                    self._free(tid)
+
+    def held_bytes(self) -> int:
+        with self.cond:
+            return sum(x.nbytes for x in self.lent.values())
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            for tid in list(self.lent):
+                self._free(tid)
+            self.cond.notify_all()
+        self.reaper.join(2)
+
+
+# ---- receiving side (decode worker) --------------------------------------------------------------
+
+@dataclass
+class _Staged:
+    buf: torch.Tensor             # uint8, registered
+    reg: object
+    base_uses: int = field(default=0)
+
+    def busy(self) -> bool:
+        return _uses(self.buf) > self.base_uses
+
+
+def _uses(t: torch.Tensor) -> int:
+    """Tensors sharing t's storage (views included), t among them."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class StagingPool:
+    """Registered buffers the decode worker reads K/V into, reused once nothing refers to them."""
+
+    def __init__(self, agent, lock: threading.Lock, device: torch.device, max_bytes: int = POOL_BYTES):
+        self.agent, self.lock, self.device, self.max_bytes = agent, lock, torch.device(device), max_bytes
+        self.staged: list[_Staged] = []
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A registered uint8 buffer of nbytes, and what to call once the read into it is over."""
+        with self.lock:
+            free = [s for s in self.staged if s.buf.numel() >= nbytes and not s.busy()]
+            if free:
+                return min(free, key=lambda s: s.buf.numel()).buf[:nbytes], lambda: None
+            size = -(-nbytes // ROUND_BYTES) * ROUND_BYTES
+            while self.staged and self._bytes() + size > self.max_bytes and self._evict_one():
+                pass
+            buf = torch.zeros(size, dtype=torch.uint8, device=self.device)   # pages touched now, not in the read
+            reg = self.agent.register_memory(buf)
+            if self._bytes() + size <= self.max_bytes:
+                s = _Staged(buf, reg)
+                s.base_uses = _uses(buf)
+                self.staged.append(s)
+                return buf[:nbytes], lambda: None
+        # over the pool's size: a buffer for this transfer alone, unregistered after its read
+        return buf[:nbytes], lambda: self._deregister(reg)
+
+    def _bytes(self) -> int:
+        return sum(s.buf.numel() for s in self.staged)
+
+    def _evict_one(self) -> bool:
+        """Under self.lock: drop the largest free buffer; False if all are busy."""
+        free = [s for s in self.staged if not s.busy()]
+        if not free:
+            return False
+        s = max(free, key=lambda s: s.buf.numel())
+        self.staged.remove(s)
+        self.agent.deregister_memory(s.reg)
+        return True
+
+    def _deregister(self, reg) -> None:
+        with self.lock:
+            self.agent.deregister_memory(reg)
+
+    def held_bytes(self) -> int:
+        with self.lock:
+            return sum(s.buf.numel() for s in self.staged if s.busy())
+
+    def close(self) -> None:
+        with self.lock:
+            for s in self.staged:
+                self.agent.deregister_memory(s.reg)
+            self.staged.clear()
+
+
+class NixlReceiver(Receiver):
+    name = "nixl"
+
+    def __init__(self, agent_name: str, max_bytes: int, device, host: str = "127.0.0.1",
+                 pool_bytes: int = POOL_BYTES):
+        self.agent = make_agent(agent_name, host)
+        self.max_bytes, self.lock = max_bytes, threading.Lock()
+        self.pool = StagingPool(self.agent, self.lock, device, pool_bytes)
+        self.retired: list[torch.Tensor] = []   # buffers a read may still write into: kept busy for good
+
+    def receive(self, header, frames: Iterator[bytes], dtype: torch.dtype, shape: tuple[int, ...],
+                deadline: float, alive: Callable[[], bool]) -> torch.Tensor:
+        src = header.nixl
+        nbytes = expected_nbytes(dtype, shape, src.nbytes, self.max_bytes)
+        if src.mem_type not in ("DRAM", "VRAM") or not src.address or not src.transfer_id:
+            raise InvalidArgument("a NIXL source needs an address, a transfer id and mem_type DRAM or VRAM")
+        with self.lock:
+            try:
+                remote = self.agent.add_remote_agent(src.metadata)
+            except Exception as e:
+                raise InvalidArgument(f"NIXL agent metadata of {src.agent!r} cannot be loaded: {e}") from None
+        buf = None
+        try:
+            if not alive():
+                raise Cancelled(f"K/V transfer from {src.agent} cancelled before its read")
+            buf, done = self.pool.take(nbytes)
+            try:
+                self._read(buf, src, remote, nbytes, deadline, alive)
+            finally:
+                done()
+        except BaseException:
+            buf = None                  # never handed on: back to the pool
+            raise
+        finally:   # whatever happened, this worker reads no more of it: the sender may free it
+            with self.lock:
+                try:
+                    self.agent.send_notif(remote, PREFIX + src.transfer_id.encode())
+                except Exception as e:   # the sender went away: its grace frees the region
+                    log.info("NIXL: no release notification to %s: %s", src.agent, e)
+        for _ in frames:
+            raise InvalidArgument("no data chunks may follow a header with a NIXL source")
+        return buf.view(dtype).view(shape)
+
+    def _read(self, buf: torch.Tensor, src, remote, nbytes: int, deadline: float, alive: Callable[[], bool]) -> None:
+        """One READ of the whole region into buf; polls its state in growing sleeps (50 us to 1 ms)."""
+        with self.lock:
+            local = self.agent.get_xfer_descs(buf)
+            far = self.agent.get_xfer_descs([(src.address, nbytes, src.device_id)], src.mem_type)
+            handle = self.agent.initialize_xfer("READ", local, far, remote)
+        try:
+            with self.lock:
+                state = self.agent.transfer(handle)
+            nap = 50e-6
+            while state == "PROC":
+                if not alive():
+                    raise Cancelled(f"K/V read from {src.agent} cancelled")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"K/V read from {src.agent} not done by the transfer's deadline")
+                time.sleep(nap)
+                nap = min(nap * 2, 1e-3)
+                with self.lock:
+                    state = self.agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise Unavailable(f"K/V read from {src.agent} failed ({state})")
+        finally:
+            with self.lock:
+                try:
+                    self.agent.release_xfer_handle(handle)   # cancels a read still in flight
+                except Exception as e:   # could not cancel it: the buffer may still be written, never reuse it
+                    log.error("NIXL: a read from %s could not be cancelled (%s); its staging buffer is retired",
+                              src.agent, e)
+                    self.retired.append(buf)
+
+    def held_bytes(self) -> int:
+        return self.pool.held_bytes()
+
+    def close(self) -> None:
+        self.pool.close()
