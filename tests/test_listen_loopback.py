@@ -1,8 +1,9 @@
 """Nothing `baton up` starts listens beyond loopback unless the user asks (issue 23): every listening
 socket of every process it started (its process tree and its Ray session's daemons), in each
 topology; with --host 0.0.0.0 only the router's gRPC port and the HTTP port are on the wildcard
-address. Stopping it leaves no process and no port behind. (The disaggregated cluster of
-test_ray_deploy.py is checked with default flags there.)"""
+address, and `baton serve --host 0.0.0.0` opens the HTTP port alone. Stopping it leaves no process
+and no port behind. (The disaggregated cluster of test_ray_deploy.py is checked with default flags
+there.)"""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from deploy.procs import Proc, wait_for
 from listening import beyond_loopback, listeners, processes, still_listening
 from tiny_model import save_tiny, save_tokenizer
 
-pytestmark = pytest.mark.slow(40)
+pytestmark = pytest.mark.slow(60)
 
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -33,12 +34,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve_and_list(model_dir: str, flags: list[str]):
-    """`baton up` with these flags and a free HTTP port; one request through it, then every listening
-    socket of its processes. Stops it and checks that no process or port outlives it."""
+def _up(model_dir: str, flags: list[str]):
+    """`baton up` with these flags and a free HTTP port: _serve_and_list's."""
     http_port = _free_port()
-    proc = Proc(["deploy.cli", "up", "--port", "0", "--model", model_dir, "--dtype", "float64", "--max-batch", "4",
-                 "--http-port", str(http_port), *flags], env=ENV, ready_timeout=180)
+    return _serve_and_list(["up", "--port", "0", "--model", model_dir, "--http-port", str(http_port), *flags],
+                           http_port)
+
+
+def _serve_and_list(argv: list[str], http_port: int):
+    """`baton ARGV...` (the tiny model in float64); one request through its router, then every
+    listening socket of its processes. Stops it and checks that no process or port outlives it."""
+    proc = Proc(["deploy.cli", *argv, "--dtype", "float64", "--max-batch", "4"], env=ENV, ready_timeout=180)
     procs = []
     try:
         router_port = int(proc.address.rsplit(":", 1)[1])
@@ -84,20 +90,31 @@ def _check_started_everything(found, router_port: int, http_port: int) -> None:
 
 
 def test_colocated_default_flags_listen_on_loopback_only(model_dir):
-    found, router_port, http_port = _serve_and_list(model_dir, [])
+    found, router_port, http_port = _up(model_dir, [])
     _check_started_everything(found, router_port, http_port)
     exposed = beyond_loopback(found)
     assert not exposed, "listening beyond loopback: " + ", ".join(map(str, exposed))
 
 
 def test_disaggregated_host_0_0_0_0_opens_only_the_router_and_http_ports(model_dir):
-    found, router_port, http_port = _serve_and_list(
-        model_dir, ["--host", "0.0.0.0", "--prefill-workers", "1", "--decode-workers", "1"])
+    found, router_port, http_port = _up(model_dir, ["--host", "0.0.0.0", "--prefill-workers", "1",
+                                                    "--decode-workers", "1"])
     _check_started_everything(found, router_port, http_port)
     exposed = beyond_loopback(found, allowed={router_port, http_port})
     assert not exposed, "listening beyond loopback, unasked: " + ", ".join(map(str, exposed))
     wildcard = {s.port for s in found if s.ip not in ("127.0.0.1", "::1")}
     assert wildcard == {router_port, http_port}, found
+
+
+def test_serve_host_0_0_0_0_opens_only_the_http_port(model_dir):
+    """vLLM's line: --host names the HTTP API's address; the gRPC router stays on --grpc-host (127.0.0.1)."""
+    http_port = _free_port()
+    found, router_port, _ = _serve_and_list(["serve", model_dir, "--host", "0.0.0.0", "--port", str(http_port),
+                                             "--grpc-port", "0"], http_port)
+    _check_started_everything(found, router_port, http_port)
+    exposed = beyond_loopback(found, allowed={http_port})
+    assert not exposed, "listening beyond loopback, unasked: " + ", ".join(map(str, exposed))
+    assert {s.port for s in found if s.ip not in ("127.0.0.1", "::1")} == {http_port}, found
 
 
 def test_ray_dashboard_is_off_unless_asked_and_refused_plainly_without_its_packages(monkeypatch):
