@@ -12,6 +12,7 @@ import torch
 
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.request import Request
 from baton.sampling import SamplingParams
 from loopback import loopback_cluster
 from router.client import RouterClient
@@ -41,6 +42,38 @@ def test_engine_on_cuda_equals_generate_whatever_the_batch_mates(tiny_cuda):
     done = engine.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths])
     for r, p, n in zip(done, prompts, lengths):
         assert r.output_ids == reference_greedy(tiny_cuda, p, n, ignore_eos=True), r.request_id
+
+
+def test_graph_replay_equals_eager_and_generate(tiny_cuda):
+    """The decode step captured as CUDA graphs (padded to its bucket) gives the eager step's tokens,
+    and both give generate()'s, with rows joining and leaving; a capture holds every bucket."""
+    prompts, lengths = _queries(5, 16)
+    outs = {}
+    for eager in (False, True):
+        engine = Engine(tiny_cuda, EngineConfig(max_batch=6, max_queue=len(prompts), enforce_eager=eager))
+        assert sorted(engine.batch.decode.graphs) == ([] if eager else [1, 2, 4, 6])
+        done = engine.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths])
+        outs[eager] = [r.output_ids for r in done]
+    assert outs[False] == outs[True]
+    assert outs[False] == [reference_greedy(tiny_cuda, p, n, ignore_eos=True) for p, n in zip(prompts, lengths)]
+
+
+def test_a_cuda_step_copies_to_the_host_once(tiny_cuda):
+    """Sampled and penalised rows are chosen on the device: a step's host syncs do not grow with them."""
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=8, max_queue=8))
+    params = [SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=20, seed=i, repetition_penalty=1.1,
+                             ignore_eos=True) for i in range(8)]
+    for i, p in enumerate(_queries(3, 8)[0]):
+        engine.add_request(Request(f"q{i}", p, params[i]))
+    while len(engine.batch) < 8:
+        engine.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as syncs:
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(syncs) <= 3, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("colocated", [0, 1], ids=["disaggregated", "colocated"])

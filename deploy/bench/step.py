@@ -14,6 +14,7 @@ import torch
 
 from baton.config import EngineConfig
 from baton.engine import DecodeBatch, Engine, PrefillOutput
+from baton.kv_cache import KVCapacity
 from baton.model_loader import load_model
 from baton.request import Request
 from baton.sampling import SamplingParams
@@ -22,7 +23,10 @@ from baton.sampling import SamplingParams
 def filled_batch(engine: Engine, rows: int, ctx: int) -> DecodeBatch:
     r = engine.runner
     kv = torch.randn(r.num_layers, 2, r.num_kv_heads, ctx, r.head_dim, dtype=r.dtype, device=r.device) * 0.1
-    batch = DecodeBatch(r, engine.model, max_batch=rows + 1)
+    cols = ctx + 1024                      # room for the steps timed, no compaction among them
+    # On a GPU the step is captured as CUDA graphs for this batch size alone (the engine captures every bucket).
+    batch = DecodeBatch(r, engine.model, max_batch=rows + 1, capacity=KVCapacity(rows + 1, cols, cols - 1, 0),
+                        graphs=r.device.type == "cuda" and not engine.config.enforce_eager, buckets=[rows])
     for i in range(rows):
         req = Request(f"r{i}", [1] * ctx, SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True))
         batch.admit(req, PrefillOutput(5, kv))
@@ -90,12 +94,14 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on a GPU (always eager on CPU)")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternate engine and bare loop this many times; the best of each is kept (a shared "
                         "machine's noise only ever adds time)")
     a = p.parse_args(argv)
     model = load_model(a.model, a.dtype, a.device)
-    engine = Engine(model, EngineConfig(max_batch=max(a.batches) + 1))
+    # The engine's own batch is not used (filled_batch builds one per size): one row keeps it small.
+    engine = Engine(model, EngineConfig(max_batch=1, enforce_eager=a.enforce_eager))
     print(f"device={engine.runner.device} dtype={a.dtype} context={a.context} threads={torch.get_num_threads()}")
     print("| batch | engine step ms | bare transformers step ms | engine / bare |")
     print("|---:|---:|---:|---:|")
