@@ -3,19 +3,28 @@ address comes from BATON_ROUTER, a router that cannot be reached gets a one-line
 and `baton status --json` prints 64-bit counters as numbers, the workers' batch size and their K/V
 usage. Request limits default to the model's context, and a prompt too long for it is named as such
 (gRPC and HTTP). Against an in-process router with no workers (Status and validation need none), and
-`baton status` against a loopback cluster."""
+`baton status` against a loopback cluster. vLLM's habits: its flag names, `baton serve MODEL` end to end
+(an OpenAI request answered, SIGTERM leaves no process), `baton --version`, flags refused by name, and a
+CLI module that imports no torch, Ray or gRPC (its speed is measured in docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import grpc
 import httpx2 as httpx
+import psutil
 import pytest
 
 from baton.v1 import router_pb2
 from deploy.cli import build_parser, main
+from deploy.procs import ROOT, Proc
 from loopback import loopback_cluster
 from router import limits as request_limits
 from test_http_input import router  # noqa: F401 - the fixture: an in-process router, no workers
@@ -52,7 +61,7 @@ def _check_help(entries: dict[str, str], flags: set[str]) -> None:
         assert not text.startswith("(default"), (flag, "no help text, only a default")
 
 
-@pytest.mark.parametrize("command", ["up", "generate", "status", "scale"])
+@pytest.mark.parametrize("command", ["up", "serve", "generate", "status", "scale"])
 def test_every_flag_has_help_that_shows_its_default(command, capsys, monkeypatch):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     _check_help(_help_entries([command], capsys, monkeypatch),
@@ -184,8 +193,7 @@ def test_status_shows_kv_usage_and_prefix_cache_hits_per_worker(cluster, capsys)
     assert type(st["max_batch"]) is int
     assert main(["status", "--router", address]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert "kv used" in table[1] and re.fullmatch(r"\d+\.\d%", table[2].split()[-2]), table
-    assert table[1].endswith("prefix hits") and re.fullmatch(r"\d+\.\d%", table[2].split()[-1]), table
+    assert "kv used prefix hits" in table[1] and re.search(r" \d+\.\d% +\d+\.\d%( |$)", table[2]), table
 
 
 def test_router_keeps_max_batch_from_the_workers_stats():
@@ -241,3 +249,200 @@ def test_generate_local_follows_a_json_schema_a_choice_or_a_regex_and_refuses_wh
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and ".cc:" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- vLLM's habits (issue 22): its flags, `baton serve MODEL`, --version, a CLI that imports nothing heavy
+
+def _baton(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_version_and_help_answer():
+    from importlib.metadata import version
+    r = _baton("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"baton {version('baton')}", (r.stdout, r.stderr)
+    r = _baton("--help")
+    assert r.returncode == 0 and "serve" in r.stdout and "--version" in r.stdout, r.stderr
+    for command in ("up", "serve", "status"):
+        assert _baton(command, "--help").returncode == 0
+
+
+def test_the_cli_imports_no_torch_ray_or_grpc_before_a_command_needs_them():
+    """What makes `baton --help`, `--version` and `status` answer at once (timed in docs/benchmarks.md):
+    the module and the parser of --help / status import neither torch, Ray nor gRPC."""
+    code = ("import sys\nfrom deploy.cli import build_parser\nbuild_parser('')\nbuild_parser('status')\n"
+            "print(' '.join(m for m in ('torch', 'ray', 'grpc', 'transformers', 'fastapi') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "", (r.stdout, r.stderr)
+
+
+def test_vllm_flag_names_are_aliases_of_batons_own():
+    a = build_parser().parse_args(["up", "--api-key", "k", "--max-num-seqs", "4", "--max-model-len", "512",
+                                   "--kv-cache-memory", "2GiB", "--gpu-memory-utilization", "0.5", "--enforce-eager"])
+    assert (a.auth_token, a.max_batch, a.max_model_len, a.kv_cache_memory, a.gpu_memory_utilization, a.enforce_eager) \
+        == ("k", 4, 512, 2 << 30, 0.5, True)
+    assert a.dtype == "auto" and a.http_host is None and a.host == "127.0.0.1"
+
+
+def test_serve_is_vllms_serve_line():
+    """`baton serve MODEL`: --host/--port are the HTTP API's (8000 as vLLM's), the router on --grpc-host /
+    --grpc-port (loopback:50051); cmd_serve turns it into `baton up`'s namespace."""
+    from deploy import cli
+    a = build_parser().parse_args(["serve", "/m", "--host", "0.0.0.0", "--api-key", "k", "--served-model-name", "s",
+                                   "--max-num-seqs", "8", "--dtype", "auto"])
+    assert (a.model, a.host, a.port, a.grpc_host, a.grpc_port, a.served_model_name) == \
+        ("/m", "0.0.0.0", 8000, "127.0.0.1", 50051, "s")
+    seen = {}
+    cli_up = cli.cmd_up
+    try:
+        cli.cmd_up = lambda args: seen.setdefault("args", args) and 0
+        cli.cmd_serve(a)
+    finally:
+        cli.cmd_up = cli_up
+    up = seen["args"]
+    assert (up.host, up.port, up.http_host, up.http_port) == ("127.0.0.1", 50051, "0.0.0.0", 8000)
+    assert build_parser().parse_args(["serve"]).model == "smollm2"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tensor-parallel-size", "2"], ["--tensor-parallel-size 2", "not supported", "one device"]),
+    (["-tp", "4"], ["--tensor-parallel-size 4", "not supported"]),
+    (["--pipeline-parallel-size", "2"], ["--pipeline-parallel-size 2", "not supported"]),
+    (["--trust-remote-code"], ["--trust-remote-code", "Llama-family", "never Python code"]),
+    (["--max-model-len", "5000"], ["--max-model-len", "[1, 1024]", "5000"]),
+    (["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization", "(0, 1]"]),
+    (["--chat-template", "/no/such/file"], ["--chat-template", "no such file"]),
+    (["--chat-template", "{% if %}"], ["--chat-template", "does not compile"]),
+])
+def test_flags_baton_cannot_honour_are_refused_by_name_with_the_reason(argv, words, tiny_dir, capsys):
+    for command in ("up", "serve"):
+        model = ["--model", tiny_dir] if command == "up" else [tiny_dir]
+        assert main([command, *model, *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_engine_flags_reach_the_workers_engine_config():
+    """baton up's engine flags -> a worker's command line (engine_argv) -> its EngineConfig."""
+    from baton.worker_process import engine_argv, engine_config, parse_args
+    up = build_parser().parse_args(["up", "--max-model-len", "300", "--kv-cache-memory", "64MB",
+                                    "--gpu-memory-utilization", "0.7", "--enforce-eager", "--prefix-cache-mb", "8"])
+    for role in ("prefill", "decode"):
+        cfg = engine_config(parse_args(role, engine_argv(up)))
+        assert (cfg.max_model_len, cfg.kv_cache_memory, cfg.gpu_memory_utilization, cfg.enforce_eager,
+                cfg.prefix_cache_mb) == (300, 64_000_000, 0.7, True, 8)
+    assert engine_config(parse_args("decode", [])).enforce_eager is False
+
+
+def test_byte_sizes():
+    from baton.worker_process import byte_size
+    assert [byte_size(t) for t in ("1073741824", "2GiB", "512MB", "1.5G", "3 KiB", "10b")] == \
+        [1 << 30, 2 << 30, 512_000_000, 1_500_000_000, 3072, 10]
+    for bad in ("x", "2QB", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            byte_size(bad)
+
+
+def test_dtype_auto_is_float32_on_cpu_and_the_models_own_on_a_gpu(tiny_dir):
+    from baton import kv_codec
+    from baton.model_loader import resolve_dtype
+    from baton.worker_process import DTYPE_NAMES
+    assert tuple(kv_codec.DTYPES) == DTYPE_NAMES   # the CLI's names, without importing torch
+    assert resolve_dtype(tiny_dir, "auto", "cpu") == "float32"
+    assert resolve_dtype(tiny_dir, "auto", "cuda") == "float64"   # the tiny model's config.json says so
+    assert resolve_dtype(tiny_dir, "bfloat16", "cuda") == "bfloat16"
+
+
+def test_max_model_len_caps_the_routers_context(tmp_path):
+    from router.main import capped_context, start_router
+    from router.client import RouterClient
+    assert capped_context(CONTEXT, 0) == CONTEXT and capped_context(CONTEXT, 100) == 100
+    with pytest.raises(ValueError, match=r"--max-model-len must be in \[1, 1024\]"):
+        capped_context(CONTEXT, CONTEXT + 1)
+    server, port, servicer, watcher = start_router(save_tiny(tmp_path / "model"), "127.0.0.1", 0, max_model_len=100)
+    try:
+        assert servicer.limits.max_new_tokens == servicer.limits.max_prompt_tokens == 100
+        with RouterClient(f"127.0.0.1:{port}") as client, pytest.raises(grpc.RpcError) as e:
+            list(client.stub.Generate(router_pb2.GenerateRequest(prompt_token_ids=[1] * 90, max_new_tokens=20),
+                                      timeout=10))
+        assert e.value.details() == ("the prompt has 90 tokens; with max_new_tokens=20 it exceeds the model's "
+                                     "context of 100 tokens"), e.value.details()
+    finally:
+        watcher.stopped.set()
+        server.stop(0).wait(2)
+
+
+def test_chat_template_from_a_file_or_inline_replaces_the_models(tmp_path, monkeypatch):
+    from baton import model_files
+    from tiny_model import save_tokenizer
+    model = save_tiny(tmp_path / "m")
+    save_tokenizer(model)
+    template = "{% for m in messages %}w7 {{ m['content'] }} w8 {% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert model_files.chat_template_text(str(tmp_path / "t.jinja")) == template == \
+        model_files.chat_template_text(template)
+    monkeypatch.setenv(model_files.CHAT_TEMPLATE_ENV, template)
+    tok, _ = model_files.load_tokenizer(model)
+    assert tok.decode(model_files.encode_prompt(tok, "w5")) == "w7 w5 w8"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _tree(pid: int) -> list:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list) -> list:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+@pytest.mark.slow(30)
+def test_baton_serve_answers_openai_requests_and_stops_on_sigterm_leaving_nothing(tiny_dir):
+    """vLLM's serve line on the tiny model: the OpenAI API on its port (a free one here) behind --api-key,
+    --max-model-len enforced, the URL in the log; SIGTERM stops every process, and the log's figure is
+    the one measured from outside."""
+    proc = Proc(["deploy.cli", "serve", tiny_dir, "--port", "0", "--grpc-port", "0", "--api-key", "k1",
+                 "--max-model-len", "512", "--max-num-seqs", "4", "--dtype", "auto", "--served-model-name", "smol",
+                 "--gpu-memory-utilization", "0.8"],
+                env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=180)
+    tree = _tree(proc.pid)
+    try:
+        ready = next(line for line in proc.log if line.startswith("BATON_READY"))
+        url = dict(kv.split("=", 1) for kv in ready.split()[1:])["http"]
+        assert url.startswith("http://127.0.0.1:") and f"OpenAI API on {url}/v1" in "".join(proc.log)
+        auth = {"Authorization": "Bearer k1"}
+        body = {"model": "smol", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 401
+        r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 600}, headers=auth, timeout=10)
+        assert r.status_code == 400 and "[1, 512]" in r.json()["error"]["message"], r.text
+        tree = _tree(proc.pid)
+        assert len(tree) > 3   # Ray's processes and the worker
+        t = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        while _alive(tree) and time.monotonic() - t < 15:
+            time.sleep(0.02)
+        took = time.monotonic() - t
+        assert not _alive(tree), [p.pid for p in _alive(tree)]
+        assert proc.wait_or_kill(5) == 0
+        said = float(re.search(r"stopped in ([0-9.]+) s", "".join(proc.log)).group(1))
+        assert said <= took + 0.1 and took - said < 1.0, (said, took)
+    finally:
+        proc.kill()
+        for p in _alive(tree):
+            p.kill()
