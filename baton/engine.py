@@ -22,7 +22,7 @@ from baton.decode_graphs import DecodeGraphs
 from baton.detokenizer import IncrementalDetokenizer
 from baton.grammar import Grammars
 from baton.errors import InvalidArgument
-from baton.kv_cache import BatchKVCache, KVCapacity, kv_capacity, step_slack, token_bytes
+from baton.kv_cache import BatchKVCache, KVCapacity, kv_capacity, token_bytes
 from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
 from baton.prefix_cache import PrefixCache
@@ -39,6 +39,14 @@ class PrefillOutput:
     token_id: int          # the next token (output index len(generated))
     kv: torch.Tensor       # (L, 2, Hkv, P, D), model dtype, P = prompt + generated tokens
     logprobs: Logprobs | None = None   # the token's, when the request asked for them
+
+
+def default_capacity(runner: ModelRunner, model: LoadedModel, rows: int, config: EngineConfig = EngineConfig()):
+    """The batch cache's size from the config's memory budget and context cap (baton/kv_cache.py)."""
+    r = runner
+    return kv_capacity(rows, token_bytes(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype), model.max_len,
+                       max_model_len=config.max_model_len, budget=config.kv_cache_memory, device=r.device,
+                       gpu_memory_utilization=config.gpu_memory_utilization)
 
 
 class Prefiller:
@@ -74,13 +82,13 @@ class DecodeBatch:
     def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, capacity: KVCapacity | None = None,
                  *, graphs: bool = False, buckets: list[int] | None = None):
         """`capacity`: the cache's size (Engine sizes it from its memory budget); by default room
-        for `max_batch` rows of the model's whole context. `graphs`: capture the decode step as
+        for `max_batch` rows of the model's whole context, within the default budget. `graphs`: capture the decode step as
         CUDA graphs (a CUDA runner); `buckets`: pad eager steps to these batch sizes (tests)."""
         self.runner, self.tokenizer, self.grammars = runner, model.tokenizer, model.grammars
-        cols = capacity.cols if capacity else model.max_len + step_slack(model.max_len)
-        self.eos_ids, self.max_len = model.eos_ids, capacity.max_len if capacity else model.max_len
+        capacity = capacity or default_capacity(runner, model, max_batch)
+        self.eos_ids, self.max_len = model.eos_ids, capacity.max_len
         self.cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim,
-                                  dtype=runner.dtype, device=runner.device, max_rows=max_batch, max_cols=cols)
+                                  dtype=runner.dtype, device=runner.device, max_rows=max_batch, max_cols=capacity.cols)
         self.decode = DecodeGraphs(runner, max_batch, capture=graphs, buckets=buckets)   # after the cache: its memory first
         self.rows: list[Request] = []      # row r of the cache belongs to rows[r]
         self.index: dict[str, int] = {}    # request_id -> row
@@ -169,13 +177,9 @@ class Engine:
         self.runner = ModelRunner(model.model)
         self.prefixes = PrefixCache(config.prefix_cache_mb << 20)   # shared with the prefiller: one thread runs both
         self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars, self.prefixes)
-        r = self.runner
-        self.capacity = kv_capacity(
-            config.max_batch, token_bytes(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype), model.max_len,
-            max_model_len=config.max_model_len, budget=config.kv_cache_memory, device=r.device,
-            gpu_memory_utilization=config.gpu_memory_utilization)
+        self.capacity = default_capacity(self.runner, model, config.max_batch, config)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, self.capacity,
-                                 graphs=r.device.type == "cuda" and not config.enforce_eager)
+                                 graphs=self.runner.device.type == "cuda" and not config.enforce_eager)
         log.info("%s", self.capacity.describe())
         self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens, self._start_prompt)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running

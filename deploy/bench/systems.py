@@ -126,7 +126,7 @@ class StaticSystem(IterationSystem):
         if self.batch is None or len(self.batch) == 0:
             group = [self.waiting.popleft() for _ in range(min(self.max_batch, len(self.waiting)))]
             longest = max(q.max_new_tokens for q in group)
-            self.batch = DecodeBatch(self.engine.runner, self.model, self.max_batch)
+            self.batch = DecodeBatch(self.engine.runner, self.model, self.max_batch, self.engine.capacity)
             for q in group:
                 req = Request(f"q{q.index}", list(q.prompt_ids),
                               SamplingParams(max_new_tokens=longest, ignore_eos=True, seed=q.index))
