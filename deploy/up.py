@@ -85,12 +85,13 @@ def _shutdown(server, watcher, gateway, deployment, ray) -> None:
         th.start()
     for th in stops:
         th.join(5)
+    log.info("shutdown: HTTP API and workers stopped %.2f s after the signal", time.monotonic() - t)
     pids = _ray_processes()
     _kill_ray_monitor(ray)
     ray.shutdown()
     stopped.wait(1)
     _wait_gone(pids, 3.0)
-    log.info("shutdown: %.2f s after the signal", time.monotonic() - t)
+    log.info("shutdown: Ray's processes gone %.2f s after the signal", time.monotonic() - t)
     print(f"baton: stopped in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
 
 

@@ -75,7 +75,8 @@ def measure(up_args: list[str], stream: bool, limit_s: float = 30.0) -> tuple[fl
             client.close()
         proc.kill()
     said = next((line.strip() for line in proc.log if "stopped in" in line), "(no 'stopped in' line)")
-    return took, said, len(procs)
+    ready = next((m.group(0) for line in proc.log if (m := re.search(r"ready in [0-9.]+ s", line))), "")
+    return took, f"{said}; {ready}", len(procs)
 
 
 def _quiet(it):
