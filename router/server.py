@@ -113,7 +113,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 pass
         return router_pb2.StatusResponse(workers=[w.to_pb() for w in handles], stats=self.stats_pb(),
                                          max_batch=max_batch(handles), max_queue=self.config.max_queue,
-                                         model=self.model_name, topology=self.registry.topology())
+                                         model=self.model_name, topology=self.registry.topology(),
+                                         max_model_len=self.context_len)
 
     @grpc_util.rpc
     def Scale(self, request, context):

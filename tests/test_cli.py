@@ -431,6 +431,8 @@ def test_baton_serve_answers_openai_requests_and_stops_on_sigterm_leaving_nothin
         assert httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 401
         r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 600}, headers=auth, timeout=10)
         assert r.status_code == 400 and "[1, 512]" in r.json()["error"]["message"], r.text
+        [card] = httpx.get(url + "/v1/models", headers=auth, timeout=10).json()["data"]
+        assert (card["id"], card["max_model_len"]) == ("smol", 512), card
         tree = _tree(proc.pid)
         assert len(tree) > 3   # Ray's processes and the worker
         t = time.monotonic()

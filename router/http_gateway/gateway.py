@@ -84,6 +84,7 @@ class Gateway:
             try:
                 st = await self.stub.Status(router_pb2.StatusRequest(), timeout=5, metadata=self.metadata)
                 self._router_model = st.model
+                self.max_model_len = st.max_model_len or self.max_model_len   # the router's, --max-model-len's
             except grpc.RpcError as e:
                 log.debug("router Status failed: %s", e)
         return self._router_model
@@ -122,7 +123,8 @@ class Gateway:
                 self._tokenizer_tried = True
                 try:
                     from baton.model_files import load_tokenizer
-                    self._tokenizer, self.max_model_len = load_tokenizer(model)
+                    self._tokenizer, context = load_tokenizer(model)
+                    self.max_model_len = self.max_model_len or context
                 except Exception as e:  # another machine's path, or no tokenizer: plain prompts then
                     log.info("no local tokenizer for %s (%s): chat prompts are built without a template", model, e)
             return self._tokenizer
