@@ -83,8 +83,9 @@ def add_engine_args(p) -> None:
                         "(HTTP 400); at most the model's max_position_embeddings (default: 0 = that context)")
     p.add_argument("--kv-cache-memory", type=byte_size, default=d.kv_cache_memory, metavar="BYTES",
                    help="bytes of a decode worker's batch K/V cache, allocated once (e.g. 2GiB, 512MB, 1073741824); "
-                        "its rows x context is printed at start-up (default: 0 = sized by --gpu-memory-utilization "
-                        "on a GPU, by --max-batch rows of the context on CPU)")
+                        "its rows x columns is logged at start-up (default: 0 = on a GPU the --gpu-memory-utilization "
+                        "share of its memory less the weights, on CPU 4 GiB; never more than --max-batch rows of the "
+                        "whole context)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization, metavar="F",
                    help="on a GPU with no --kv-cache-memory: the share of the device's memory (0-1] a worker may "
                         "fill, weights and K/V cache together (vLLM's) (default: %(default)s)")

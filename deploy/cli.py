@@ -445,7 +445,7 @@ def cmd_generate(args) -> int:
     from baton.engine import Engine
     from baton.engine_loop import EngineLoop
     from baton.model_files import encode_prompt
-    from baton.model_loader import load_model
+    from baton.model_loader import load_model, resolve_dtype
     from baton.request import Request
     from baton.sampling import SamplingParams, bias_pairs
     try:
@@ -455,8 +455,9 @@ def cmd_generate(args) -> int:
         print(f"baton: {e}", file=sys.stderr)
         return 2
     # The loop thread loads the model and runs it (baton/device_thread.py).
-    loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device),
-                                     EngineConfig(model=args.model, dtype=args.dtype))).start()
+    dtype = resolve_dtype(args.model, args.dtype, args.device)
+    loop = EngineLoop(lambda: Engine(load_model(args.model, dtype, args.device),
+                                     EngineConfig(model=args.model, dtype=dtype))).start()
     model = loop.engine.model
     try:
         try:
