@@ -279,17 +279,23 @@ class NixlReceiver(Receiver):
                 remote = self.agent.add_remote_agent(src.metadata)
             except Exception as e:
                 raise InvalidArgument(f"NIXL agent metadata of {src.agent!r} cannot be loaded: {e}") from None
+        # No frame an exception's traceback keeps may hold the buffer: it goes back to the pool at once.
         buf = None
         try:
             if not alive():
                 raise Cancelled(f"K/V transfer from {src.agent} cancelled before its read")
             buf, done = self.pool.take(nbytes)
+            with self.lock:
+                local = self.agent.get_xfer_descs(buf)
+            stuck: list[bool] = []
             try:
-                self._read(buf, src, remote, nbytes, deadline, alive)
+                self._read(local, src, remote, nbytes, deadline, alive, stuck)
             finally:
+                if stuck:   # a read that could not be cancelled may still write into it: never reuse it
+                    self.retired.append(buf)
                 done()
         except BaseException:
-            buf = None                  # never handed on: back to the pool
+            buf = None
             raise
         finally:   # whatever happened, this worker reads no more of it: the sender may free it
             with self.lock:
@@ -297,14 +303,20 @@ class NixlReceiver(Receiver):
                     self.agent.send_notif(remote, PREFIX + src.transfer_id.encode())
                 except Exception as e:   # the sender went away: its grace frees the region
                     log.info("NIXL: no release notification to %s: %s", src.agent, e)
-        for _ in frames:
-            raise InvalidArgument("no data chunks may follow a header with a NIXL source")
+        try:
+            for _ in frames:
+                raise InvalidArgument("no data chunks may follow a header with a NIXL source")
+        except BaseException:   # the call ended badly after the read (cancelled, deadline)
+            buf = None
+            raise
         return buf.view(dtype).view(shape)
 
-    def _read(self, buf: torch.Tensor, src, remote, nbytes: int, deadline: float, alive: Callable[[], bool]) -> None:
-        """One READ of the whole region into buf; polls its state in growing sleeps (50 us to 1 ms)."""
+    def _read(self, local, src, remote, nbytes: int, deadline: float, alive: Callable[[], bool],
+              stuck: list[bool]) -> None:
+        """One READ of the whole region into the local descriptors; polls its state in growing sleeps
+        (50 us to 1 ms). Raises if it failed or was abandoned; appends to `stuck` if its handle could
+        not be released (the read may go on)."""
         with self.lock:
-            local = self.agent.get_xfer_descs(buf)
             far = self.agent.get_xfer_descs([(src.address, nbytes, src.device_id)], src.mem_type)
             handle = self.agent.initialize_xfer("READ", local, far, remote)
         try:
@@ -326,10 +338,10 @@ class NixlReceiver(Receiver):
             with self.lock:
                 try:
                     self.agent.release_xfer_handle(handle)   # cancels a read still in flight
-                except Exception as e:   # could not cancel it: the buffer may still be written, never reuse it
+                except Exception as e:
                     log.error("NIXL: a read from %s could not be cancelled (%s); its staging buffer is retired",
                               src.agent, e)
-                    self.retired.append(buf)
+                    stuck.append(True)
 
     def held_bytes(self) -> int:
         return self.pool.held_bytes()
