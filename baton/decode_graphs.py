@@ -97,10 +97,15 @@ class DecodeGraphs:
                 graphs.append(g)
             self.graphs[b] = graphs
         torch.cuda.synchronize(self.r.device)
-        held = torch.cuda.memory_reserved(self.r.device) - before
-        log.info("CUDA graphs: decode captured for %d batch sizes (%s) x %d pieces in %.1f s, holding %.0f MiB",
-                 len(self.buckets), ",".join(map(str, self.buckets)), self.r.num_layers + 1,
-                 time.monotonic() - t0, held / 2 ** 20)
+        self.capture_s, self.capture_bytes = time.monotonic() - t0, torch.cuda.memory_reserved(self.r.device) - before
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        if not self.graphs:
+            return f"decode step eager ({'padded to ' + ','.join(map(str, self.buckets)) if self.buckets else 'unpadded'})"
+        return (f"decode step as CUDA graphs for {len(self.buckets)} batch sizes ({','.join(map(str, self.buckets))}) "
+                f"x {self.r.num_layers + 1} pieces, captured in {self.capture_s:.1f} s, holding "
+                f"{self.capture_bytes / 2 ** 20:.0f} MiB")
 
     def _run_piece(self, li: int, b: int) -> None:
         graphs = self.graphs.get(b)

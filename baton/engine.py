@@ -180,7 +180,6 @@ class Engine:
         self.capacity = default_capacity(self.runner, model, config.max_batch, config)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, self.capacity,
                                  graphs=self.runner.device.type == "cuda" and not config.enforce_eager)
-        log.info("%s", self.capacity.describe())
         self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens, self._start_prompt)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running
         self.prompt_kv: dict[str, torch.Tensor] = {}    # (L, 2, Hkv, P, D) of each prompt being prefilled here
@@ -189,6 +188,10 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler)
+
+    def describe(self) -> str:
+        """What the engine holds, for the start-up log: its cache's size and how it steps."""
+        return f"{self.capacity.describe()}; {self.batch.decode.describe()}"
 
     @property
     def max_len(self) -> int:

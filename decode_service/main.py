@@ -4,6 +4,7 @@ address=... pid=...` once it serves and is registered; stops cleanly on SIGTERM/
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 
@@ -22,6 +23,7 @@ def build(args: argparse.Namespace) -> Served:
     cfg = engine_config(args)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
+    print(f"baton: {args.role} worker: {loop.engine.describe()}", file=sys.stderr, flush=True)
     server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
                                      colocated=args.role == "colocated", kv_transport=args.kv_transport,
                                      worker_id=args.worker_id, **security(args))

@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 
+from baton.worker_process import engine_argv
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class Deployment:
         argv = ["--host", a.worker_host, "--port", "0", "--model", a.model, "--dtype", a.dtype,
                 "--max-batch", str(a.max_batch), "--max-queue", str(a.max_queue), "--router", self.router_address,
                 "--worker-id", worker_id, "--log-level", a.log_level, "--prefix-cache-mb", str(a.prefix_cache_mb),
-                "--kv-transport", getattr(a, "kv_transport", "grpc")]
+                "--kv-transport", getattr(a, "kv_transport", "grpc"), *engine_argv(a)]
         if self.gpus:
             argv += ["--device", "cuda"]
         else:

@@ -27,7 +27,7 @@ def up(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_root_cert=args.tls_root_cert,
         scaler=lambda role, n: holder["deployment"].scale(role, n), max_model_len=args.max_model_len)
     router_address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
-    deployment = holder["deployment"] = _with_engine_flags(Deployment)(args, router_address, servicer.registry)
+    deployment = holder["deployment"] = Deployment(args, router_address, servicer.registry)
     done = stop_event()
     gateway = None
     try:
@@ -55,17 +55,6 @@ def up(args) -> int:
     finally:
         _shutdown(server, watcher, gateway, deployment, ray)
     return 0
-
-
-def _with_engine_flags(deployment_class):
-    """The Deployment whose workers also get the engine flags of `baton up` (--max-model-len,
-    --kv-cache-memory, --gpu-memory-utilization, --enforce-eager; baton.worker_process.engine_argv)."""
-    from baton.worker_process import engine_argv
-
-    class WithEngineFlags(deployment_class):
-        def _worker_argv(self, role: str, worker_id: str) -> list[str]:
-            return super()._worker_argv(role, worker_id) + engine_argv(self.args)
-    return WithEngineFlags
 
 
 def _shutdown(server, watcher, gateway, deployment, ray) -> None:
