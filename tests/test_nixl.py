@@ -1,7 +1,8 @@
-"""K/V over NIXL (baton/kv_transport/nixl.py, issue 21): on CPU, UCX over shared memory between two
+"""K/V over NIXL (baton/kv_transport/nixl.py, issue 21): on CPU, UCX over shared memory between
 worker processes on loopback. Exact tokens through the disaggregated topology; a cancel during a
-transfer frees both sides; a decode worker killed mid-transfer gives a migration and leaves no
-region lent on the prefill side; `baton status` shows the transport. One module-scoped cluster."""
+transfer frees both sides; a decode worker killed mid-request gives a migration, a prefill worker
+killed a retry elsewhere, and neither leaves K/V lent or staged; `baton status` shows the transport.
+One module-scoped cluster (test_prefill_cancel and test_chaos run over NIXL too)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -40,8 +41,8 @@ def ref():
 
 @pytest.fixture(scope="module")
 def cluster(model_dir):
-    """1 prefill and 2 decode workers (a migration target), K/V over NIXL."""
-    with loopback_cluster(model_dir, prefill=1, decode=2, worker_args=["--kv-transport", "nixl"]) as c, \
+    """2 prefill and 2 decode workers (a retry and a migration target each), K/V over NIXL."""
+    with loopback_cluster(model_dir, prefill=2, decode=2, worker_args=["--kv-transport", "nixl"]) as c, \
             RouterClient(c["router"].address) as client:
         yield {**c, "client": client}
 
@@ -82,10 +83,10 @@ def test_greedy_over_nixl_equals_generate_and_engine(cluster, ref):
 def test_status_shows_each_workers_transport(cluster, capsys):
     from deploy.cli import _print_status
     workers = cluster["client"].status().workers
-    assert {w.kv_transport for w in workers} == {"nixl"} and len(workers) == 3
+    assert {w.kv_transport for w in workers} == {"nixl"} and len(workers) == 4
     _print_status(cluster["client"].status(), as_json=False)
     lines = capsys.readouterr().out.splitlines()
-    assert "kv transport" in lines[1] and sum(line.rstrip().endswith("nixl") for line in lines) == 3
+    assert "kv transport" in lines[1] and sum(line.rstrip().endswith("nixl") for line in lines) == 4
 
 
 def test_decode_worker_killed_mid_transfer_migrates_and_nothing_stays_lent(cluster, ref):
@@ -97,6 +98,19 @@ def test_decode_worker_killed_mid_transfer_migrates_and_nothing_stays_lent(clust
         kill_with_work_in_flight(client, victim.worker_id, victim.pid)
         assert call.result()[1] == reference_greedy(ref, p, 20, ignore_eos=True)
     # the prefill side frees a region lent to a reader that died within its grace (2 s)
+    wait_for(lambda: not any(_held(client).values()), 10, what="no K/V lent or staged after the kill")
+
+
+def test_prefill_worker_killed_mid_request_is_retried_elsewhere_and_nothing_stays_lent(cluster, ref):
+    client = cluster["client"]
+    victim = next(w for w in client.status().workers if w.role == "prefill" and w.alive)
+    before = client.stats().prefill_retries
+    p = [12, 13, 14, 15]
+    with cf.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.complete, p, max_new_tokens=8, ignore_eos=True, timeout=60)
+        kill_with_work_in_flight(client, victim.worker_id, victim.pid)
+        assert call.result()[1] == reference_greedy(ref, p, 8, ignore_eos=True)
+    assert client.stats().prefill_retries > before
     wait_for(lambda: not any(_held(client).values()), 10, what="no K/V lent or staged after the kill")
 
 
