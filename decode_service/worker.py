@@ -281,6 +281,10 @@ class ColocatedPrefill:
         return self.remote.active
 
     @property
+    def transport(self):
+        return self.remote.transport
+
+    @property
     def stats(self) -> dict:
         return {**self.remote.stats, "prefills": self.remote.stats["prefills"] + self.handed}
 
