@@ -32,6 +32,7 @@ class TokenStream:
     def __init__(self, loop: "EngineLoop", request: Request):
         self.loop, self.request = loop, request
         self.events: queue.SimpleQueue[TokenEvent | Exception] = queue.SimpleQueue()
+        self._error: Exception | None = None     # an end get_ready found behind ready events
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
@@ -47,6 +48,24 @@ class TokenStream:
         if isinstance(item, Exception):
             raise item
         return item
+
+    def get_ready(self, timeout: float | None = None) -> list[TokenEvent]:
+        """Every event that is ready, in order: waits up to `timeout` for the first (queue.Empty if
+        none came), then takes the rest without waiting, up to and including the last one. An end
+        without a last token (StreamClosed) is raised once the events before it are taken."""
+        if self._error is not None:
+            raise self._error
+        out = [self.get(timeout)]
+        while out[-1].finish_reason is None:
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Exception):
+                self._error = item
+                break
+            out.append(item)
+        return out
 
     def cancel(self) -> None:
         self.loop.abort(self.request.request_id)

@@ -58,8 +58,12 @@ def logprobs_from_pb(m: common_pb2.TokenLogprobs) -> Logprobs:
     return Logprobs(m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
 
 
-def event_to_pb(e: TokenEvent) -> decode_pb2.TokenEvent:
-    m = decode_pb2.TokenEvent(token_id=e.token_id, text=e.text, index=e.index, finish_reason=int(e.finish_reason or 0))
-    if e.logprobs is not None:
-        m.logprobs.CopyFrom(logprobs_to_pb(e.logprobs))
+def events_to_pb(events: list[TokenEvent]) -> decode_pb2.TokenChunk:
+    """One request's consecutive events (at least one) as one message."""
+    last = events[-1]
+    m = decode_pb2.TokenChunk(token_ids=[e.token_id for e in events], text="".join(e.text for e in events),
+                              index=events[0].index, finish_reason=int(last.finish_reason or 0))
+    if any(e.logprobs is not None for e in events):   # the request asked for them: one per token
+        m.logprobs.extend(logprobs_to_pb(e.logprobs) if e.logprobs is not None else common_pb2.TokenLogprobs()
+                          for e in events)
     return m

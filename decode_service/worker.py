@@ -38,12 +38,19 @@ from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
-from baton.wire import event_to_pb, logprobs_from_pb, params_from_pb
+from baton.wire import events_to_pb, logprobs_from_pb, params_from_pb
 from prefill_service.worker import PrefillResult, PrefillWorker, transport_stats
 
 SERVICE = "baton.v1.Decode"
 STALL_S = 15.0   # an engine loop that has not gone round for this long, with work to do, is stalled
-KEEPALIVE = decode_pb2.TokenEvent(keepalive=True)
+KEEPALIVE = decode_pb2.TokenChunk(keepalive=True)
+# Token messages: a worker sends about this many a second over all its requests' Attach streams, however
+# many it serves; a request's stream waits its share (attached streams / this, at most MAX_PACE_S) after
+# a message, and its next one carries every token made meanwhile. One request alone gets each token at
+# once; 256 get a message every 0.25 s with a few tokens in it. Each message costs the worker, the router
+# and the gateway a fixed CPU price whatever it holds, so the path's cost per token falls as load rises.
+STREAM_MSGS_PER_S = 1000.0
+MAX_PACE_S = 0.25
 
 
 @dataclass
@@ -55,11 +62,13 @@ class _Slot:
 
 class DecodeWorker:
     def __init__(self, loop: EngineLoop, lease_s: float = 30.0, tombstone_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, stream_msgs_per_s: float = STREAM_MSGS_PER_S):
         self.loop, self.clock = loop, clock     # clock: leases and tombstones age by it (tests pass a fake)
         self.lease_s, self.tombstone_s = lease_s, tombstone_s
         self.slots: dict[str, _Slot] = {}
         self.tombstones: dict[str, float] = {}     # request_id -> when it was aborted
+        self.listening = 0                         # slots with a listener (attached), for pace_s
+        self.stream_msgs_per_s = stream_msgs_per_s
         self.cond = threading.Condition()
         self.transfers = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.transports: list = []   # its K/V transports' receiving (and, colocated, sending) sides, for Stats
@@ -130,19 +139,31 @@ class DecodeWorker:
             if slot.attached:
                 raise AlreadyExists(f"request {request_id!r} already has a listener")
             slot.attached = True
+            self.listening += 1
             return slot.stream
+
+    def pace_s(self) -> float:
+        """How long a request's stream waits after a message before its next (see STREAM_MSGS_PER_S)."""
+        return min(MAX_PACE_S, self.listening / self.stream_msgs_per_s) if self.stream_msgs_per_s > 0 else 0.0
+
+    def _drop(self, request_id: str) -> bool:
+        """Forget the request's slot (under self.cond); True if it was here."""
+        slot = self.slots.pop(request_id, None)
+        if slot is not None and slot.attached:
+            self.listening -= 1
+        return slot is not None
 
     def release(self, request_id: str) -> None:
         """The listener is done with the request (finished, or it went away: then abort)."""
         with self.cond:
-            self.slots.pop(request_id, None)
+            self._drop(request_id)
         self.loop.abort(request_id)  # a no-op for a finished request
 
     def abort(self, request_id: str) -> bool:
         """Drop the request here, now or when its K/V arrives; True if it was here."""
         with self.cond:
             self.tombstones[request_id] = self.clock()
-            found = self.slots.pop(request_id, None) is not None
+            found = self._drop(request_id)
             self.cond.notify_all()
         self.loop.abort(request_id)
         return found
@@ -216,15 +237,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded(f"no K/V for request {rid!r} within {timeout_s:.1f} s")
                 yield from self._keepalive()
+            next_at = 0.0   # the first token goes at once; then each message waits its pace
             while True:
+                if (pause := next_at - time.monotonic()) > 0:
+                    time.sleep(pause)   # a cancel meanwhile has freed the row already (the callback above)
                 try:
-                    ev = stream.get(timeout=every)
+                    events = stream.get_ready(timeout=every)
                 except queue.Empty:
                     yield from self._keepalive()
                     continue
-                yield event_to_pb(ev)
-                if ev.finish_reason is not None:
+                yield events_to_pb(events)
+                if events[-1].finish_reason is not None:
                     return
+                next_at = time.monotonic() + self.worker.pace_s()
         except StreamClosed as e:
             # Closed without a last token: an abort while the engine runs, or the engine stopped.
             raise (Cancelled if self.loop.alive else Unavailable)(str(e)) from None

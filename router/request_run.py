@@ -103,18 +103,17 @@ class RequestRun:
         # stream, and the decode worker's liveness is the health check's (see _call_prefill).
         self.heard_s = time.monotonic()
         try:
-            for ev in self.attach:
+            for ev in self.attach:   # a TokenChunk: one or more tokens, or a keep-alive
                 self.heard_s = time.monotonic()
                 if ev.keepalive:
                     continue
                 if self.first_token_s is None:
                     self.first_token_s = time.monotonic()
                     self._start_running()
-                self.generated.append(ev.token_id)
-                resp = router_pb2.GenerateResponse(text=ev.text, token_ids=[ev.token_id])
-                if ev.HasField("logprobs"):
-                    resp.logprobs.append(ev.logprobs)
-                if len(self.generated) == 1:   # the first message says the request's id and prompt size
+                first = not self.generated
+                self.generated.extend(ev.token_ids)
+                resp = router_pb2.GenerateResponse(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs)
+                if first:   # the first message says the request's id and prompt size
                     resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
                 if not ev.finish_reason:
                     yield resp

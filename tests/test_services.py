@@ -121,7 +121,7 @@ def test_malformed_kv_transfer_is_rejected_and_batch_goes_on(cluster, ref_model)
     from baton.v1 import decode_pb2, decode_pb2_grpc, common_pb2
     client = cluster["client"]
     running = client.generate_stream([5, 6, 7], max_new_tokens=300, ignore_eos=True)
-    next(running)
+    head = next(running)   # its first message: one or more tokens (as many as were ready)
     stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(cluster["decode"].address))
     params = common_pb2.SamplingParams(max_new_tokens=4)
 
@@ -148,4 +148,4 @@ def test_malformed_kv_transfer_is_rejected_and_batch_goes_on(cluster, ref_model)
             transfer(shape, **kw)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, kw, e.value.details())
         assert needle in e.value.details()
-    assert sum(len(r.token_ids) for r in running) == 299  # the running batch went on untouched
+    assert len(head.token_ids) + sum(len(r.token_ids) for r in running) == 300  # the batch went on untouched

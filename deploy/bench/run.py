@@ -5,6 +5,7 @@
                 [--sweep 1,2,4] [--out docs/bench]
     baton bench serve --base-url URL ...   (load on any OpenAI-compatible server; see its --help)
     baton bench endpoint ...               (baton up in each topology and peers, through HTTP)
+    baton bench path-cost ...              (CPU per output token of each server process, from the OS)
     baton bench topologies ...             (colocated vs prefill + decode workers, over gRPC)
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["endpoint"]:
         from deploy.bench.endpoint import main as endpoint_main
         return endpoint_main(argv[1:])
+    if argv[:1] == ["path-cost"]:
+        from deploy.bench.path_cost import main as path_cost_main
+        return path_cost_main(argv[1:])
     if argv[:1] == ["topologies"]:
         from deploy.bench.topologies import main as topologies_main
         return topologies_main(argv[1:])
