@@ -217,10 +217,11 @@ class StagingPool:
             free = [s for s in self.staged if s.buf.numel() >= nbytes and not s.busy()]
             if free:
                 return min(free, key=lambda s: s.buf.numel()).buf[:nbytes], lambda: None
-            size = -(-nbytes // ROUND_BYTES) * ROUND_BYTES
+        size = -(-nbytes // ROUND_BYTES) * ROUND_BYTES
+        buf = torch.zeros(size, dtype=torch.uint8, device=self.device)   # pages touched now, not in the read
+        with self.lock:   # (the agent's lock: not held while the pages are touched)
             while self.staged and self._bytes() + size > self.max_bytes and self._evict_one():
                 pass
-            buf = torch.zeros(size, dtype=torch.uint8, device=self.device)   # pages touched now, not in the read
             reg = self.agent.register_memory(buf)
             if self._bytes() + size <= self.max_bytes:
                 s = _Staged(buf, reg)
