@@ -307,6 +307,8 @@ class NixlReceiver(Receiver):
         try:
             for _ in frames:
                 raise InvalidArgument("no data chunks may follow a header with a NIXL source")
+            if not alive():   # the sender's call is over, so its region may be gone: what was read is not trusted
+                raise Cancelled(f"K/V transfer from {src.agent} ended before its read was taken")
         except BaseException:   # the call ended badly after the read (cancelled, deadline)
             buf = None
             raise
