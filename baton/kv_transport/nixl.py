@@ -29,7 +29,8 @@ refusal: the handler released its read before answering), or, when the call ende
 notification, sent after its read is released whatever the outcome, or at the latest after
 RELEASE_GRACE_S (a reader that died sends none). The decode worker polls its read's state with
 short sleeps, never past the call's deadline, and abandons it as soon as the call is cancelled;
-a failed or abandoned read's buffer goes back to the pool and is never handed on. One transfer is
+it hands on what it read only while the call is still alive (so the region was still lent), and a
+failed or abandoned read's buffer goes back to the pool and is never handed on. One transfer is
 one READ of one contiguous region: no Python loop per chunk.
 
 By default, on a worker bound to loopback, UCX uses only the loopback network device
