@@ -107,7 +107,7 @@ def role_of(p: psutil.Process, roots: dict[int, str]) -> str:
         return "?"
     head = cmd.split()[0] if cmd else p.name()
     if head.startswith("ray::") and head.removeprefix("ray::").split(".")[0] not in RAY_OWN:
-        return "worker " + head.removeprefix("ray::")      # an actor baton placed
+        return "worker " + head.removeprefix("ray::").split(".")[0]      # an actor baton placed
     for name in ("gcs_server", "raylet", "log_monitor", "monitor.py", "dashboard", "runtime_env", *RAY_OWN):
         if name in cmd:
             return f"ray {name}"
