@@ -261,7 +261,8 @@ class Engine:
         return events
 
     def stats(self) -> dict:
-        return {"running": len(self.batch), "waiting": self.num_waiting, "batch_width": self.batch.cache.width,
+        return {"running": len(self.batch), "waiting": self.num_waiting, "joining": len(self.scheduler.prefilled),
+                "batch_width": self.batch.cache.width,
                 "kv_cache_bytes": self.batch.cache.nbytes(), "kv_used_bytes": self.batch.cache.used_bytes(),
                 **self.prefixes.stats(), **self.counts}
 

@@ -67,9 +67,6 @@ class TokenStream:
             out.append(item)
         return out
 
-    def cancel(self) -> None:
-        self.loop.abort(self.request.request_id)
-
 
 class EngineLoop:
     def __init__(self, engine: Engine | Callable[[], Engine], idle_wait_s: float = 0.05):
@@ -83,6 +80,7 @@ class EngineLoop:
         self.stopped = threading.Event()
         self.last_beat = time.monotonic()   # health: when the loop last went round
         self.error: BaseException | None = None
+        self.stats: dict = {}               # Engine.stats() as of the loop's last round (for other threads)
         self._pending_new = 0               # submissions in the inbox, counted for the queue cap
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
@@ -176,6 +174,7 @@ class EngineLoop:
             while not self.stopped.is_set():
                 self.last_beat = time.monotonic()
                 self._drain_inbox()
+                self.stats = self.engine.stats()   # other threads read this copy, never the engine itself
                 if not self.engine.has_work():
                     self.wake.wait(self.idle_wait_s)
                     self.wake.clear()

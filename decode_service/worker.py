@@ -222,7 +222,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise ResourceExhausted(str(e)) from None
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        return decode_pb2.TransferKVResponse(queue_position=len(self.loop.engine.scheduler.prefilled))
+        return decode_pb2.TransferKVResponse(queue_position=self.loop.stats.get("joining", 0))
 
     @grpc_util.rpc
     def Attach(self, request, context):
@@ -279,7 +279,10 @@ def _data(chunks) -> Iterator[bytes]:
 
 
 def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
-    s = worker.loop.engine.stats()
+    s = worker.loop.stats
+    if not s:   # the loop has not gone round yet
+        return prefill_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.engine.config.max_batch,
+                                               **transport_stats(*worker.transports))
     return prefill_pb2.WorkerStatsResponse(
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
@@ -319,7 +322,7 @@ class ColocatedPrefill:
         self.remote.check(req)
         self.decode.admit_prompt(req)
         self.handed += 1
-        return PrefillResult(first_token=0, num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
+        return PrefillResult(num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
 
     def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
         """Stop a push to another decode worker (one to this worker's own batch is in memory)."""

@@ -34,7 +34,6 @@ Compute = Callable[[list[Request]], list[PrefillOutput]]
 
 @dataclass(frozen=True)
 class PrefillResult:
-    first_token: int
     num_tokens: int
     kv_bytes: int
     compute_s: float
@@ -100,7 +99,7 @@ class PrefillWorker:
         for k, v in (("prefills", 1), ("tokens", len(ids)), ("kv_bytes", kv_bytes),
                      ("transfer_s", transfer_s), ("compute_s", compute_s)):
             self.stats[k] += v
-        return PrefillResult(pre.token_id, len(ids), kv_bytes, compute_s, transfer_s)
+        return PrefillResult(len(ids), kv_bytes, compute_s, transfer_s)
 
     def _compute(self, req: Request) -> tuple[PrefillOutput, float]:
         """Queue the request; whichever caller finds the device free prefills everything queued
@@ -187,7 +186,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise
         finally:
             answered.set()
-        return prefill_pb2.PrefillResponse(first_token=r.first_token, num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
+        return prefill_pb2.PrefillResponse(num_tokens=r.num_tokens, kv_bytes=r.kv_bytes,
                                            compute_s=r.compute_s, transfer_s=r.transfer_s)
 
     @grpc_util.rpc
