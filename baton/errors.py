@@ -10,6 +10,9 @@ FAILED_ROLE_KEY = "baton-failed-role"
 # Trailing-metadata key for a failure's kind where the status code alone does not tell the caller
 # what to do (e.g. "kv-damaged": send the same K/V again).
 REASON_KEY = "baton-reason"
+# Trailing-metadata key naming the request field an INVALID_ARGUMENT is about (as GenerateRequest
+# spells it), so the HTTP API names its own parameter without reading the message.
+FIELD_KEY = "baton-field"
 
 
 class BatonError(Exception):
@@ -18,6 +21,12 @@ class BatonError(Exception):
     code_name = "INTERNAL"
     failed_role: str | None = None     # sent as FAILED_ROLE_KEY trailing metadata when set
     reason: str | None = None          # sent as REASON_KEY trailing metadata when set
+    field: str | None = None           # sent as FIELD_KEY trailing metadata when set
+
+    def __init__(self, *args, field: str | None = None):
+        super().__init__(*args)
+        if field is not None:
+            self.field = field
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

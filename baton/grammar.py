@@ -91,8 +91,8 @@ def check_request(params, vocab_size: int, grammars: Grammars | None) -> None:
     try:
         params.validate(vocab_size)
         check(params, grammars)
-    except ValueError as e:
-        raise InvalidArgument(str(e)) from None
+    except InvalidParam as e:
+        raise InvalidArgument(str(e), field=e.field) from None
 
 
 class RowGrammar:

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.errors import FAILED_ROLE_KEY, REASON_KEY, BatonError, InvalidArgument
+from baton.errors import FAILED_ROLE_KEY, FIELD_KEY, REASON_KEY, BatonError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ def reason(e: grpc.RpcError) -> str | None:
     return _trailing(e, REASON_KEY)
 
 
+def field_of(e: grpc.RpcError) -> str | None:
+    """The request field a failed call names in its trailing metadata (see BatonError.field)."""
+    return _trailing(e, FIELD_KEY)
+
+
 def _trailing(e: grpc.RpcError, key: str) -> str | None:
     md = e.trailing_metadata() if isinstance(e, grpc.Call) else None
     return dict(md or ()).get(key)
@@ -202,11 +207,14 @@ def set_health(servicer: health.HealthServicer, service_names: list[str], servin
 
 def _abort(context: grpc.ServicerContext, e: Exception, method: str):
     if isinstance(e, BatonError):
-        md = tuple((k, v) for k, v in ((FAILED_ROLE_KEY, e.failed_role), (REASON_KEY, e.reason)) if v)
+        md = tuple((k, v) for k, v in ((FAILED_ROLE_KEY, e.failed_role), (REASON_KEY, e.reason),
+                                        (FIELD_KEY, e.field)) if v)
         if md:
             context.set_trailing_metadata(md)
         context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
     if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):  # a downstream call failed: pass its code on
+        if field_of(e):
+            context.set_trailing_metadata(((FIELD_KEY, field_of(e)),))
         context.abort(e.code(), f"upstream: {e.details()}")
     log.exception("internal error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")

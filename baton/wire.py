@@ -45,7 +45,7 @@ def sampling_from_request(r, base: SamplingParams, vocab_size: int | None = None
     try:
         params.validate(vocab_size)
     except InvalidParam as e:
-        raise InvalidArgument(str(e)) from None
+        raise InvalidArgument(str(e), field=e.field) from None
     return params
 
 

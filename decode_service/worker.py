@@ -93,7 +93,7 @@ class DecodeWorker:
         if shape[3] != num_tokens:
             raise InvalidArgument(f"K/V holds {shape[3]} tokens but the request has {num_tokens}")
         if num_tokens >= self.max_len:
-            raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}")
+            raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}", field="prompt")
         grammar.check_request(params, self.vocab_size, self.grammars)
         with self.cond:
             if request_id in self.tombstones:

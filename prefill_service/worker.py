@@ -70,11 +70,11 @@ class PrefillWorker:
         grammar.check_request(req.params, self.prefiller.runner.vocab_size, self.prefiller.grammars)
         ids = req.all_ids
         if not ids:
-            raise InvalidArgument("prompt_token_ids must not be empty")
+            raise InvalidArgument("prompt_token_ids must not be empty", field="prompt")
         if len(ids) >= self.max_len:
-            raise InvalidArgument(f"{len(ids)} tokens do not fit the model context of {self.max_len}")
+            raise InvalidArgument(f"{len(ids)} tokens do not fit the model context of {self.max_len}", field="prompt")
         if any(t < 0 or t >= self.prefiller.runner.vocab_size for t in ids):
-            raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})")
+            raise InvalidArgument(f"token ids must be in [0, {self.prefiller.runner.vocab_size})", field="prompt")
 
     def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
         """Prefill and push one request; `attempt` (the router's count, see prefill.proto) lets a

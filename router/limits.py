@@ -75,14 +75,16 @@ def validate_sampling(limits: Limits, r, default_max_new_tokens: int) -> Samplin
     (baton.wire.sampling_from_request adds the logit processors and checks every field's range)."""
     max_new_tokens = r.max_new_tokens or default_max_new_tokens
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
-        raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new_tokens}")
+        raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new_tokens}",
+                              field="max_new_tokens")
     if not 0 <= r.top_k <= 1_000_000:
-        raise InvalidArgument(f"top_k must be in [0, 1000000] (0 = off), got {r.top_k}")
+        raise InvalidArgument(f"top_k must be in [0, 1000000] (0 = off), got {r.top_k}", field="top_k")
     if len(r.stop) > limits.max_stop_strings:
-        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(r.stop)}")
+        raise InvalidArgument(f"at most {limits.max_stop_strings} stop strings, got {len(r.stop)}", field="stop")
     for s in r.stop:
         if not 1 <= len(s) <= limits.max_stop_length:
-            raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}")
+            raise InvalidArgument(f"each stop string must have 1 to {limits.max_stop_length} characters, got {len(s)}",
+                                  field="stop")
     kw = dict(max_new_tokens=max_new_tokens, temperature=float(r.temperature), top_p=float(r.top_p or 1.0),
               top_k=r.top_k, min_p=float(r.min_p), stop=tuple(r.stop), ignore_eos=r.ignore_eos)
     if r.HasField("seed"):
@@ -94,21 +96,22 @@ def check_prompt(limits: Limits, num_tokens: int, max_new_tokens: int, context: 
     """The prompt is within --max-prompt-tokens and, with max_new_tokens, within the model's context;
     the message names the prompt, which is what the client has to shorten."""
     if num_tokens == 0:
-        raise InvalidArgument("prompt must not be empty")
+        raise InvalidArgument("prompt must not be empty", field="prompt")
     if num_tokens > limits.max_prompt_tokens:
         raise InvalidArgument(f"the prompt has {num_tokens} tokens; at most {limits.max_prompt_tokens} allowed "
-                              "(--max-prompt-tokens)")
+                              "(--max-prompt-tokens)", field="prompt")
     if num_tokens + max_new_tokens > context:
         raise InvalidArgument(f"the prompt has {num_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                              f"the model's context of {context} tokens")
+                              f"the model's context of {context} tokens", field="prompt")
 
 
 def check_prompt_chars(limits: Limits, prompt: str) -> None:
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument(f"the prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} allowed "
-                              "(--max-prompt-chars)")
+                              "(--max-prompt-chars)", field="prompt")
 
 
 def check_request_id(limits: Limits, request_id: str) -> None:
     if len(request_id) > limits.max_request_id_length or not request_id.isprintable():
-        raise InvalidArgument(f"request_id must be printable and at most {limits.max_request_id_length} characters")
+        raise InvalidArgument(f"request_id must be printable and at most {limits.max_request_id_length} characters",
+                              field="request_id")

@@ -329,6 +329,6 @@ def _in_background(fn, *args) -> None:
 
 
 def _from_rpc(e: grpc.RpcError) -> BatonError:
-    err = BatonError(e.details() or e.code().name)
+    err = BatonError(e.details() or e.code().name, field=grpc_util.field_of(e))
     err.code_name = e.code().name
     return err

@@ -55,13 +55,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             ids = list(r.prompt_token_ids)
             # Without a tokenizer the prefill worker checks ids against the model's vocabulary.
             if self.tokenizer is not None and max(ids) >= len(self.tokenizer):
-                raise InvalidArgument(f"prompt_token_ids must be in [0, {len(self.tokenizer)})")
+                raise InvalidArgument(f"prompt_token_ids must be in [0, {len(self.tokenizer)})", field="prompt_token_ids")
             return ids
         check_prompt_chars(self.limits, r.prompt)
         if not r.prompt.strip():
-            raise InvalidArgument("prompt must not be empty")
+            raise InvalidArgument("prompt must not be empty", field="prompt")
         if self.tokenizer is None:
-            raise InvalidArgument("this model has no tokenizer: send prompt_token_ids")
+            raise InvalidArgument("this model has no tokenizer: send prompt_token_ids", field="prompt")
         return encode_prompt(self.tokenizer, r.prompt, r.raw)
 
     @grpc_util.rpc

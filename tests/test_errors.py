@@ -1,7 +1,14 @@
-"""Every error class maps to a real gRPC status code, named after it (baton/errors.py)."""
+"""Every error class maps to a real gRPC status code, named after it (baton/errors.py), and the
+request field an error is about travels with it to the HTTP API's `param`."""
+from types import SimpleNamespace
+
 import grpc
+import pytest
 
 from baton import errors
+from baton.sampling import SamplingParams
+from baton.wire import sampling_from_request
+from router.http_gateway.errors import rpc_error
 
 
 def _all(cls):
@@ -25,3 +32,37 @@ def test_status_codes_follow_the_class_names_and_subclasses_keep_their_parents()
     assert errors.DecodeUnreachable.code_name == "UNAVAILABLE"
     assert errors.DecodeUnreachable.failed_role == "decode"
     assert errors.BatonError.code_name == "INTERNAL"
+
+
+class _FailedCall(grpc.RpcError):
+    def __init__(self, details, metadata=()):
+        self._details, self._md = details, metadata
+
+    def code(self):
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._md
+
+
+def test_the_http_api_names_the_field_the_error_carries_not_one_its_text_mentions():
+    """The field travels as trailing metadata from the check that fails to the 400's `param`; the
+    message's wording is for people (it may mention other fields)."""
+    e = _FailedCall("max_new_tokens must be in [1, 4096] (temperature and top_p are fine)",
+                    ((errors.FIELD_KEY, "max_new_tokens"),))
+    err = rpc_error(e)
+    assert (err.status, err.param) == (400, "max_tokens") and "max_tokens must be" in err.message
+    assert rpc_error(_FailedCall("the regex cannot be used", ((errors.FIELD_KEY, "regex"),))).param == "guided_regex"
+    assert rpc_error(_FailedCall("prompt must not be empty", ((errors.FIELD_KEY, "prompt"),)), chat=True).param == "messages"
+    assert rpc_error(_FailedCall("K/V shape does not match")).param is None
+
+
+def test_a_field_named_by_a_check_reaches_the_error():
+    r = SimpleNamespace(logit_bias={}, min_tokens=5, repetition_penalty=1.0, frequency_penalty=0.0,
+                        presence_penalty=0.0, json_schema="", regex="", grammar="", HasField=lambda f: False)
+    with pytest.raises(errors.InvalidArgument) as e:
+        sampling_from_request(r, SamplingParams(max_new_tokens=2))
+    assert e.value.field == "min_tokens"

@@ -7,6 +7,8 @@ import logging
 import grpc
 from fastapi.responses import JSONResponse
 
+from baton.errors import FIELD_KEY
+
 log = logging.getLogger(__name__)
 
 # gRPC status -> (HTTP status, OpenAI error type). 429 means load and nothing else: the OpenAI
@@ -22,14 +24,10 @@ HTTP_OF = {
     grpc.StatusCode.PERMISSION_DENIED: (502, "server_error"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
-# Router error messages name its fields; the HTTP API names some of them differently.
-PARAM_OF = (("JSON schema", "response_format"), ("the regex", "guided_regex"), ("the grammar", "guided_grammar"),
-            ("the prompt has", "prompt"), ("min_tokens", "min_tokens"), ("min_p", "min_p"),
-            ("logit_bias", "logit_bias"), ("repetition_penalty", "repetition_penalty"),
-            ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
-            ("logprobs", "logprobs"), ("max_new_tokens", "max_tokens"), ("temperature", "temperature"),
-            ("top_p", "top_p"), ("top_k", "top_k"), ("stop", "stop"), ("seed", "seed"), ("request_id", "request_id"),
-            ("prompt_token_ids", "prompt"), ("prompt", "prompt"), ("no tokenizer", "prompt"))
+# The request fields the router's errors name (GenerateRequest's spelling, sent as trailing metadata:
+# baton.errors.FIELD_KEY) where the HTTP API spells them differently.
+HTTP_PARAM = {"max_new_tokens": "max_tokens", "json_schema": "response_format", "regex": "guided_regex",
+              "grammar": "guided_grammar", "prompt_token_ids": "prompt"}
 
 
 class APIError(Exception):
@@ -52,6 +50,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def _trailing_field(e) -> str | None:
+    """The field a failed router call names (baton.errors.FIELD_KEY), from a sync or an aio call."""
+    try:
+        md = e.trailing_metadata()
+    except Exception:   # an error that is not a call (no metadata)
+        return None
+    return dict(tuple(md or ())).get(FIELD_KEY)
+
+
 def rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError, chat: bool = False) -> APIError:
     code = e.code()
     if code not in HTTP_OF:   # INTERNAL, UNKNOWN, ...: the details are the server's business
@@ -61,10 +68,8 @@ def rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError, chat: bool = False) -> AP
     details = e.details() or code.name
     param = None
     if status == 400:
-        for needle, name in PARAM_OF:
-            if needle in details:
-                param = name
-                break
+        field = _trailing_field(e)
+        param = HTTP_PARAM.get(field, field)
         details = details.replace("max_new_tokens", "max_tokens")
         if chat and param == "prompt":
             param = "messages"
