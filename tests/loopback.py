@@ -40,6 +40,17 @@ def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_a
         raise
 
 
+def kv_transports() -> list:
+    """The K/V transports a test runs over: grpc, and nixl where it loads (else skipped, saying why)."""
+    import pytest
+    from baton import kv_transport
+    try:
+        kv_transport.check("nixl")
+        return ["grpc", "nixl"]
+    except kv_transport.TransportUnavailable as e:
+        return ["grpc", pytest.param("nixl", marks=pytest.mark.skip(reason=str(e)))]
+
+
 def kill_with_work_in_flight(client, worker_id: str, pid: int, timeout: float = 20.0) -> None:
     """SIGSTOP a worker, wait until the router has dispatched a request to it (its load > 0), then
     SIGKILL it: the worker dies holding work, which the router must retry or migrate."""

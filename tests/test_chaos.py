@@ -15,7 +15,7 @@ from baton.faults import Faults
 from baton.kv_codec import KVAssembler, KVDamaged, checksum, encode, wire_bytes
 from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from loopback import loopback_cluster
+from loopback import kv_transports, loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, engine_greedy, save_tiny, tiny_llama
 
@@ -74,18 +74,9 @@ def _worker_stats(c) -> list[prefill_pb2.WorkerStatsResponse]:
     return out
 
 
-def _transports():
-    from baton import kv_transport
-    try:
-        kv_transport.check("nixl")
-        return ["grpc", "nixl"]
-    except kv_transport.TransportUnavailable as e:
-        return ["grpc", pytest.param("nixl", marks=pytest.mark.skip(reason=str(e)))]
-
-
 # nixl (issue 21): the byte faults (drop, truncate, corrupt, duplicate) act on a byte stream and have
 # no counterpart in a one-sided read; the stall and the call faults apply.
-@pytest.mark.parametrize("transport", _transports())
+@pytest.mark.parametrize("transport", kv_transports())
 def test_chaos_faults_never_give_wrong_tokens_or_hang_or_leak(model_dir, transport):
     rng, ref = random.Random(13), tiny_llama()
     prompts = [[rng.randrange(1, EOS) for _ in range(rng.randint(2, 6))] for _ in range(N)]

@@ -10,7 +10,7 @@ import pytest
 
 from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from loopback import loopback_cluster
+from loopback import kv_transports, loopback_cluster
 from router.client import RouterClient
 from tiny_model import save_tiny
 
@@ -30,18 +30,9 @@ def _running(stub_cls, address: str) -> int:
     return s.running + s.waiting
 
 
-def _transports():
-    from baton import kv_transport
-    try:
-        kv_transport.check("nixl")
-        return ["grpc", "nixl"]
-    except kv_transport.TransportUnavailable as e:
-        return ["grpc", pytest.param("nixl", marks=pytest.mark.skip(reason=str(e)))]
-
-
 # nixl (issue 21): the stall comes after the decode worker has read the K/V, while the call is still
 # open; the cancel must free the staging buffer there and the lent region here, at once.
-@pytest.mark.parametrize("transport", _transports())
+@pytest.mark.parametrize("transport", kv_transports())
 def test_a_cancelled_prefill_stops_its_kv_push(tmp_path, transport):
     model_dir = save_tiny(tmp_path / "model")
     with loopback_cluster(model_dir, prefill=1, decode=1, env=STALL, worker_args=["--kv-transport", transport]) as c, \
