@@ -89,6 +89,10 @@ def add_engine_args(p) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization, metavar="F",
                    help="on a GPU with no --kv-cache-memory: the share of the device's memory (0-1] a worker may "
                         "fill, weights and K/V cache together (vLLM's) (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.prefill_chunk_tokens, metavar="N",
+                   help="prompt tokens a colocated worker prefills per step, in chunks beside the running rows "
+                        "(vLLM's name); more gives newcomers their first token sooner, fewer keeps the running rows' "
+                        "steps short (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
 
@@ -96,7 +100,8 @@ def add_engine_args(p) -> None:
 def engine_argv(a: argparse.Namespace) -> list[str]:
     """The engine flags of `baton up` / `baton serve`, as a worker's command line."""
     argv = ["--prefix-cache-mb", str(a.prefix_cache_mb), "--max-model-len", str(a.max_model_len),
-            "--kv-cache-memory", str(a.kv_cache_memory), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+            "--kv-cache-memory", str(a.kv_cache_memory), "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+            "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     return argv + (["--enforce-eager"] if a.enforce_eager else [])
 
 
@@ -105,7 +110,7 @@ def engine_config(a: argparse.Namespace, **kw) -> EngineConfig:
     return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, max_queue=a.max_queue,
                         prefix_cache_mb=a.prefix_cache_mb, max_model_len=a.max_model_len,
                         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-                        enforce_eager=a.enforce_eager, **kw)
+                        prefill_chunk_tokens=a.max_num_batched_tokens, enforce_eager=a.enforce_eager, **kw)
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}

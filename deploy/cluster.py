@@ -41,7 +41,7 @@ class Deployment:
         a = self.args
         argv = ["--host", a.worker_host, "--port", "0", "--model", a.model, "--dtype", a.dtype,
                 "--max-batch", str(a.max_batch), "--max-queue", str(a.max_queue), "--router", self.router_address,
-                "--worker-id", worker_id, "--log-level", a.log_level, "--prefix-cache-mb", str(a.prefix_cache_mb),
+                "--worker-id", worker_id, "--log-level", a.log_level,
                 "--kv-transport", getattr(a, "kv_transport", "grpc"), *engine_argv(a)]
         if self.gpus:
             argv += ["--device", "cuda"]

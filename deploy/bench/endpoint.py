@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import socket
 import sys
 import time
@@ -89,12 +90,13 @@ def serve_up(topology: str, args):
             http = _free_port()
             argv = ["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
                     "--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch),
-                    *TOPOLOGIES[topology]]
+                    *TOPOLOGIES[topology], *shlex.split(args.server_args)]
             proc = Proc(argv, ready_timeout=600)
             stack.callback(proc.stop, 30)
             url = f"http://127.0.0.1:{http}"
         else:
-            flags = ["--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch)]
+            flags = ["--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch),
+                     *shlex.split(args.server_args)]
             cluster = stack.enter_context(local_cluster(args.model, pools(**POOLS[topology], flags=flags),
                                                         ready_timeout=600))
             gateway = Proc(["router.http_gateway", "--router", cluster.router.address, "--port", "0"])
@@ -162,6 +164,9 @@ def parse_args(argv=None):
                    help="ray: `baton up`; processes: the same router, workers and gateway as plain processes, "
                         "for a machine without Ray (default: ray)")
     p.add_argument("--max-batch", type=int, default=32, help="rows of baton's decode batch (default: 32)")
+    p.add_argument("--server-args", default="", metavar="FLAGS",
+                   help="more flags for baton's servers, e.g. \"--max-num-batched-tokens 2048\" (the workers' with "
+                        "--launcher processes) (default: none)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per load (default: 32)")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson rate of the second load, req/s (default: 4)")
     p.add_argument("--seed", type=int, default=0,
