@@ -47,7 +47,7 @@ bench: install
 
 # Not in CI: mixed load with cancels, deadlines, SIGKILL and SIGSTOP of workers for SOAK_MINUTES (30).
 soak: install
-	$(PY) tests/soak.py --minutes $(or $(SOAK_MINUTES),30)
+	$(PY) tests/soak.py --minutes $(or $(SOAK_MINUTES),30) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) baton/v1/*_pb2*.py baton/v1/*_pb2*.pyi

@@ -10,7 +10,7 @@ transformers' generate()), greedy cancelled by the client after a few tokens, gr
 Prints RSS, open fds, threads (/proc/PID) and the K/V and rows of every process at the start and
 the end, and the outcome counts. Exits 1 if a greedy request returned OK with wrong tokens, a
 request failed with an unclear code, or something leaked once the load stopped: the router's or
-a live worker's running / waiting / kv_used_bytes not back to 0 within DRAIN_S, the open fds
+a live worker's running / waiting / kv_used_bytes / K/V its transport holds not back to 0 within DRAIN_S, the open fds
 of a process that lived through the whole run grown by more than FD_SLACK, or a process listening
 beyond loopback (at the start, and at the end with the replaced workers).
 """
@@ -47,10 +47,10 @@ CLEAR = {"CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", 
 class Pool:
     """The router and its workers; a killed worker is replaced by a new process of its role."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, kv_transport: str = "grpc"):
         self.router = Proc(["router", "--port", "0", "--model", model_dir])
         self.common = ["--port", "0", "--model", model_dir, "--dtype", "float64", "--router", self.router.address,
-                       "--threads", "1", "--max-batch", "8"]
+                       "--threads", "1", "--max-batch", "8", "--kv-transport", kv_transport]
         self.workers: list[tuple[str, Proc]] = []
         self.lock = threading.Lock()
         self.original: set[int] = {self.router.pid}
@@ -190,7 +190,7 @@ def drained(pool: Pool, client: RouterClient) -> bool:
         return False
     for role, p in pool.procs()[1:]:
         w = worker_stats(role, p.address)
-        if w is None or w.running or w.waiting or w.kv_used_bytes:
+        if w is None or w.running or w.waiting or w.kv_used_bytes or w.kv_transport_held_bytes:
             return False
     return True
 
@@ -205,6 +205,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 30)))
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--kv-transport", default="grpc", choices=["grpc", "nixl"], help="how K/V goes prefill -> decode")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     prompts = [[rng.randrange(1, EOS) for _ in range(rng.randint(2, 60))] for _ in range(PROMPTS)]
@@ -213,7 +214,7 @@ def main() -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="baton-soak-") as tmp:
         model_dir = save_tiny(os.path.join(tmp, "model"))
-        pool = Pool(model_dir)
+        pool = Pool(model_dir, a.kv_transport)
         try:
             with RouterClient(pool.router.address) as client:
                 wait_for(lambda: client.stats().decode_workers == 2 and client.stats().prefill_workers == 2, 60,
