@@ -111,4 +111,4 @@ class RowGrammar:
         self.accepted = len(output_ids)
         self.matcher.fill_next_token_bitmask(self.bitmask)
         bits = (self.bitmask[0].unsqueeze(-1) >> _SHIFTS) & 1                  # (ceil(V / 32), 32)
-        return bits.reshape(-1)[:vocab].bool().to(device)
+        return bits.reshape(-1)[:vocab].bool().to(device, non_blocking=True)   # no stream sync

@@ -46,12 +46,12 @@ class TokenCounts:
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)      # (V,) in prompt or output
         self.counts = torch.zeros(vocab, dtype=torch.int64, device=device)   # (V,) times in the output
         if row.prompt_ids:
-            self.seen[torch.tensor(row.prompt_ids, device=device)] = True
+            self.seen[on(device, row.prompt_ids)] = True
         self.counted = 0                                                     # output ids added so far
 
     def update(self, output_ids: list[int]) -> "TokenCounts":
         if len(output_ids) > self.counted:
-            new = torch.tensor(output_ids[self.counted:], device=self.counts.device)
+            new = on(self.counts.device, output_ids[self.counted:])
             self.counts.index_add_(0, new, torch.ones_like(new))
             self.seen[new] = True
             self.counted = len(output_ids)
@@ -62,6 +62,12 @@ def _counts(row: Row, x: torch.Tensor) -> TokenCounts:
     if row.sampler_state is None:
         row.sampler_state = TokenCounts(row, x.shape[-1], x.device)
     return row.sampler_state.update(row.output_ids)
+
+
+def on(device: torch.device, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, copied without waiting for the device: a blocking
+    copy would sync the stream (wait for the step's kernels) once per parameter column."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _token_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -77,7 +83,7 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-row parameters as an (m, 1) column in `like`'s dtype and device."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return on(like.device, values, like.dtype)[:, None]
 
 
 def _rows_where(rows: Sequence[Row], test) -> list[int]:
@@ -93,14 +99,13 @@ def process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int],
     bias = [(r, t, b) for r, row in enumerate(rows) for t, b in row.params.logit_bias]
     if bias:
         ri, ti, bi = zip(*bias)
-        x.index_put_((torch.tensor(ri, device=dev), torch.tensor(ti, device=dev)),
-                     torch.tensor(bi, dtype=dt, device=dev), accumulate=True)
+        x.index_put_((on(dev, ri), on(dev, ti)), on(dev, bi, dt), accumulate=True)
     held = _rows_where(rows, lambda p, row: len(row.output_ids) < p.min_tokens and not p.ignore_eos)
     if held and eos_ids:
-        x[torch.tensor(held, device=dev)[:, None], torch.tensor(sorted(eos_ids), device=dev)[None, :]] = float("-inf")
+        x[on(dev, held)[:, None], on(dev, sorted(eos_ids))[None, :]] = float("-inf")
     pen = _rows_where(rows, lambda p, row: p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)
     if pen:
-        idx = torch.tensor(pen, device=dev)
+        idx = on(dev, pen)
         hist = [_counts(rows[r], x) for r in pen]
         seen = torch.stack([h.seen for h in hist])                                   # (m, V)
         counts = torch.stack([h.counts for h in hist]).to(dt)                        # (m, V)
@@ -115,7 +120,7 @@ def process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int],
     if held_to:
         V = x.shape[-1]
         allowed = torch.stack([_grammar(rows[r], grammars, V).allowed(rows[r].output_ids, V, dev) for r in held_to])
-        idx = torch.tensor(held_to, device=dev)
+        idx = on(dev, held_to)
         x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     return x
 
@@ -135,13 +140,12 @@ def choose(scores: torch.Tensor, params: Sequence[SamplingParams], indices: Sequ
     if not sampled:
         return tokens
     ps = [params[r] for r in sampled]
-    s = scores[torch.tensor(sampled, device=scores.device)].float()
+    s = scores[on(scores.device, sampled)].float()
     s /= _column([p.temperature for p in ps], s)                                     # (m, V)
     V = s.shape[-1]
     if any(0 < p.top_k < V for p in ps) or any(p.top_p < 1.0 for p in ps):
         ordered, order = torch.sort(s, dim=-1, descending=True)                       # (m, V)
-        kth = ordered.gather(1, torch.tensor([[(p.top_k if 0 < p.top_k < V else V) - 1] for p in ps],
-                                              device=s.device))                       # (m, 1)
+        kth = ordered.gather(1, on(s.device, [[(p.top_k if 0 < p.top_k < V else V) - 1] for p in ps]))  # (m, 1)
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))                   # top-k, ties kept
         head = torch.softmax(ordered, dim=-1)
         # top-p: drop a token once the mass before it reaches top_p (the first always stays); 1.0 = off
@@ -154,7 +158,7 @@ def choose(scores: torch.Tensor, params: Sequence[SamplingParams], indices: Sequ
     noise = torch.empty_like(probs)
     for j, (r, p) in enumerate(zip(sampled, ps)):
         noise[j].exponential_(generator=_token_generator(p.seed, indices[r], probs.device))
-    tokens[torch.tensor(sampled, device=tokens.device)] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
+    tokens[on(tokens.device, sampled)] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
     return tokens
 
 
@@ -189,7 +193,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[i
     lps: list[Logprobs | None] = [None] * len(rows)
     asked = [r for r, p in enumerate(params) if p.logprobs is not None]
     if asked:
-        idx = torch.tensor(asked, device=logits.device)
+        idx = on(logits.device, asked)
         for r, lp in zip(asked, logprobs_of(logits[idx], chosen[idx], [params[r].logprobs for r in asked])):
             lps[r] = lp
     return list(zip(tokens, lps))
