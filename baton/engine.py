@@ -7,7 +7,8 @@ Two halves that the services use separately (prefill worker, decode worker) and 
   `step` decodes one token for every row, finished or aborted rows leave at once.
 In one process (`Engine`, the colocated worker) newcomers' prompts are prefilled in chunks
 inside the decode step's pass over the weights, under a per-step token budget (chunked
-prefill): a burst neither stalls the running rows nor queues behind one long prompt.
+prefill): a burst neither stalls the running rows nor queues behind one long prompt. A step
+with no prompt piece runs baton/decode_graphs.py's static-buffer step (CUDA graphs on a GPU).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 from baton.config import EngineConfig
 from baton.decode_graphs import DecodeGraphs
 from baton.detokenizer import IncrementalDetokenizer
-from baton.grammar import Grammars
 from baton.errors import InvalidArgument
+from baton.grammar import Grammars
 from baton.kv_cache import BatchKVCache, KVCapacity, kv_capacity, token_bytes
 from baton.model_loader import LoadedModel, eos_ids_of
 from baton.model_runner import ModelRunner, PromptChunk
@@ -41,9 +42,8 @@ class PrefillOutput:
     logprobs: Logprobs | None = None   # the token's, when the request asked for them
 
 
-def default_capacity(runner: ModelRunner, model: LoadedModel, rows: int, config: EngineConfig = EngineConfig()):
+def default_capacity(r: ModelRunner, model: LoadedModel, rows: int, config: EngineConfig = EngineConfig()) -> KVCapacity:
     """The batch cache's size from the config's memory budget and context cap (baton/kv_cache.py)."""
-    r = runner
     return kv_capacity(rows, token_bytes(r.num_layers, r.num_kv_heads, r.head_dim, r.dtype), model.max_len,
                        max_model_len=config.max_model_len, budget=config.kv_cache_memory, device=r.device,
                        gpu_memory_utilization=config.gpu_memory_utilization)
