@@ -19,8 +19,10 @@ transfer. The decode worker reads into a staging buffer from a pool registered o
 touched: a read into fresh pages pays their faults inside the copy and ran 2-5x slower here); the
 batch's insert copies it into the cache and, once nothing refers to the buffer any more
 (its storage's use count, so no view of it can outlive a reuse), it serves the next transfer.
-The cache rows themselves are not registered: the batch cache is re-laid out as it grows and
-shrinks (BatchKVCache), so a row's address does not outlive a step.
+The cache rows themselves are not registered yet: the batch cache is allocated once (its address
+is fixed), but which row and which columns a request takes is decided on the engine's thread when
+it joins, after the transfer, and the columns move when the window is compacted; reading straight
+into a row would need the row reserved when the header arrives.
 
 Freeing, the rule that keeps a reader off freed memory (vllm#21570): the prefill worker frees a
 lent region when its TransferKV call ends with an answer from the decode worker's handler (OK or a
