@@ -112,7 +112,7 @@ class DecodeBatch:
         return [event]
 
     def admit_group(self, arrivals: list[tuple[Request, PrefillOutput]]) -> list[TokenEvent]:
-        """Admit several at once: the cache makes room for all of them in one reallocation."""
+        """Admit several at once: the window moves at most once for all of them."""
         if not arrivals:
             return []
         self.cache.reserve(len(self.rows) + len(arrivals), max(pre.kv.shape[3] for _, pre in arrivals))
