@@ -282,7 +282,7 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
     s = worker.loop.stats
     if not s:   # the loop has not gone round yet
         return prefill_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.engine.config.max_batch,
-                                               **transport_stats(*worker.transports))
+                                               max_len=worker.max_len, **transport_stats(*worker.transports))
     return prefill_pb2.WorkerStatsResponse(
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
@@ -290,7 +290,7 @@ def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
         attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
         faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch,
         prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
-        **transport_stats(*worker.transports))
+        max_len=worker.max_len, **transport_stats(*worker.transports))
 
 
 class ColocatedPrefill:

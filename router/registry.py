@@ -141,7 +141,7 @@ class Registry:
 
 # What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats), the one list of them.
 STAT_KEYS = ("running", "waiting", "batch_width", "kv_cache_bytes", "kv_used_bytes", "max_batch",
-             "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+             "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "max_len")
 
 
 def worker_stats(reply) -> dict:
@@ -152,6 +152,13 @@ def worker_stats(reply) -> dict:
 def max_batch(workers) -> int:
     """The largest decode batch (rows) among the workers that decode, as their Stats last reported it."""
     return max((w.stats.get("max_batch", 0) for w in workers if _serves(w, "decode")), default=0)
+
+
+def decode_context(workers, model_context: int) -> int:
+    """The longest request (prompt + output tokens) every worker that decodes can hold: its K/V
+    budget may cap it below the model's context (baton/kv_cache.py); `model_context` if none says."""
+    return min([model_context] + [w.stats["max_len"] for w in workers
+                                  if _serves(w, "decode") and w.alive and w.stats.get("max_len")])
 
 
 def _serves(w: WorkerHandle, role: str) -> bool:

@@ -18,7 +18,7 @@ from router import metrics
 from router.books import Books
 from router.config import RouterConfig
 from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
-from router.registry import Registry, max_batch, worker_stats
+from router.registry import Registry, decode_context, max_batch, worker_stats
 from router.request_run import LivenessWatcher, RequestRun
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         check_request_id(self.limits, rid)
         ids = self._prompt_ids(r)
         # Left unset, max_new_tokens is what the context leaves (at most --max-new-tokens).
-        left = max(1, min(self.limits.max_new_tokens, self.context_len - len(ids)))
+        with self.registry.lock:
+            context = decode_context(list(self.registry.workers.values()), self.context_len)
+        left = max(1, min(self.limits.max_new_tokens, context - len(ids)))
         default = self.config.default_max_new_tokens or left
         # The token ids of logit_bias are checked against the model's vocabulary by the workers.
         params = sampling_from_request(r, validate_sampling(self.limits, r, default))
-        check_prompt(self.limits, len(ids), params.max_new_tokens, self.context_len)
+        check_prompt(self.limits, len(ids), params.max_new_tokens, context)
         return rid, ids, params
 
     def _prompt_ids(self, r: router_pb2.GenerateRequest) -> list[int]:
@@ -114,7 +116,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.StatusResponse(workers=[w.to_pb() for w in handles], stats=self.stats_pb(),
                                          max_batch=max_batch(handles), max_queue=self.config.max_queue,
                                          model=self.model_name, topology=self.registry.topology(),
-                                         max_model_len=self.context_len)
+                                         max_model_len=decode_context(handles, self.context_len))
 
     @grpc_util.rpc
     def Scale(self, request, context):
@@ -128,7 +130,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     @grpc_util.rpc
     def RegisterWorker(self, request, context):
-        self.registry.register(request.worker)
+        w = self.registry.register(request.worker)
+        if not w.stats:   # what it holds (its context among it) is known from its first request on
+            try:
+                w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=2, metadata=self.auth))
+            except grpc.RpcError:
+                pass
         return router_pb2.RegisterWorkerResponse()
 
     @grpc_util.rpc

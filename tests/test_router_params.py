@@ -26,10 +26,17 @@ def test_out_of_range_sampling_field_is_invalid_argument_naming_it(router, field
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details(), e.value.details()
 
 
-def test_sampling_fields_reach_the_worker(tmp_path):
-    """A +100 logit_bias forces its token; logprobs come back per token."""
-    with loopback_cluster(save_tiny(tmp_path / "model"), colocated=1) as c, \
+def test_sampling_fields_reach_the_worker_and_the_router_checks_the_workers_context(tmp_path):
+    """A +100 logit_bias forces its token; logprobs come back per token. The worker's K/V budget
+    (2 rows x 97 columns of the tiny model) caps a request at 81 tokens: the router says so in its
+    status and refuses a longer one itself, naming that context."""
+    with loopback_cluster(save_tiny(tmp_path / "model"), colocated=1,
+                          worker_args=["--max-batch", "2", "--kv-cache-memory", "198656"]) as c, \
             RouterClient(c["router"].address) as client:
+        assert client.status().max_model_len == 81
+        with pytest.raises(grpc.RpcError) as e:
+            client.complete([1, 2, 3] * 30, max_new_tokens=2, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context of 81 tokens" in e.value.details()
         _, ids, _ = client.complete([1, 2, 3], max_new_tokens=5, logit_bias={7: 100.0}, timeout=60)
         assert ids == [7] * 5
         responses = list(client.generate([1, 2, 3], max_new_tokens=3, logprobs=2, timeout=60))
