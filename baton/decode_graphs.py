@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from baton.model_runner import ModelRunner, decode_attention
+from baton.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,6 @@ class DecodeGraphs:
             self._run_piece(li, b)
             if li == r.num_layers:
                 break
-            keys, values = cache.layer_views(li)                               # (n, Hkv, T, D) views
-            keys[:, :, col] = self.k[:n]
-            values[:, :, col] = self.v[:n]
-            qd = self.q[:n].unflatten(1, (r.num_kv_heads, r.group))            # (n, Hkv, G, D)
-            self.attn[:n] = decode_attention(qd, keys, values, mask, r.scale).flatten(1)
+            self.attn[:n] = r.batch_attention(li, cache, col, mask, self.q[:n], self.k[:n], self.v[:n])
         cache.commit_step()
         return self.logits[:n]

@@ -13,7 +13,6 @@ with no prompt piece runs baton/decode_graphs.py's static-buffer step (CUDA grap
 from __future__ import annotations
 
 import collections
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,6 @@ from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampler import sample_rows
 from baton.sampling import Logprobs, SamplingParams
 from baton.scheduler import Scheduler
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,9 +78,10 @@ class DecodeBatch:
 
     def __init__(self, runner: ModelRunner, model: LoadedModel, max_batch: int, capacity: KVCapacity | None = None,
                  *, graphs: bool = False, buckets: list[int] | None = None):
-        """`capacity`: the cache's size (Engine sizes it from its memory budget); by default room
-        for `max_batch` rows of the model's whole context, within the default budget. `graphs`: capture the decode step as
-        CUDA graphs (a CUDA runner); `buckets`: pad eager steps to these batch sizes (tests)."""
+        """`capacity`: the cache's size (Engine sizes it from its memory budget); by default room for
+        `max_batch` rows of the model's whole context, within the default budget. `graphs`: capture
+        the decode step as CUDA graphs (a CUDA runner); `buckets`: pad eager steps to these batch
+        sizes (tests)."""
         self.runner, self.tokenizer, self.grammars = runner, model.tokenizer, model.grammars
         capacity = capacity or default_capacity(runner, model, max_batch)
         self.eos_ids, self.max_len = model.eos_ids, capacity.max_len

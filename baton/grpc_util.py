@@ -213,8 +213,8 @@ def _abort(context: grpc.ServicerContext, e: Exception, method: str):
             context.set_trailing_metadata(md)
         context.abort(getattr(grpc.StatusCode, e.code_name), str(e))
     if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call):  # a downstream call failed: pass its code on
-        if field_of(e):
-            context.set_trailing_metadata(((FIELD_KEY, field_of(e)),))
+        if field := field_of(e):
+            context.set_trailing_metadata(((FIELD_KEY, field),))
         context.abort(e.code(), f"upstream: {e.details()}")
     log.exception("internal error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")

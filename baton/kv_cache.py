@@ -18,12 +18,9 @@ Each row's token count is kept twice: `lens` on the host (bookkeeping) and `pos`
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 CPU_DEFAULT_BYTES = 4 << 30     # as vLLM's CPU backend (VLLM_CPU_KVCACHE_SPACE=4)
 
@@ -110,8 +107,7 @@ class BatchKVCache:
 
     def used_bytes(self) -> int:
         """Bytes of the live rows over the live columns: 0 when the batch is empty."""
-        L, H, D = self.shape_lhd
-        return self.num_rows * self.width * L * 2 * H * D * self.buf.element_size()
+        return self.num_rows * self.width * token_bytes(*self.shape_lhd, self.dtype)
 
     def fits(self, tokens: int) -> bool:
         """Whether a row of this many tokens can be held (and step once)."""

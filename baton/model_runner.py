@@ -143,6 +143,18 @@ class ModelRunner:
         gate, up = _linear(self.norm(h, L.post_norm), L.gate_up).chunk(2, dim=-1)
         return h + _linear(F.silu(gate) * up, L.down)
 
+    def batch_attention(self, li: int, cache: BatchKVCache, col: int, mask: torch.Tensor, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The batch's rows at layer li: their new k, v (n, Hkv, D) written into column `col` of the
+        cache's views, their queries q (n, Hq, D) over their own tokens (additive mask (n, 1, 1, T))
+        -> (n, Hq * D)."""
+        keys, values = cache.layer_views(li)                               # (n, Hkv, T, D) views
+        keys[:, :, col] = k
+        values[:, :, col] = v
+        # GQA without repeating K/V: the group's query heads act as query positions.
+        qd = q.unflatten(1, (self.num_kv_heads, self.group))               # (n, Hkv, G, D)
+        return _decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., hidden) -> (..., V)."""
         return _linear(self.norm(h, self.norm_weight), self.lm_head_weight)
@@ -178,12 +190,7 @@ class ModelRunner:
         for li in range(self.num_layers):
             q, k, v = self.qkv(li, h, rope)                                # (M, H, D)
             if n:
-                keys, values = cache.layer_views(li)                       # (n, Hkv, T, D) views
-                keys[:, :, col] = k[:n]
-                values[:, :, col] = v[:n]
-                # GQA without repeating K/V: the group's query heads act as query positions.
-                qd = q[:n].unflatten(1, (self.num_kv_heads, self.group))   # (n, Hkv, G, D)
-                attn[:n] = decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+                attn[:n] = self.batch_attention(li, cache, col, mask, q[:n], k[:n], v[:n])
             for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
                 kv = c.kv[li]                                              # (2, Hkv, P, D)
                 kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
@@ -221,7 +228,7 @@ def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
     return torch.ones(m, c.end, dtype=torch.bool, device=device).tril(c.start)
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q (n, Hkv, G, D) over keys/values (n, Hkv, T, D) strided views, additive mask (n, 1, 1, T).
     Two batched matmuls: with a handful of query positions per row this beat CPU flash SDPA by

@@ -32,6 +32,7 @@ from baton.engine import PrefillOutput
 from baton.engine_loop import EngineLoop, StreamClosed, TokenStream
 from baton.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                           ResourceExhausted, Unavailable)
+from baton.kv_cache import token_bytes
 from baton.kv_transport.base import Receiver, dtype_of, header_transport
 from baton.kv_transport.grpc import GrpcReceiver
 from baton.request import Request
@@ -186,8 +187,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.worker, self.loop = worker, worker.loop
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         runner = self.loop.engine.runner
-        self.max_kv_bytes = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim * \
-            runner.dtype.itemsize * self.loop.engine.max_len
+        self.max_kv_bytes = token_bytes(runner.num_layers, runner.num_kv_heads, runner.head_dim,
+                                        runner.dtype) * self.loop.engine.max_len
         # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
         self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
