@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                                                    tls_key=a.tls_key, tls_root_cert=a.tls_root_cert,
                                                    max_model_len=a.max_model_len)
     if a.metrics_port is not None:
-        from router.metrics import start_metrics_server
+        from router.metrics_scrape import start_metrics_server
         print(f"BATON_METRICS address={a.host}:{start_metrics_server(a.metrics_port, servicer, a.host).port}", flush=True)
     done = stop_event()
     announce_ready("router", f"{a.host}:{port}")

@@ -1,17 +1,8 @@
 """Prometheus metrics of a baton deployment, in their own CollectorRegistry (REGISTRY).
 
 Per-request histograms and counters are observed once per finished request, from its last
-GenerateResponse (`observe_request`); the router calls it in-process. Gauges (running, waiting,
-workers, per-worker batch size and KV cache bytes) and the request outcome counters are read at
-scrape time from a live source:
-
-- `ServicerCollector(servicer)`: the router's RouterServicer in this process (stats_pb() and its
-  registry of workers) - used by `start_metrics_server(port, servicer)` (`python -m router
-  --metrics-port P`);
-- `RouterStatusCollector(client)`: the router's Status RPC over gRPC - used by the HTTP gateway,
-  which may run in another process.
-
-`exposition(collector)` renders REGISTRY plus one such collector in the Prometheus text format.
+GenerateResponse (`observe_request`); the router calls it in-process. Gauges and the request
+outcome counters are read at scrape time from a live source (router/metrics_scrape.py).
 
 Besides baton's own names, the metrics vLLM's Grafana dashboards query are exported under vLLM's
 names and types (`vllm:time_to_first_token_seconds`, `vllm:num_requests_running`, ...), labelled
@@ -24,15 +15,12 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from baton.wire import FINISH_NAMES
-from router.registry import worker_stats
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +49,11 @@ FINISHED = Counter("baton_finished_requests", "Finished requests by finish reaso
 PROMPT_TOKENS = Counter("baton_prompt_tokens", "Prompt tokens of finished requests.", registry=REGISTRY)
 
 # vLLM's names and types, labelled by the served model name (see set_model_name).
-_M = ["model_name"]
+MODEL_LABELS = ["model_name"]
 
 
 def _vllm_histogram(name: str, doc: str, buckets) -> Histogram:
-    return Histogram(name, doc, _M, buckets=buckets, registry=REGISTRY)
+    return Histogram(name, doc, MODEL_LABELS, buckets=buckets, registry=REGISTRY)
 
 
 V_TTFT = _vllm_histogram("vllm:time_to_first_token_seconds", "Time to first token (baton_ttft_seconds).",
@@ -102,12 +90,12 @@ V_PARAMS_MAX = _vllm_histogram("vllm:request_params_max_tokens", "The max_tokens
                                _TOKENS_BUCKETS)
 # baton never preempts: a request in a batch stays there until it ends (the batch widens instead).
 # Exported at 0 for the dashboards; a request moved off a failed worker is baton_migrations_total.
-V_PREEMPTIONS = Counter("vllm:num_preemptions", "Requests preempted (always 0: baton does not preempt).", _M,
+V_PREEMPTIONS = Counter("vllm:num_preemptions", "Requests preempted (always 0: baton does not preempt).", MODEL_LABELS,
                         registry=REGISTRY)
-V_PROMPT = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", _M, registry=REGISTRY)
-V_GEN = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", _M, registry=REGISTRY)
+V_PROMPT = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", MODEL_LABELS, registry=REGISTRY)
+V_GEN = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", MODEL_LABELS, registry=REGISTRY)
 V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason (length, stop).",
-                    _M + ["finished_reason"], registry=REGISTRY)
+                    MODEL_LABELS + ["finished_reason"], registry=REGISTRY)
 
 HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
                         ["endpoint", "code"], registry=REGISTRY)
@@ -223,184 +211,3 @@ def observe_request(last, source: str = "router") -> None:
         V_SUCCESS.labels(m, finish).inc()
     except Exception:  # metrics must never break a request
         log.exception("observe_request failed")
-
-
-# ---- scrape-time gauges ----------------------------------------------------------------------------
-_OUTCOMES = ("completed", "failed", "cancelled", "rejected")
-
-
-def kv_usage(workers: Iterable) -> float:
-    """K/V bytes of live rows over bytes held, summed over live decode-side workers (0 when none hold any)."""
-    used = held = 0
-    for w in workers:
-        s = w.stats if isinstance(w.stats, dict) else {}
-        if w.role in ("decode", "colocated") and getattr(w, "alive", True):
-            used, held = used + s.get("kv_used_bytes", 0), held + s.get("kv_cache_bytes", 0)
-    return used / held if held else 0.0
-
-
-def _families(stats, workers: Iterable, model: str = "") -> list[Metric]:
-    """Metric families from a StatsResponse and worker records (.role, .worker_id, .stats dict, .alive)."""
-    workers = list(workers)
-    m = [model_name(model)]
-    v_running = GaugeMetricFamily("vllm:num_requests_running", "Queries in decode batches.", labels=_M)
-    v_running.add_metric(m, float(stats.running))
-    v_waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Accepted queries not yet decoding.", labels=_M)
-    v_waiting.add_metric(m, float(stats.waiting))
-    usage = kv_usage(workers)
-    v_kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (baton_kv_cache_usage_ratio).",
-                             labels=_M)
-    v_kv.add_metric(m, usage)
-    kv_ratio = GaugeMetricFamily("baton_kv_cache_usage_ratio",
-                                 "K/V bytes of live rows / bytes of the batch KV caches, over decode workers.")
-    kv_ratio.add_metric([], usage)
-    config = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's layout (value 1): one padded batch cache "
-                               "per decode worker, not vLLM's blocks (baton_worker_kv_cache_bytes holds its size).",
-                               labels=_M + ["cache_layout"])
-    config.add_metric(m + ["padded_batch"], 1.0)
-    out: list[Metric] = [v_running, v_waiting, v_kv, kv_ratio, config]
-    req = CounterMetricFamily("baton_requests", "Requests by outcome (completed, failed, cancelled, rejected).",
-                              labels=["outcome"])
-    for o in _OUTCOMES:
-        req.add_metric([o], float(getattr(stats, o, 0)))
-    out.append(req)
-    queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the workers' prefix "
-                                  "caches.", labels=_M)
-    hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the workers' prefix caches (not "
-                               "prefilled again).", labels=_M)
-    stats_of = [w.stats for w in workers if isinstance(w.stats, dict)]
-    queries.add_metric(m, float(sum(s.get("prefix_cache_queried_tokens", 0) for s in stats_of)))
-    hits.add_metric(m, float(sum(s.get("prefix_cache_hit_tokens", 0) for s in stats_of)))
-    out += [queries, hits]
-    running = GaugeMetricFamily("baton_running", "Queries in decode batches.")
-    running.add_metric([], float(stats.running))
-    waiting = GaugeMetricFamily("baton_waiting", "Accepted queries not yet decoding.")
-    waiting.add_metric([], float(stats.waiting))
-    count = GaugeMetricFamily("baton_workers", "Live workers by role.", labels=["role"])
-    count.add_metric(["prefill"], float(stats.prefill_workers))
-    count.add_metric(["decode"], float(stats.decode_workers))
-    retries = CounterMetricFamily("baton_prefill_retries", "Prefills retried on another worker.")
-    retries.add_metric([], float(getattr(stats, "prefill_retries", 0)))
-    migrations = CounterMetricFamily("baton_migrations", "Requests moved to another decode worker.")
-    migrations.add_metric([], float(getattr(stats, "migrations", 0)))
-    out += [running, waiting, count, retries, migrations]
-
-    labels = ["worker_id", "role"]
-    batch = GaugeMetricFamily("baton_worker_batch_size", "Rows in the worker's running batch.", labels=labels)
-    wwait = GaugeMetricFamily("baton_worker_waiting", "Prefilled requests waiting for a row on the worker.",
-                              labels=labels)
-    width = GaugeMetricFamily("baton_worker_batch_width", "The batch's padded sequence length.", labels=labels)
-    kv = GaugeMetricFamily("baton_worker_kv_cache_bytes", "Bytes held by the worker's batch KV cache.", labels=labels)
-    kv_used = GaugeMetricFamily("baton_worker_kv_used_bytes", "K/V bytes of the worker's live rows.", labels=labels)
-    load = GaugeMetricFamily("baton_worker_load", "Requests dispatched to the worker and not finished.", labels=labels)
-    alive = GaugeMetricFamily("baton_worker_alive", "1 when the worker answers its health checks.", labels=labels)
-    for w in workers:
-        s = w.stats if isinstance(w.stats, dict) else {}
-        key = [w.worker_id, w.role]
-        batch.add_metric(key, float(s.get("running", 0)))
-        wwait.add_metric(key, float(s.get("waiting", 0)))
-        width.add_metric(key, float(s.get("batch_width", 0)))
-        kv.add_metric(key, float(s.get("kv_cache_bytes", 0)))
-        kv_used.add_metric(key, float(s.get("kv_used_bytes", 0)))
-        load.add_metric(key, float(getattr(w, "load", 0)))
-        alive.add_metric(key, 1.0 if getattr(w, "alive", True) else 0.0)
-    return out + [batch, wwait, width, kv, kv_used, load, alive]
-
-
-class _WorkerView:
-    """A WorkerInfo message seen as a registry handle (.role, .worker_id, .stats, .load, .alive)."""
-
-    def __init__(self, info):
-        self.role, self.worker_id, self.load, self.alive = info.role, info.worker_id, info.load, info.alive
-        self.stats = worker_stats(info)
-
-
-class ServicerCollector:
-    """Reads a RouterServicer in this process at scrape time."""
-
-    def __init__(self, servicer, refresh: bool = True):
-        self.servicer, self.refresh = servicer, refresh
-
-    def collect(self) -> Iterable[Metric]:
-        s = self.servicer
-        if self.refresh and hasattr(s, "Status"):
-            try:  # asks every worker for its current stats (1 s timeout each) and stores them on the handles
-                from baton.v1 import router_pb2
-                s.Status(router_pb2.StatusRequest(), None)
-            except Exception as e:
-                log.debug("worker stats refresh failed: %s", e)
-        with s.registry.lock:
-            workers = list(s.registry.workers.values())
-        yield from _families(s.stats_pb(), workers, getattr(s, "model_name", ""))
-
-
-class RouterStatusCollector:
-    """Reads the router's Status RPC (workers with their stats, and the router's stats) at scrape time."""
-
-    def __init__(self, status: Callable[[], object]):
-        self.status = status  # e.g. RouterClient(...).status
-
-    def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily("baton_router_up", "1 when the router answered the Status RPC at this scrape.")
-        try:
-            st = self.status()
-        except Exception as e:
-            log.debug("router Status failed: %s", e)
-            up.add_metric([], 0.0)
-            yield up
-            return
-        up.add_metric([], 1.0)
-        yield up
-        yield from _families(st.stats, [_WorkerView(w) for w in st.workers], st.model)
-
-
-class _Combined:
-    def __init__(self, *collectors):
-        self.collectors = [c for c in collectors if c is not None]
-
-    def collect(self):
-        for c in self.collectors:
-            yield from c.collect()
-
-
-def exposition(*collectors) -> bytes:
-    """REGISTRY plus the given collectors, in the Prometheus text format."""
-    return generate_latest(_Combined(REGISTRY, *collectors))
-
-
-class MetricsServer:
-    def __init__(self, httpd, thread):
-        self.httpd, self.thread = httpd, thread
-        self.port = httpd.server_address[1]
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(2)
-
-
-def start_metrics_server(port: int, servicer=None, host: str = "127.0.0.1") -> MetricsServer:
-    """Serve GET /metrics (REGISTRY + the servicer's gauges) on host:port (0 = a free port) in a daemon thread."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    collector = ServicerCollector(servicer) if servicer is not None else None
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.split("?")[0] not in ("/metrics", "/"):
-                self.send_error(404)
-                return
-            body = exposition(collector)
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
-    t.start()
-    return MetricsServer(httpd, t)

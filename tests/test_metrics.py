@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from baton.v1 import router_pb2
-from router import metrics
+from router import metrics, metrics_scrape
 
 _ids = itertools.count()
 
@@ -88,7 +88,7 @@ def _fake_servicer():
 
 
 def test_servicer_collector_gauges():
-    s = _samples(metrics.exposition(metrics.ServicerCollector(_fake_servicer())).decode())
+    s = _samples(metrics_scrape.exposition(metrics_scrape.ServicerCollector(_fake_servicer())).decode())
     assert s["baton_running"] == 3 and s["baton_waiting"] == 2
     assert s['baton_workers{role="prefill"}'] == 1 and s['baton_workers{role="decode"}'] == 2
     assert s['baton_requests_total{outcome="completed"}'] == 10
@@ -104,14 +104,14 @@ def test_servicer_collector_gauges():
 def test_status_collector_over_a_status_message():
     st = router_pb2.StatusResponse(stats=router_pb2.StatsResponse(running=1, decode_workers=1), model="m")
     st.workers.add(role="decode", worker_id="d9", alive=True, running=1, kv_cache_bytes=777, batch_width=8)
-    s = _samples(metrics.exposition(metrics.RouterStatusCollector(lambda: st)).decode())
+    s = _samples(metrics_scrape.exposition(metrics_scrape.RouterStatusCollector(lambda: st)).decode())
     assert s["baton_router_up"] == 1 and s["baton_running"] == 1
     assert s['baton_worker_kv_cache_bytes{role="decode",worker_id="d9"}'] == 777
     assert s['baton_worker_batch_size{role="decode",worker_id="d9"}'] == 1
 
     def down():
         raise RuntimeError("router down")
-    s = _samples(metrics.exposition(metrics.RouterStatusCollector(down)).decode())
+    s = _samples(metrics_scrape.exposition(metrics_scrape.RouterStatusCollector(down)).decode())
     assert s["baton_router_up"] == 0 and "baton_running" not in s
 
 
@@ -121,14 +121,14 @@ def test_prefix_cache_counters_sum_the_workers_reports_through_the_gateways_stat
                    prefix_cache_hit_tokens=64)
     st.workers.add(role="decode", worker_id="d0", alive=True, prefix_cache_queried_tokens=20,
                    prefix_cache_hit_tokens=16)
-    s = _samples(metrics.exposition(metrics.RouterStatusCollector(lambda: st)).decode())
+    s = _samples(metrics_scrape.exposition(metrics_scrape.RouterStatusCollector(lambda: st)).decode())
     label = f'{{model_name="{metrics.model_name("m")}"}}'   # a name set earlier in this process wins
     assert s["vllm:prefix_cache_queries_total" + label] == 120
     assert s["vllm:prefix_cache_hits_total" + label] == 80
 
 
 def test_start_metrics_server():
-    srv = metrics.start_metrics_server(0, _fake_servicer())
+    srv = metrics_scrape.start_metrics_server(0, _fake_servicer())
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
@@ -166,7 +166,7 @@ def test_a_served_name_replaces_the_routers_unused_series():
     a name no request was observed under leaves no series behind (one model_name on the dashboards),
     one that served requests keeps them."""
     def names() -> set[str]:
-        text = metrics.exposition().decode()
+        text = metrics_scrape.exposition().decode()
         return {n for n in ("unused-router-name", "served-a", "served-b") if f'model_name="{n}"' in text}
     metrics.set_model_name("unused-router-name")
     metrics.set_model_name("served-a")

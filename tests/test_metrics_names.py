@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 
 from baton.v1 import router_pb2
-from router import metrics
+from router import metrics, metrics_scrape
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "baton.json"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "http.md"
@@ -131,12 +131,12 @@ def test_kv_cache_usage_ratio_over_decode_workers():
     workers = {"p": w("prefill", 0, 5000), "d": w("decode", 1000, 4000), "c": w("colocated", 500, 1000),
                "dead": w("decode", 9, 9, alive=False)}
     metrics.set_model_name("unit-model")
-    s = samples(metrics.exposition(metrics.ServicerCollector(_servicer(workers), refresh=False)).decode())
+    s = samples(metrics_scrape.exposition(metrics_scrape.ServicerCollector(_servicer(workers), refresh=False)).decode())
     assert s['vllm:kv_cache_usage_perc{model_name="unit-model"}'] == pytest.approx(1500 / 5000)
     assert s["baton_kv_cache_usage_ratio"] == pytest.approx(0.3)
     assert s['vllm:num_requests_running{model_name="unit-model"}'] == 2
     assert s['vllm:num_requests_waiting{model_name="unit-model"}'] == 1
-    empty = samples(metrics.exposition(metrics.ServicerCollector(_servicer({}), refresh=False)).decode())
+    empty = samples(metrics_scrape.exposition(metrics_scrape.ServicerCollector(_servicer({}), refresh=False)).decode())
     assert empty["baton_kv_cache_usage_ratio"] == 0
 
 

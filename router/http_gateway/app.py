@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from baton.v1 import router_pb2
-from router import metrics
+from router import metrics, metrics_scrape
 from router.http_gateway import docs_ui, tools
 from router.http_gateway import responses as R
 from router.http_gateway.choices import Calls, choice_requests
@@ -223,7 +223,7 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
              responses={200: {"content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"}})
     async def prometheus():
-        body = await asyncio.to_thread(metrics.exposition, gw.status_collector)
+        body = await asyncio.to_thread(metrics_scrape.exposition, gw.status_collector)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     docs_ui.add_routes(app)

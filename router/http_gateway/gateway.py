@@ -20,7 +20,7 @@ from fastapi import Request
 
 from baton import grpc_util
 from baton.v1 import router_pb2, router_pb2_grpc
-from router import metrics
+from router import metrics, metrics_scrape
 from router.http_gateway.errors import APIError
 from router.http_gateway.schemas import ChatMessage, TokenizeRequest
 from router.http_gateway.tools import template_message
@@ -51,7 +51,7 @@ class Gateway:
         self._sync_channel = grpc_util.make_channel(router_address, tls_root_cert=tls_root_cert,
                                                     max_message_bytes=max_message_bytes)
         sync_stub = router_pb2_grpc.RouterStub(self._sync_channel)
-        self.status_collector = metrics.RouterStatusCollector(
+        self.status_collector = metrics_scrape.RouterStatusCollector(
             lambda: sync_stub.Status(router_pb2.StatusRequest(), timeout=3, metadata=self.metadata))
 
     # -- lifecycle (inside the server's loop)
