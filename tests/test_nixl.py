@@ -81,10 +81,10 @@ def test_greedy_over_nixl_equals_generate_and_engine(cluster, ref):
 
 
 def test_status_shows_each_workers_transport(cluster, capsys):
-    from deploy.cli import _print_status
+    from deploy.status_view import print_status
     workers = cluster["client"].status().workers
     assert {w.kv_transport for w in workers} == {"nixl"} and len(workers) == 4
-    _print_status(cluster["client"].status(), as_json=False)
+    print_status(cluster["client"].status(), as_json=False)
     lines = capsys.readouterr().out.splitlines()
     assert "kv transport" in lines[1] and sum(line.rstrip().endswith("nixl") for line in lines) == 4
 
