@@ -17,6 +17,14 @@ def tiny():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model as a Hugging Face directory, for a module's worker processes (a module that
+    needs more in it, a tokenizer say, defines its own)."""
+    from tiny_model import save_tiny
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_process_outlives_its_module():
     """Every process a test module starts (deploy.procs.Proc) is stopped by the module's end; one

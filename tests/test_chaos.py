@@ -17,7 +17,7 @@ from deploy.procs import wait_for
 from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from loopback import kv_transports, loopback_cluster
 from router.client import RouterClient
-from tiny_model import EOS, engine_greedy, save_tiny, tiny_llama
+from tiny_model import EOS, engine_greedy, tiny_llama
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow(50)]
 N, CONCURRENCY, MAX_NEW = 200, 16, 8
@@ -57,11 +57,6 @@ def test_every_nth_and_off_by_default():
     assert parsed.every == {"kv_drop": 7, "attach_fail": 23} and parsed.transfer_timeout_s == 2.0
     with pytest.raises(ValueError):
         Faults({"kv_explode": 2})
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _worker_stats(c) -> list[prefill_pb2.WorkerStatsResponse]:

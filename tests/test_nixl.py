@@ -19,7 +19,7 @@ from baton.errors import Cancelled
 from deploy.procs import wait_for
 from loopback import kill_with_work_in_flight, loopback_cluster
 from router.client import RouterClient
-from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
+from tiny_model import EOS, reference_greedy
 
 try:
     kv_transport.check("nixl")
@@ -27,16 +27,6 @@ try:
 except kv_transport.TransportUnavailable as e:
     NIXL = str(e)
 pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(NIXL is not None, reason=NIXL or "")]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +51,22 @@ def _held(client) -> dict[str, int]:
     return out
 
 
-def test_greedy_over_nixl_equals_generate_and_engine(cluster, ref):
+def test_greedy_over_nixl_equals_generate_and_engine(cluster, tiny):
     from baton.engine import Engine
     from baton.sampling import SamplingParams
     rng = random.Random(5)
     prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (1, 17, 120)]
-    local = Engine(ref).generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    local = Engine(tiny).generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
     for p, loc in zip(prompts, local):
         text, ids, last = cluster["client"].complete(p, max_new_tokens=12, ignore_eos=True)
-        assert ids == reference_greedy(ref, p, 12, ignore_eos=True) == loc.output_ids
+        assert ids == reference_greedy(tiny, p, 12, ignore_eos=True) == loc.output_ids
         assert last.kv_bytes == 2 * 2 * 2 * len(p) * 16 * 8 and last.finish_reason == 1
     # concurrent requests share the agents and the staging pool
     with cf.ThreadPoolExecutor(8) as pool:
         calls = {tuple(p): pool.submit(cluster["client"].complete, p, max_new_tokens=6, ignore_eos=True)
                  for p in ([rng.randrange(1, EOS) for _ in range(rng.randint(2, 60))] for _ in range(16))}
     for p, call in calls.items():
-        assert call.result()[1] == reference_greedy(ref, list(p), 6, ignore_eos=True)
+        assert call.result()[1] == reference_greedy(tiny, list(p), 6, ignore_eos=True)
     wait_for(lambda: not any(_held(cluster["client"]).values()), 5, what="no K/V held by any transport")
 
 
@@ -89,19 +79,19 @@ def test_status_shows_each_workers_transport(cluster, capsys):
     assert "kv transport" in lines[1] and sum(line.rstrip().endswith("nixl") for line in lines) == 4
 
 
-def test_decode_worker_killed_mid_transfer_migrates_and_nothing_stays_lent(cluster, ref):
+def test_decode_worker_killed_mid_transfer_migrates_and_nothing_stays_lent(cluster, tiny):
     client = cluster["client"]
     victim = next(w for w in client.status().workers if w.role == "decode" and w.alive)
     p = [7, 8, 9, 10, 11]
     with cf.ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.complete, p, max_new_tokens=20, ignore_eos=True, timeout=60)
         kill_with_work_in_flight(client, victim.worker_id, victim.pid)
-        assert call.result()[1] == reference_greedy(ref, p, 20, ignore_eos=True)
+        assert call.result()[1] == reference_greedy(tiny, p, 20, ignore_eos=True)
     # the prefill side frees a region lent to a reader that died within its grace (2 s)
     wait_for(lambda: not any(_held(client).values()), 10, what="no K/V lent or staged after the kill")
 
 
-def test_prefill_worker_killed_mid_request_is_retried_elsewhere_and_nothing_stays_lent(cluster, ref):
+def test_prefill_worker_killed_mid_request_is_retried_elsewhere_and_nothing_stays_lent(cluster, tiny):
     client = cluster["client"]
     victim = next(w for w in client.status().workers if w.role == "prefill" and w.alive)
     before = client.stats().prefill_retries
@@ -109,7 +99,7 @@ def test_prefill_worker_killed_mid_request_is_retried_elsewhere_and_nothing_stay
     with cf.ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.complete, p, max_new_tokens=8, ignore_eos=True, timeout=60)
         kill_with_work_in_flight(client, victim.worker_id, victim.pid)
-        assert call.result()[1] == reference_greedy(ref, p, 8, ignore_eos=True)
+        assert call.result()[1] == reference_greedy(tiny, p, 8, ignore_eos=True)
     assert client.stats().prefill_retries > before
     wait_for(lambda: not any(_held(client).values()), 10, what="no K/V lent or staged after the kill")
 

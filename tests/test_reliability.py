@@ -14,12 +14,7 @@ import pytest
 from deploy.procs import Proc, wait_for
 from loopback import health, kill_with_work_in_flight, loopback_cluster
 from router.client import RouterClient
-from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+from tiny_model import EOS, engine_greedy, reference_greedy, tiny_llama
 
 
 @pytest.fixture(scope="module")

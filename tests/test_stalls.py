@@ -13,7 +13,7 @@ import pytest
 from deploy.procs import wait_for
 from loopback import loopback_cluster
 from router.client import RouterClient
-from tiny_model import EOS, engine_greedy, reference_greedy, save_tiny, tiny_llama
+from tiny_model import EOS, engine_greedy, reference_greedy, tiny_llama
 
 pytestmark = pytest.mark.slow(50)
 
@@ -21,11 +21,6 @@ SILENCE_S = 2.0      # the router's --worker-silence-s in these tests
 BOUND_S = 30.0       # every stream ends within this, stopped worker or not (a stop lasts STOP_S)
 STOP_S = 12.0
 LONG = 800          # tokens per stream in the decode stops: about 1 s on a fast machine (prompts <= 40, context 1024)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _expected(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
