@@ -154,11 +154,11 @@ def max_batch(workers) -> int:
     return max((w.stats.get("max_batch", 0) for w in workers if _serves(w, "decode")), default=0)
 
 
-def decode_context(workers, model_context: int) -> int:
-    """The longest request (prompt + output tokens) every worker that decodes can hold: its K/V
-    budget may cap it below the model's context (baton/kv_cache.py); `model_context` if none says."""
-    return min([model_context] + [w.stats["max_len"] for w in workers
-                                  if _serves(w, "decode") and w.alive and w.stats.get("max_len")])
+def decode_context(decoders, model_context: int) -> int:
+    """The longest request (prompt + output tokens) every one of the live decode-side workers
+    (Registry.live("decode")) can hold: its K/V budget may cap it below the model's context
+    (baton/kv_cache.py); `model_context` if none says."""
+    return min([model_context] + [w.stats["max_len"] for w in decoders if w.stats.get("max_len")])
 
 
 def _serves(w: WorkerHandle, role: str) -> bool:

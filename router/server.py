@@ -43,8 +43,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         check_request_id(self.limits, rid)
         ids = self._prompt_ids(r)
         # Left unset, max_new_tokens is what the context leaves (at most --max-new-tokens).
-        with self.registry.lock:
-            context = decode_context(list(self.registry.workers.values()), self.context_len)
+        context = decode_context(self.registry.live("decode"), self.context_len)
         left = max(1, min(self.limits.max_new_tokens, context - len(ids)))
         default = self.config.default_max_new_tokens or left
         # The token ids of logit_bias are checked against the model's vocabulary by the workers.
@@ -109,14 +108,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         with self.registry.lock:
             handles = list(self.registry.workers.values())
         for w in handles:
-            try:
-                w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=1, metadata=self.auth))
-            except grpc.RpcError:
-                pass
+            self._refresh_stats(w, timeout_s=1)
         return router_pb2.StatusResponse(workers=[w.to_pb() for w in handles], stats=self.stats_pb(),
                                          max_batch=max_batch(handles), max_queue=self.config.max_queue,
                                          model=self.model_name, topology=self.registry.topology(),
-                                         max_model_len=decode_context(handles, self.context_len))
+                                         max_model_len=decode_context(self.registry.live("decode"), self.context_len))
 
     @grpc_util.rpc
     def Scale(self, request, context):
@@ -132,11 +128,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def RegisterWorker(self, request, context):
         w = self.registry.register(request.worker)
         if not w.stats:   # what it holds (its context among it) is known from its first request on
-            try:
-                w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=2, metadata=self.auth))
-            except grpc.RpcError:
-                pass
+            self._refresh_stats(w, timeout_s=2)
         return router_pb2.RegisterWorkerResponse()
+
+    def _refresh_stats(self, w, timeout_s: float) -> None:
+        """The worker's current Stats kept on its handle (the last ones stay if it does not answer)."""
+        try:
+            w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=timeout_s, metadata=self.auth))
+        except grpc.RpcError:
+            pass
 
     @grpc_util.rpc
     def DeregisterWorker(self, request, context):
