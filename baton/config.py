@@ -11,7 +11,9 @@ class EngineConfig:
     device: str = "auto"              # auto = cuda when present, else cpu
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
-    prefill_chunk_tokens: int = 512   # prompt tokens prefilled per step, in chunks (in-process / colocated)
+    prefill_chunk_tokens: int = 512   # at most this many prompt tokens prefilled per step, in chunks (colocated)
+    step_time_ms: float | None = 0.0  # a step with prompt pieces takes about this long; 0 = twice the decode
+                                      # step, None = prefill_chunk_tokens every step (baton/step_budget.py)
     prefix_cache_mb: int = 256        # K/V of prompt prefixes kept for later prompts (baton/prefix_cache.py); 0 = off
     max_model_len: int = 0            # prompt + output tokens a request may hold; 0 = the model's max_position_embeddings
     kv_cache_memory: int = 0          # bytes for the decode batch's K/V, allocated once; 0 = sized by the policy below

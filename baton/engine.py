@@ -13,6 +13,7 @@ with no prompt piece runs baton/decode_graphs.py's static-buffer step (CUDA grap
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from baton.request import FinishReason, Request, Status, TokenEvent
 from baton.sampler import sample_rows
 from baton.sampling import Logprobs, SamplingParams
 from baton.scheduler import Scheduler
+from baton.step_budget import StepBudget
 
 
 @dataclass
@@ -178,7 +180,8 @@ class Engine:
         self.capacity = default_capacity(self.runner, model, config.max_batch, config)
         self.batch = DecodeBatch(self.runner, model, config.max_batch, self.capacity,
                                  graphs=self.runner.device.type == "cuda" and not config.enforce_eager)
-        self.scheduler = Scheduler(config.max_batch, config.max_queue, config.prefill_chunk_tokens, self._start_prompt)
+        self.scheduler = Scheduler(config.max_batch, config.max_queue)
+        self.budget = StepBudget(config.prefill_chunk_tokens, config.step_time_ms)
         self.requests: dict[str, Request] = {}          # every request in the engine, queued or running
         self.prompt_kv: dict[str, torch.Tensor] = {}    # (L, 2, Hkv, P, D) of each prompt being prefilled here
         self.counts = collections.Counter()
@@ -189,7 +192,7 @@ class Engine:
 
     def describe(self) -> str:
         """What the engine holds, for the start-up log: its cache's size and how it steps."""
-        return f"{self.capacity.describe()}; {self.batch.decode.describe()}"
+        return f"{self.capacity.describe()}; {self.batch.decode.describe()}; {self.budget.describe()}"
 
     @property
     def max_len(self) -> int:
@@ -246,12 +249,19 @@ class Engine:
         return cached
 
     def step(self) -> list[TokenEvent]:
-        plan = self.scheduler.plan(len(self.batch))
+        budget = self.budget.tokens(len(self.batch))
+        plan = self.scheduler.admit(len(self.batch), budget)
+        for req in plan.started:
+            self.scheduler.begin(req, self._start_prompt(req))
+        plan.pieces = self.scheduler.pieces(budget)
         chunks = [(p.req, PromptChunk(p.ids, p.start, self.prompt_kv[p.req.request_id])) for p in plan.pieces]
         for p in plan.pieces:
             if p.last:   # its K/V joins the batch in this step (a copy): the cache keeps the buffer
                 self.prefixes.add(p.req.all_ids, self.prompt_kv.pop(p.req.request_id))
-        events = self.batch.admit_group(plan.joining) + self.batch.step(chunks)
+        events = self.batch.admit_group(plan.joining)
+        rows, began = len(self.batch), time.perf_counter()
+        events += self.batch.step(chunks)     # ends on the host's copy of the new tokens: the step's true time
+        self.budget.observe(rows, sum(len(p.ids) for p in plan.pieces), time.perf_counter() - began)
         for e in events:
             if e.finish_reason is not None:
                 req = self.requests[e.request_id]

@@ -1,16 +1,16 @@
 """The engine's admission policy, with no model in it: which prefilled requests take a row, which
-prompts start, which pieces of them are prefilled this step under the per-step token budget.
+prompts start, which pieces of them are prefilled this step under the step's token budget.
 
-`Scheduler.plan()` returns a StepPlan; the engine (engine.py) executes it: it embeds the joiners
-and runs the pieces in the decode step's pass. A prompt that starts is handed to the engine's
-`start_prompt` first, which allocates its K/V and says how many of its tokens a cached prefix
-holds already: its pieces start after them. The scheduler holds the queues only; a request leaves
-them through `remove()`, which the engine calls from its one exit, `Engine.finish_and_free`.
+A step is planned in two calls, and the scheduler never calls the engine: `admit()` gives the
+joiners their rows and starts prompts while rows and budget are left; the engine allocates each
+starting prompt's K/V and tells `begin()` how many of its tokens a cached prefix holds already;
+`pieces()` then cuts this step's prompt pieces, oldest prompt first, from where each stands. The
+engine (engine.py) executes the plan. The scheduler holds the queues only; a request leaves them
+through `remove()`, which the engine calls from its one exit, `Engine.finish_and_free`.
 """
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +45,8 @@ class Scheduler:
     """FIFO queues: prompts to prefill here (`waiting`, then `prefilling` over several steps) and
     requests prefilled elsewhere (`prefilled`). A prompt being prefilled holds the row it will take."""
 
-    def __init__(self, max_rows: int, max_queue: int, chunk_tokens: int,
-                 start_prompt: Callable[[Request], int] = lambda req: 0):
-        self.max_rows, self.max_queue, self.chunk_tokens = max_rows, max_queue, chunk_tokens
-        self.start_prompt = start_prompt   # the engine's: how many of a starting prompt's tokens it holds already
+    def __init__(self, max_rows: int, max_queue: int):
+        self.max_rows, self.max_queue = max_rows, max_queue
         self.waiting: collections.OrderedDict[str, Request] = collections.OrderedDict()
         self.prefilling: collections.OrderedDict[str, Request] = collections.OrderedDict()
         self.progress: dict[str, int] = {}       # request_id -> prompt tokens prefilled so far
@@ -81,35 +79,42 @@ class Scheduler:
             return self.prefilled.pop(request_id)[0]
         return None
 
-    def plan(self, running: int) -> StepPlan:
-        """The next step, for a batch of `running` rows: joiners take the free rows first; then
-        prompt pieces, oldest prompt first, up to the token budget, starting waiting prompts while
-        rows are left for them."""
+    def admit(self, running: int, budget: int) -> StepPlan:
+        """The next step's rows, for a batch of `running` rows: joiners take the free rows first;
+        then waiting prompts start (PREFILLING, holding a row each) while rows are left and the
+        prompts already in prefill leave some of the step's `budget` of tokens to them. The
+        engine answers each started prompt with `begin()` before asking for `pieces()`."""
         plan = StepPlan()
         free = self.max_rows - running - len(self.prefilling)
         plan.joining = [self.prefilled.popitem(last=False)[1] for _ in range(max(0, min(free, len(self.prefilled))))]
         rows = running + len(plan.joining)
-        budget = self.chunk_tokens
-        for req in self._prefill_order(rows, plan.started):
-            start = self.progress[req.request_id]
-            piece = Piece(req, start, req.all_ids[start:start + budget])
-            plan.pieces.append(piece)
-            self.progress[req.request_id] += len(piece.ids)
-            budget -= len(piece.ids)
-            if budget <= 0:
-                break
-        for piece in plan.pieces:
-            if piece.last:
-                self.prefilling.pop(piece.req.request_id)
-                self.progress.pop(piece.req.request_id)
-        return plan
-
-    def _prefill_order(self, rows: int, started: list[Request]):
-        yield from list(self.prefilling.values())
-        while self.waiting and rows + len(self.prefilling) < self.max_rows:
+        left = budget - sum(len(r.all_ids) - self.progress.get(r.request_id, 0) for r in self.prefilling.values())
+        while self.waiting and left > 0 and rows + len(self.prefilling) < self.max_rows:
             req = self.waiting.popitem(last=False)[1]
             req.status = Status.PREFILLING
             self.prefilling[req.request_id] = req
-            self.progress[req.request_id] = self.start_prompt(req)   # a cached prefix is not prefilled again
-            started.append(req)
-            yield req
+            plan.started.append(req)
+            left -= len(req.all_ids)
+        return plan
+
+    def begin(self, req: Request, cached: int) -> None:
+        """A started prompt's first `cached` tokens are in its K/V already (a cached prefix): its
+        prefill starts after them."""
+        self.progress[req.request_id] = cached
+
+    def pieces(self, budget: int) -> list[Piece]:
+        """This step's prompt pieces: oldest prompt first, up to `budget` tokens. A prompt whose
+        last piece this is leaves the queues (its row is taken in this step)."""
+        out = []
+        for req in self.prefilling.values():
+            if budget <= 0:
+                break
+            start = self.progress.get(req.request_id, 0)
+            out.append(Piece(req, start, req.all_ids[start:start + budget]))
+            budget -= len(out[-1].ids)
+        for piece in out:
+            self.progress[piece.req.request_id] = piece.start + len(piece.ids)
+            if piece.last:
+                self.prefilling.pop(piece.req.request_id)
+                self.progress.pop(piece.req.request_id)
+        return out

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from baton import kv_transport
+from baton import kv_transport, step_budget
 from baton.config import EngineConfig
 
 # The dtypes a model serves in (baton.kv_codec.DTYPES's names: its K/V travels in them), and `auto`.
@@ -93,6 +93,11 @@ def add_engine_args(p) -> None:
                    help="prompt tokens a colocated worker prefills per step, in chunks beside the running rows "
                         "(vLLM's name); more gives newcomers their first token sooner, fewer keeps the running rows' "
                         "steps short (default: %(default)s)")
+    p.add_argument("--step-time-budget", type=_step_time, default="auto", metavar="auto|off|MS",
+                   help="how long a step that carries prompt pieces may take, from what steps are measured to cost "
+                        "on this machine (baton/step_budget.py): 'auto' = twice the decode step it joins, so running "
+                        "rows' time per output token at most doubles while newcomers are prefilled; MS = that many "
+                        "milliseconds; 'off' = always --max-num-batched-tokens (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
 
@@ -101,7 +106,7 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
     """The engine flags of `baton up` / `baton serve`, as a worker's command line."""
     argv = ["--prefix-cache-mb", str(a.prefix_cache_mb), "--max-model-len", str(a.max_model_len),
             "--kv-cache-memory", str(a.kv_cache_memory), "--gpu-memory-utilization", str(a.gpu_memory_utilization),
-            "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+            "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--step-time-budget", a.step_time_budget]
     return argv + (["--enforce-eager"] if a.enforce_eager else [])
 
 
@@ -110,7 +115,16 @@ def engine_config(a: argparse.Namespace, **kw) -> EngineConfig:
     return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, max_queue=a.max_queue,
                         prefix_cache_mb=a.prefix_cache_mb, max_model_len=a.max_model_len,
                         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
-                        prefill_chunk_tokens=a.max_num_batched_tokens, enforce_eager=a.enforce_eager, **kw)
+                        prefill_chunk_tokens=a.max_num_batched_tokens, step_time_ms=step_budget.parse(a.step_time_budget),
+                        enforce_eager=a.enforce_eager, **kw)
+
+
+def _step_time(text: str) -> str:
+    try:
+        step_budget.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}

@@ -328,12 +328,14 @@ def test_engine_flags_reach_the_workers_engine_config():
     from baton.worker_process import engine_argv, engine_config, parse_args
     up = build_parser().parse_args(["up", "--max-model-len", "300", "--kv-cache-memory", "64MB",
                                     "--gpu-memory-utilization", "0.7", "--enforce-eager", "--prefix-cache-mb", "8",
-                                    "--max-num-batched-tokens", "1024"])
+                                    "--max-num-batched-tokens", "1024", "--step-time-budget", "150"])
     for role in ("prefill", "decode"):
         cfg = engine_config(parse_args(role, engine_argv(up)))
         assert (cfg.max_model_len, cfg.kv_cache_memory, cfg.gpu_memory_utilization, cfg.enforce_eager,
-                cfg.prefix_cache_mb, cfg.prefill_chunk_tokens) == (300, 64_000_000, 0.7, True, 8, 1024)
-    assert engine_config(parse_args("decode", [])).enforce_eager is False
+                cfg.prefix_cache_mb, cfg.prefill_chunk_tokens, cfg.step_time_ms) == (300, 64_000_000, 0.7, True, 8, 1024, 150)
+    default = engine_config(parse_args("decode", []))
+    assert default.enforce_eager is False and default.step_time_ms == 0.0    # auto
+    assert engine_config(parse_args("decode", ["--step-time-budget", "off"])).step_time_ms is None
 
 
 def test_byte_sizes():

@@ -1,0 +1,88 @@
+"""How many prompt tokens the next step may carry (chunked prefill), from what steps cost here.
+
+A colocated step runs the batch's decode rows and newcomers' prompt pieces in one pass over the
+weights, so every running row waits for the pieces in its step. A fixed token budget means a
+different step time on every machine (a 128-token piece is ~0.1 s on one CPU, several tenths on
+another, a millisecond on a GPU). Instead the budget is sized from a cost model learned online:
+
+    step seconds ~= decode(rows) + per_token * prompt_tokens
+
+`decode(rows)` is a running average of steps with no prompt piece (per power-of-two row count),
+`per_token` one of what the pieces added on top of it. A step with pieces is sized to take at
+most `target` seconds: by default twice the decode step it joins (`factor`), so a running row's
+TPOT at most doubles while a prompt is prefilled beside it, or a fixed time. The token budget
+(`--max-num-batched-tokens`) stays the ceiling, and a floor keeps every prompt moving. With no
+running rows the whole token budget is used: nobody waits for the step.
+"""
+from __future__ import annotations
+
+import math
+
+
+def parse(text: str) -> float | None:
+    """--step-time-budget: 'auto' -> 0.0 (twice the decode step), 'off' -> None (tokens only),
+    a number -> that many milliseconds."""
+    if text == "auto":
+        return 0.0
+    if text == "off":
+        return None
+    ms = float(text)
+    if not ms > 0 or math.isinf(ms):
+        raise ValueError(f"a step time in milliseconds > 0, 'auto' or 'off'; got {text!r}")
+    return ms
+
+
+class StepBudget:
+    def __init__(self, max_tokens: int, target_ms: float | None = 0.0, *, factor: float = 2.0,
+                 min_tokens: int = 32, smoothing: float = 0.25):
+        """target_ms: None = always max_tokens; 0 = `factor` x the decode step; > 0 = that time."""
+        self.max_tokens, self.target_ms, self.factor = max_tokens, target_ms, factor
+        self.min_tokens, self.smoothing = min(min_tokens, max_tokens), smoothing
+        self.decode_s: dict[int, float] = {}      # power-of-two rows -> seconds of a decode-only step
+        self.token_s: float | None = None         # seconds one prompt token adds to a step
+
+    @staticmethod
+    def _bucket(rows: int) -> int:
+        return 1 << max(0, rows - 1).bit_length()
+
+    def _decode(self, rows: int) -> float | None:
+        if rows == 0:
+            return 0.0
+        return self.decode_s.get(self._bucket(rows))
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        """A step ran `rows` decode rows and `tokens` prompt tokens in `seconds`."""
+        if tokens == 0:
+            if rows:
+                b = self._bucket(rows)
+                self.decode_s[b] = self._average(self.decode_s.get(b), seconds)
+            return
+        decode = self._decode(rows)
+        if decode is not None and tokens >= self.min_tokens:   # short pieces say more about overhead than tokens
+            self.token_s = self._average(self.token_s, max(0.0, seconds - decode) / tokens)
+
+    def target_s(self, rows: int) -> float | None:
+        """What a step with prompt pieces may take at this batch size (None: not known yet)."""
+        decode = self._decode(rows)
+        if self.target_ms:
+            return self.target_ms / 1e3
+        return None if decode is None else self.factor * decode
+
+    def tokens(self, rows: int) -> int:
+        """Prompt tokens the next step may carry beside `rows` running rows."""
+        if self.target_ms is None or rows == 0:
+            return self.max_tokens
+        target, decode = self.target_s(rows), self._decode(rows)
+        if target is None or decode is None or not self.token_s:
+            return self.max_tokens          # still learning: the first steps measure with the full budget
+        fit = int((target - decode) / self.token_s + 1e-6)     # 1e-6: 49.999... tokens is 50
+        return max(self.min_tokens, min(self.max_tokens, fit))
+
+    def describe(self) -> str:
+        if self.target_ms is None:
+            return f"step budget {self.max_tokens} prompt tokens"
+        when = f"{self.target_ms:g} ms" if self.target_ms else f"{self.factor:g}x the decode step"
+        return f"step budget {when} (at most {self.max_tokens} prompt tokens)"
