@@ -240,24 +240,24 @@ def test_endpoint_flops_per_token_count_every_weight_a_token_meets(tmp_path):
     assert decode == 2 * (layers + model.lm_head.weight.numel())
 
 
-def test_endpoint_bench_drives_a_peer_at_burst_and_rate_with_their_own_prompts_and_reports_its_matmul_ratio(base_url, tmp_path):
+def test_endpoint_bench_drives_a_peer_at_burst_and_a_sweep_of_rates_with_their_own_prompts_and_reports_its_matmul_ratio(base_url, tmp_path):
     import json
 
     from deploy.bench.endpoint import main as endpoint_main
     from tiny_model import save_tiny
     out = tmp_path / "out"
     assert endpoint_main(["--topologies", "", "--peer", f"fake={base_url}", "--model", save_tiny(tmp_path / "m"),
-                          "--tokenizer", "none", "--num-prompts", "4", "--rate", "50", "--no-progress",
+                          "--tokenizer", "none", "--num-prompts", "4", "--rate", "50,80", "--no-progress",
                           "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
     loads = r["results"]["fake"]
-    assert sorted(loads) == ["50 q/s", "burst"]
+    assert sorted(loads) == ["50 q/s", "80 q/s", "burst"]
     assert all(x["completed"] == 4 and x["failed"] == 0 for x in loads.values())
-    assert r["results"]["fake"]["50 q/s"]["config"]["request_rate"] == 50
-    # each load draws its own prompts: the second does not find the first's in a server's prefix cache
-    assert (loads["burst"]["config"]["seed"], loads["50 q/s"]["config"]["seed"]) == (0, 1)
+    assert [loads[k]["config"]["request_rate"] for k in ("50 q/s", "80 q/s")] == [50, 80]
+    # each load draws its own prompts: a later one does not find an earlier one's in a server's prefix cache
+    assert [loads[k]["config"]["seed"] for k in ("burst", "50 q/s", "80 q/s")] == [0, 1, 2]
     md = (out / "results.md").read_text()
-    assert md.count("| `fake` |") == 4  # a row per load in each load's table and in the summary
+    assert md.count("| `fake` |") == 6  # a row per load in each load's table and in the summary
     assert f"{r['torch_matmul_gflops']:.1f} GFLOP/s" in md
 
 

@@ -4,7 +4,7 @@ with `baton bench serve` (all requests at once, then Poisson arrivals); servers 
 (vLLM, llama.cpp's llama-server) join the same run with --peer NAME=URL.
 
     baton bench endpoint [--topologies colocated,disaggregated] [--peer llama.cpp=http://127.0.0.1:8080]
-        [--num-prompts 32] [--rate 4] [--out docs/bench/endpoint]
+        [--num-prompts 32] [--rate 4 | --rate 2,4,8] [--out docs/bench/endpoint]
 
 Besides the serving metrics it measures torch's matmul rate here, in the dtype served (2048^3 on
 all cores, 8192^3 on a GPU), and reports each server's effective GFLOP/s on the workload (model
@@ -107,7 +107,17 @@ def serve_up(topology: str, args):
 
 
 def loads(args) -> list[tuple[str, float]]:
-    return [("burst", math.inf), (f"{args.rate:g} q/s", args.rate)]
+    return [("burst", math.inf)] + [(f"{rate:g} q/s", rate) for rate in args.rate]
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or not all(0 < r < math.inf for r in rates):
+        raise argparse.ArgumentTypeError(f"request rates > 0, comma-separated (e.g. 4 or 2,4,8); got {text!r}")
+    return rates
 
 
 def bench_server(name: str, url: str, args, model_name: str | None) -> dict[str, dict]:
@@ -168,9 +178,12 @@ def parse_args(argv=None):
                    help="more flags for baton's servers, e.g. \"--max-num-batched-tokens 2048\" (the workers' with "
                         "--launcher processes) (default: none)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per load (default: 32)")
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson rate of the second load, req/s (default: 4)")
+    p.add_argument("--rate", type=_rates, default=[4.0], metavar="RATES",
+                   help="Poisson rates of the loads after the burst, req/s, comma-separated: a sweep, e.g. 2,4,8 "
+                        "(default: 4)")
     p.add_argument("--seed", type=int, default=0,
-                   help="workload seed; the k-th load (0: burst, 1: rate) draws its prompts with seed + k (default: 0)")
+                   help="workload seed; the k-th load (0: burst, then each rate) draws its prompts with seed + k "
+                        "(default: 0)")
     p.add_argument("--slo-ttft-ms", type=float, default=10000, help="goodput SLO on TTFT (default: 10000)")
     p.add_argument("--slo-tpot-ms", type=float, default=250, help="goodput SLO on TPOT (default: 250)")
     p.add_argument("--tokenizer", default="smollm2",
