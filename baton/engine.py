@@ -249,7 +249,7 @@ class Engine:
         return cached
 
     def step(self) -> list[TokenEvent]:
-        budget = self.budget.tokens(len(self.batch))
+        budget = self.budget.tokens(len(self.batch), self.scheduler.starting(len(self.batch)))
         plan = self.scheduler.admit(len(self.batch), budget)
         for req in plan.started:
             self.scheduler.begin(req, self._start_prompt(req))

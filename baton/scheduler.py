@@ -79,6 +79,12 @@ class Scheduler:
             return self.prefilled.pop(request_id)[0]
         return None
 
+    def starting(self, running: int) -> int:
+        """Prompts that would hold a row this step beside `running` rows: those in prefill, and
+        waiting ones with a row free for them (what the step's budget weighs against the rows)."""
+        free = self.max_rows - running - len(self.prefilling) - len(self.prefilled)
+        return len(self.prefilling) + max(0, min(free, len(self.waiting)))
+
     def admit(self, running: int, budget: int) -> StepPlan:
         """The next step's rows, for a batch of `running` rows: joiners take the free rows first;
         then waiting prompts start (PREFILLING, holding a row each) while rows are left and the

@@ -8,11 +8,15 @@ another, a millisecond on a GPU). Instead the budget is sized from a cost model 
     step seconds ~= decode(rows) + per_token * prompt_tokens
 
 `decode(rows)` is a running average of steps with no prompt piece (per power-of-two row count),
-`per_token` one of what the pieces added on top of it. A step with pieces is sized to take at
-most `target` seconds: by default twice the decode step it joins (`factor`), so a running row's
-TPOT at most doubles while a prompt is prefilled beside it, or a fixed time. The token budget
-(`--max-num-batched-tokens`) stays the ceiling, and a floor keeps every prompt moving. With no
-running rows the whole token budget is used: nobody waits for the step.
+`per_token` one of what the pieces added on top of it. By default (`auto`) the pieces may add
+`decode(rows) * max(1, starting / rows)`, where `starting` counts the prompts that would take a
+row now (in prefill, or waiting with a row free for them): with a steady trickle of arrivals a
+step carrying a prompt takes at most twice the decode step, so running rows keep their pace;
+when more requests wait for their first token than rows run (a burst), the waiting get the step
+in proportion, so newcomers still get their first token soon and the batch fills. A fixed
+target in milliseconds is the other choice. The token budget (`--max-num-batched-tokens`) stays
+the ceiling, and a floor keeps every prompt moving. With no running rows the whole token budget
+is used: nobody waits for the step.
 """
 from __future__ import annotations
 
@@ -64,18 +68,20 @@ class StepBudget:
         if decode is not None and tokens >= self.min_tokens:   # short pieces say more about overhead than tokens
             self.token_s = self._average(self.token_s, max(0.0, seconds - decode) / tokens)
 
-    def target_s(self, rows: int) -> float | None:
-        """What a step with prompt pieces may take at this batch size (None: not known yet)."""
+    def target_s(self, rows: int, starting: int = 0) -> float | None:
+        """What a step with prompt pieces may take beside `rows` running rows while `starting`
+        prompts wait for their first token (None: not known yet)."""
         decode = self._decode(rows)
         if self.target_ms:
             return self.target_ms / 1e3
-        return None if decode is None else self.factor * decode
+        return None if decode is None else decode * (1 + max(self.factor - 1, starting / max(rows, 1)))
 
-    def tokens(self, rows: int) -> int:
-        """Prompt tokens the next step may carry beside `rows` running rows."""
+    def tokens(self, rows: int, starting: int = 0) -> int:
+        """Prompt tokens the next step may carry beside `rows` running rows, `starting` prompts
+        waiting for their first token (in prefill, or waiting with a row free for them)."""
         if self.target_ms is None or rows == 0:
             return self.max_tokens
-        target, decode = self.target_s(rows), self._decode(rows)
+        target, decode = self.target_s(rows, starting), self._decode(rows)
         if target is None or decode is None or not self.token_s:
             return self.max_tokens          # still learning: the first steps measure with the full budget
         fit = int((target - decode) / self.token_s + 1e-6)     # 1e-6: 49.999... tokens is 50
@@ -84,5 +90,5 @@ class StepBudget:
     def describe(self) -> str:
         if self.target_ms is None:
             return f"step budget {self.max_tokens} prompt tokens"
-        when = f"{self.target_ms:g} ms" if self.target_ms else f"{self.factor:g}x the decode step"
+        when = f"{self.target_ms:g} ms" if self.target_ms else f"{self.factor:g}x the decode step or more while prompts wait"
         return f"step budget {when} (at most {self.max_tokens} prompt tokens)"

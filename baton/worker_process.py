@@ -94,10 +94,10 @@ def add_engine_args(p) -> None:
                         "(vLLM's name); more gives newcomers their first token sooner, fewer keeps the running rows' "
                         "steps short (default: %(default)s)")
     p.add_argument("--step-time-budget", type=_step_time, default="auto", metavar="auto|off|MS",
-                   help="how long a step that carries prompt pieces may take, from what steps are measured to cost "
-                        "on this machine (baton/step_budget.py): 'auto' = twice the decode step it joins, so running "
-                        "rows' time per output token at most doubles while newcomers are prefilled; MS = that many "
-                        "milliseconds; 'off' = always --max-num-batched-tokens (default: %(default)s)")
+                   help="how long a colocated step that carries prompt pieces may take, from what steps are measured "
+                        "to cost on this machine (baton/step_budget.py): 'auto' = twice the decode step it joins, "
+                        "more in proportion while more prompts wait for their first token than rows run (a burst); "
+                        "MS = that many milliseconds; 'off' = always --max-num-batched-tokens (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
 

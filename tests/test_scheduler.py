@@ -97,3 +97,14 @@ def test_a_waiting_prompt_starts_only_when_the_steps_budget_reaches_it():
     plan = _plan(s, 0, budget=64)                 # a's last 36 tokens leave 28 for b
     assert [r.request_id for r in plan.started] == ["b"]
     assert _pieces(plan) == [("a", 64, 36, True), ("b", 0, 10, True)]
+
+
+def test_prompts_starting_count_those_in_prefill_and_those_a_free_row_waits_for():
+    s = Scheduler(max_rows=4, max_queue=8)
+    for rid in "abcde":
+        s.add(_req(rid, 100))
+    assert s.starting(running=1) == 3                # three rows free, five prompts waiting
+    _plan(s, 1, budget=150)                          # a and b start (b only partly prefilled): a takes its row
+    assert s.starting(running=2) == 2                # b in prefill, and c for the last free row
+    s.add_prefilled(_req("x", 3), "kv")
+    assert s.starting(running=2) == 1                # x takes the free row first

@@ -29,6 +29,13 @@ def test_a_step_with_prompt_pieces_is_sized_to_twice_the_measured_decode_step():
     assert 50 < budget.tokens(8) < 100
 
 
+def test_when_more_prompts_wait_than_rows_run_the_waiting_get_the_step_in_proportion():
+    budget = _learned(StepBudget(512))
+    assert budget.tokens(8, starting=4) == 50      # fewer waiting than running: twice the decode step
+    assert budget.tokens(8, starting=32) == 200    # (0.1 s x (1 + 32 / 8) - 0.1 s) / 2 ms a token
+    assert budget.tokens(8, starting=400) == 512   # --max-num-batched-tokens still caps it
+
+
 def test_the_whole_token_budget_while_learning_with_no_running_rows_and_when_off():
     assert StepBudget(512).tokens(8) == 512                      # nothing measured yet
     assert _learned(StepBudget(512)).tokens(0) == 512            # nobody waits for the step
@@ -58,7 +65,7 @@ class _RandomBudget(StepBudget):
         super().__init__(512)
         self.rng, self.seen = rng, []
 
-    def tokens(self, rows: int) -> int:
+    def tokens(self, rows: int, starting: int = 0) -> int:
         self.seen.append(self.rng.choice([1, 3, 16, 32, 77, 512]))
         return self.seen[-1]
 
