@@ -39,10 +39,11 @@ serve: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
-# The served endpoint first (baton up in each topology, plus any --peer in ENDPOINT_ARGS), then the
+# The served endpoint first (baton up in each topology, plus any --peer in ENDPOINT_ARGS; a burst, then
+# Poisson loads at 2, 4 and 8 q/s), then the
 # in-process comparison of batching schemes.
 bench: install
-	$(VENV)/bin/baton bench endpoint --out docs/bench/endpoint $(ENDPOINT_ARGS)
+	$(VENV)/bin/baton bench endpoint --rate 2,4,8 --out docs/bench/endpoint $(ENDPOINT_ARGS)
 	$(VENV)/bin/baton bench --sweep 2,4,8 --out docs/bench $(BENCH_ARGS)
 
 # Not in CI: mixed load with cancels, deadlines, SIGKILL and SIGSTOP of workers for SOAK_MINUTES (30).
