@@ -7,8 +7,10 @@ another, a millisecond on a GPU). Instead the budget is sized from a cost model 
 
     step seconds ~= decode(rows) + per_token * prompt_tokens
 
-`decode(rows)` is a running average of steps with no prompt piece (per power-of-two row count),
-`per_token` one of what the pieces added on top of it. By default (`auto`) the pieces may add
+`decode(rows)` is the median of recent steps with no prompt piece (per power-of-two row count;
+the nearest count measured stands in for one not measured yet), `per_token` the median of what
+recent pieces added on top of it per token: medians, so that a first step's one-off costs (the
+cache's pages touched for the first time) or a pause of the machine do not steer the budget. By default (`auto`) the pieces may add
 `decode(rows) * max(1, starting / rows)`, where `starting` counts the prompts that would take a
 row now (in prefill, or waiting with a row free for them): with a steady trickle of arrivals a
 step carrying a prompt takes at most twice the decode step, so running rows keep their pace;
@@ -21,6 +23,8 @@ is used: nobody waits for the step.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 
 def parse(text: str) -> float | None:
@@ -38,35 +42,43 @@ def parse(text: str) -> float | None:
 
 class StepBudget:
     def __init__(self, max_tokens: int, target_ms: float | None = 0.0, *, factor: float = 2.0,
-                 min_tokens: int = 32, smoothing: float = 0.25):
-        """target_ms: None = always max_tokens; 0 = `factor` x the decode step; > 0 = that time."""
+                 min_tokens: int = 32, window: int = 9):
+        """target_ms: None = always max_tokens; 0 = auto (see above); > 0 = that time."""
         self.max_tokens, self.target_ms, self.factor = max_tokens, target_ms, factor
-        self.min_tokens, self.smoothing = min(min_tokens, max_tokens), smoothing
-        self.decode_s: dict[int, float] = {}      # power-of-two rows -> seconds of a decode-only step
-        self.token_s: float | None = None         # seconds one prompt token adds to a step
+        self.min_tokens, self.window = min(min_tokens, max_tokens), window
+        self.decode_samples: dict[int, deque[float]] = {}   # power-of-two rows -> seconds of decode-only steps
+        self.token_samples: deque[float] = deque(maxlen=window)   # seconds one prompt token added to a step
 
     @staticmethod
     def _bucket(rows: int) -> int:
         return 1 << max(0, rows - 1).bit_length()
 
+    @property
+    def decode_s(self) -> dict[int, float]:
+        return {b: statistics.median(s) for b, s in self.decode_samples.items()}
+
+    @property
+    def token_s(self) -> float | None:
+        return statistics.median(self.token_samples) if self.token_samples else None
+
     def _decode(self, rows: int) -> float | None:
         if rows == 0:
             return 0.0
-        return self.decode_s.get(self._bucket(rows))
-
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.smoothing * (new - old)
+        if not self.decode_samples:
+            return None
+        want = self._bucket(rows)
+        nearest = min(self.decode_samples, key=lambda b: abs(b.bit_length() - want.bit_length()))
+        return statistics.median(self.decode_samples[nearest])
 
     def observe(self, rows: int, tokens: int, seconds: float) -> None:
         """A step ran `rows` decode rows and `tokens` prompt tokens in `seconds`."""
         if tokens == 0:
             if rows:
-                b = self._bucket(rows)
-                self.decode_s[b] = self._average(self.decode_s.get(b), seconds)
+                self.decode_samples.setdefault(self._bucket(rows), deque(maxlen=self.window)).append(seconds)
             return
         decode = self._decode(rows)
         if decode is not None and tokens >= self.min_tokens:   # short pieces say more about overhead than tokens
-            self.token_s = self._average(self.token_s, max(0.0, seconds - decode) / tokens)
+            self.token_samples.append(max(0.0, seconds - decode) / tokens)
 
     def target_s(self, rows: int, starting: int = 0) -> float | None:
         """What a step with prompt pieces may take beside `rows` running rows while `starting`

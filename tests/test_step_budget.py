@@ -25,8 +25,21 @@ def test_a_step_with_prompt_pieces_is_sized_to_twice_the_measured_decode_step():
     budget = _learned(StepBudget(512))
     assert budget.tokens(8) == 50            # (2 x 0.1 s - 0.1 s) / 2 ms a token
     assert budget.tokens(7) == 50            # the same power-of-two bucket of rows
-    budget.observe(8, 0, 0.2)                # decode got slower (wider rows): its running average moves
-    assert 50 < budget.tokens(8) < 100
+    assert budget.tokens(16) == 50           # a row count not measured yet borrows the nearest one measured
+    budget.observe(8, 0, 0.2)                # one slow step (a pause of the machine) steers nothing
+    assert budget.tokens(8) == 50
+    for _ in range(5):                       # decode got slower for good (wider rows): the median follows
+        budget.observe(8, 0, 0.2)
+    assert budget.tokens(8) == 100           # (2 x 0.2 s - 0.2 s) / 2 ms
+
+
+def test_a_first_steps_one_off_cost_does_not_shrink_the_budget():
+    budget = StepBudget(512)
+    budget.observe(0, 512, 5.4)              # the first step: the cache's pages touched for the first time
+    budget.observe(8, 0, 0.1)
+    budget.observe(8, 100, 0.3)
+    budget.observe(8, 100, 0.3)
+    assert budget.tokens(8) == 50
 
 
 def test_when_more_prompts_wait_than_rows_run_the_waiting_get_the_step_in_proportion():
@@ -39,7 +52,6 @@ def test_when_more_prompts_wait_than_rows_run_the_waiting_get_the_step_in_propor
 def test_the_whole_token_budget_while_learning_with_no_running_rows_and_when_off():
     assert StepBudget(512).tokens(8) == 512                      # nothing measured yet
     assert _learned(StepBudget(512)).tokens(0) == 512            # nobody waits for the step
-    assert _learned(StepBudget(512)).tokens(16) == 512           # 16 rows never measured
     assert _learned(StepBudget(512, target_ms=None)).tokens(8) == 512
 
 
