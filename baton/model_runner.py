@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baton.kv_cache import BatchKVCache
+from baton.kv_cache import BatchKVCache, StepInputs
 from baton.models import layer_reader
 
 
@@ -103,17 +103,17 @@ class ModelRunner:
         gate, up = _linear(self.norm(h, L.post_norm), L.gate_up, L.gate_up_bias).chunk(2, dim=-1)
         return h + _linear(F.silu(gate) * up, L.down, L.down_bias)
 
-    def batch_attention(self, li: int, cache: BatchKVCache, col: int, mask: torch.Tensor, q: torch.Tensor,
+    def batch_attention(self, li: int, cache: BatchKVCache, step: StepInputs, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The batch's rows at layer li: their new k, v (n, Hkv, D) written into column `col` of the
-        cache's views, their queries q (n, Hq, D) over their own tokens (additive mask (n, 1, 1, T))
+        """The batch's rows at layer li: their new k, v (n, Hkv, D) written into the step's column of
+        the cache's views, their queries q (n, Hq, D) over their own tokens (the step's mask)
         -> (n, Hq * D)."""
         keys, values = cache.layer_views(li)                               # (n, Hkv, T, D) views
-        keys[:, :, col] = k
-        values[:, :, col] = v
+        keys[:, :, step.col] = k
+        values[:, :, step.col] = v
         # GQA without repeating K/V: the group's query heads act as query positions.
         qd = q.unflatten(1, (self.num_kv_heads, self.group))               # (n, Hkv, G, D)
-        return _decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+        return _decode_attention(qd, keys, values, step.mask, self.scale).flatten(1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., hidden) -> (..., V)."""
@@ -137,20 +137,18 @@ class ModelRunner:
         n, lens = len(tokens), [len(c.ids) for c in chunks]
         dev = self.device
         ids = torch.tensor(list(tokens) + [t for c in chunks for t in c.ids], dtype=torch.long, device=dev)  # (M,)
-        pos = torch.cat(([cache.positions()] if n else [])
+        step = cache.begin_step() if n else None                           # the rows' positions, column, mask
+        pos = torch.cat(([step.positions] if n else [])
                         + [torch.arange(c.start, c.end, device=dev) for c in chunks])                        # (M,)
         offsets = [n + sum(lens[:j]) for j in range(len(chunks))]
         rope = self.rope(pos)
-        if n:
-            col = cache.append_column() - cache.start                      # this step's column in the views
-            mask = cache.attention_mask()                                  # (n, 1, 1, T) additive
         chunk_masks = [_chunk_mask(c, dev) for c in chunks]
         h = self.embed(ids)                                                # (M, hidden)
         attn = torch.empty(len(ids), self.num_heads * self.head_dim, dtype=self.dtype, device=dev)
         for li in range(self.num_layers):
             q, k, v = self.qkv(li, h, rope)                                # (M, H, D)
             if n:
-                attn[:n] = self.batch_attention(li, cache, col, mask, q[:n], k[:n], v[:n])
+                attn[:n] = self.batch_attention(li, cache, step, q[:n], k[:n], v[:n])
             for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
                 kv = c.kv[li]                                              # (2, Hkv, P, D)
                 kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
@@ -161,7 +159,7 @@ class ModelRunner:
                 attn[a:a + m] = o[0].transpose(0, 1).flatten(1)            # (m, Hq * D)
             h = self.attn_out_mlp(li, h, attn)
         if n:
-            cache.commit_step()
+            cache.end_step()
         wanted = list(range(n)) + [a + m - 1 for c, a, m in zip(chunks, offsets, lens) if c.last]
         logits = self.logits(h[wanted])                                    # (n + completed chunks, V)
         done = iter(logits[n:])
