@@ -285,8 +285,7 @@ def cmd_generate(args) -> int:
         return 2
     # The loop thread loads the model and runs it (baton/device_thread.py).
     dtype = resolve_dtype(args.model, args.dtype, args.device)
-    loop = EngineLoop(lambda: Engine(load_model(args.model, dtype, args.device),
-                                     EngineConfig(model=args.model, dtype=dtype))).start()
+    loop = EngineLoop(lambda: Engine(load_model(args.model, dtype, args.device), EngineConfig())).start()
     info = loop.info
     try:
         try:
