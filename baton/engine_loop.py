@@ -135,14 +135,13 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive() and self.error is None
 
-    def stalled(self, stall_s: float) -> bool:
-        """Whether the loop has not gone round for `stall_s` while it had work (health)."""
-        busy = self._has_work or not self.inbox.empty()
-        return busy and time.monotonic() - self.last_beat > stall_s
-
     def has_work(self) -> bool:
         """Whether the engine held requests as of the loop's last round, or some are on their way."""
         return self._has_work or not self.inbox.empty()
+
+    def stalled(self, stall_s: float) -> bool:
+        """Whether the loop has not gone round for `stall_s` while it had work (health)."""
+        return self.has_work() and time.monotonic() - self.last_beat > stall_s
 
     # ---- called from any thread ----------------------------------------------------------
     def _enqueue_new(self, req: Request, add: Callable[[], None]) -> TokenStream:
