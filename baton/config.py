@@ -1,4 +1,6 @@
-"""One frozen config per engine process, built from the CLI in one place."""
+"""One frozen config per engine process, built from the CLI in one place. The model, its dtype and
+device are not in it: they choose what is loaded (baton/model_loader.py), and the engine takes the
+loaded model and reads them from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +8,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "smollm2"            # "smollm2" or a local Hugging Face model directory
-    dtype: str = "float32"            # float32 | bfloat16 | float16 | float64
-    device: str = "auto"              # auto = cuda when present, else cpu
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
     prefill_chunk_tokens: int = 512   # at most this many prompt tokens prefilled per step, in chunks (colocated)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from baton.kv_cache import BatchKVCache
 from baton.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -119,19 +120,18 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n) if self.buckets else n
 
     @torch.no_grad()
-    def step(self, tokens: list[int], cache) -> torch.Tensor:
+    def step(self, tokens: list[int], cache: BatchKVCache) -> torch.Tensor:
         """One decode step of the cache's n rows, fed `tokens` (n,); returns their logits (n, V),
         a view valid until the next step."""
         r, n = self.r, len(tokens)
         b = self.bucket(n)
         self.ids[:n].copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
-        self.pos[:n].copy_(cache.positions())
-        col = cache.append_column() - cache.start                              # this step's column in the views
-        mask = cache.attention_mask()                                          # (n, 1, 1, T) additive
+        step = cache.begin_step()                                              # positions, column, mask
+        self.pos[:n].copy_(step.positions)
         for li in range(r.num_layers + 1):
             self._run_piece(li, b)
             if li == r.num_layers:
                 break
-            self.attn[:n] = r.batch_attention(li, cache, col, mask, self.q[:n], self.k[:n], self.v[:n])
-        cache.commit_step()
+            self.attn[:n] = r.batch_attention(li, cache, step, self.q[:n], self.k[:n], self.v[:n])
+        cache.end_step()
         return self.logits[:n]

@@ -4,7 +4,9 @@ Two halves that the services use separately (prefill worker, decode worker) and 
 `Engine` drives together in one process:
 - `Prefiller`: one query alone -> its first token and K/V (L, 2, Hkv, P, D).
 - `DecodeBatch`: the running batch; `admit` a prefilled query between two steps,
-  `step` decodes one token for every row, finished or aborted rows leave at once.
+  `step` decodes one token for every row, finished or aborted rows leave at once. Which request
+  holds which row is recorded once, in its cache (kv_cache.py `BatchKVCache`: join, leave, the
+  step's inputs); the batch addresses rows by request id only.
 In one process (`Engine`, the colocated worker) newcomers' prompts are prefilled in chunks
 inside the decode step's pass over the weights, under a per-step token budget (chunked
 prefill): a burst neither stalls the running rows nor queues behind one long prompt. A step
@@ -90,15 +92,21 @@ class DecodeBatch:
         self.cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim,
                                   dtype=runner.dtype, device=runner.device, max_rows=max_batch, max_cols=capacity.cols)
         self.decode = DecodeGraphs(runner, max_batch, capture=graphs, buckets=buckets)   # after the cache: its memory first
-        self.rows: list[Request] = []      # row r of the cache belongs to rows[r]
-        self.index: dict[str, int] = {}    # request_id -> row
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.cache.num_rows
+
+    @property
+    def rows(self) -> list[Request]:
+        """The running requests in row order (the cache records who holds which row)."""
+        return self.cache.occupants
+
+    def get(self, request_id: str) -> Request | None:
+        return self.cache.get(request_id)
 
     @property
     def full(self) -> bool:
-        return len(self.rows) >= self.cache.max_rows
+        return len(self) >= self.cache.max_rows
 
     def admit(self, req: Request, pre: PrefillOutput) -> list[TokenEvent]:
         """Embed a prefilled request; emits its newest token. It joins the batch unless already done."""
@@ -106,8 +114,7 @@ class DecodeBatch:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.all_ids, req.params.stop)
         event = req.append_token(pre.token_id, self.eos_ids, self.max_len, pre.logprobs)
         if not req.done:
-            self.index[req.request_id] = self.cache.insert(pre.kv)
-            self.rows.append(req)
+            self.cache.join(req.request_id, req, pre.kv)
             req.status = Status.RUNNING
         return [event]
 
@@ -115,32 +122,18 @@ class DecodeBatch:
         """Admit several at once: the window moves at most once for all of them."""
         if not arrivals:
             return []
-        self.cache.reserve(len(self.rows) + len(arrivals), max(pre.kv.shape[3] for _, pre in arrivals))
+        self.cache.reserve(len(self) + len(arrivals), max(pre.kv.shape[3] for _, pre in arrivals))
         return [e for req, pre in arrivals for e in self.admit(req, pre)]
 
     def abort(self, request_id: str) -> Request | None:
-        row = self.index.get(request_id)
-        if row is None:
-            return None
-        req = self.rows[row]
-        self._remove(row)
-        req.finish(Status.CANCELLED, FinishReason.ABORT)
+        req = self.cache.leave(request_id)
+        if req is not None:
+            req.finish(Status.CANCELLED, FinishReason.ABORT)
         return req
 
     def free(self, request_id: str) -> None:
         """Free a request's row, if it holds one (its status is the caller's business)."""
-        row = self.index.get(request_id)
-        if row is not None:
-            self._remove(row)
-
-    def _remove(self, row: int) -> None:
-        req = self.rows[row]
-        del self.index[req.request_id]
-        moved = self.cache.remove(row)
-        last = self.rows.pop()
-        if moved is not None:
-            self.rows[row] = last
-            self.index[last.request_id] = row
+        self.cache.leave(request_id)
 
     def step(self, chunks: list[tuple[Request, PromptChunk]] = ()) -> list[TokenEvent]:
         """One decode step for every row; finished rows leave the batch before returning.
@@ -148,18 +141,19 @@ class DecodeBatch:
         Prompt chunks of newcomers, if any, are prefilled in the same pass over the weights (on
         their own: attention never mixes them with the batch); a newcomer whose last chunk this
         was gets its first token and is embedded as a new row."""
-        if not self.rows and not chunks:
+        rows = self.rows                                   # row order, as the step computes them
+        if not rows and not chunks:
             return []
-        last = [r.output_ids[-1] for r in self.rows]
+        last = [r.output_ids[-1] for r in rows]
         if chunks:
             logits, prompt_logits = self.runner.forward(last, self.cache if last else None, [c for _, c in chunks])
         else:   # decode only: the static-buffer step (CUDA graphs where captured)
             logits, prompt_logits = self.decode.step(last, self.cache), []
-        picks = sample_rows(logits, self.rows, self.eos_ids, self.grammars)
-        events = [r.append_token(t, self.eos_ids, self.max_len, lp) for r, (t, lp) in zip(self.rows, picks)]
-        for row in reversed(range(len(self.rows))):  # reversed: a removal only moves rows above it
-            if self.rows[row].done:
-                self._remove(row)
+        picks = sample_rows(logits, rows, self.eos_ids, self.grammars)
+        events = [r.append_token(t, self.eos_ids, self.max_len, lp) for r, (t, lp) in zip(rows, picks)]
+        for r in rows:
+            if r.done:
+                self.cache.leave(r.request_id)
         done = [(req, c, lg) for (req, c), lg in zip(chunks, prompt_logits) if lg is not None]
         picks = (sample_rows(torch.stack([lg for *_, lg in done]), [r for r, *_ in done], self.eos_ids, self.grammars)
                  if done else [])

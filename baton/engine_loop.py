@@ -2,6 +2,8 @@
 
 The engine is single-threaded: every call from other threads (submit, abort, call) goes
 through the loop's inbox and is applied between two steps. Each request gets a `TokenStream`.
+Other threads never touch the engine: what they may know of it is `info` (facts fixed when it was
+built), `stats` (its counters as of the loop's last round) and the queue count the loop publishes.
 
 Given a factory instead of an Engine, the loop thread also builds the engine (loads the model):
 then one thread does all of the process's model work, which is what torch's OpenMP needs on a
@@ -14,12 +16,36 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+import torch
+
+from baton.config import EngineConfig
 from baton.engine import Engine, PrefillOutput
 from baton.request import Request, TokenEvent
 from baton.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What other threads may read of the engine: facts fixed when it was built."""
+    config: EngineConfig
+    max_len: int                             # prompt + output tokens a request may reach
+    kv_shape: tuple[int, int, int, int]      # (L, 2, Hkv, D) of one token's K/V
+    dtype: torch.dtype                       # the model's, and its K/V's
+    device: torch.device
+    vocab_size: int
+    tokenizer: object                        # None for a tiny test model
+    grammars: object                         # baton.grammar.Grammars: compiles requests' constraints
+    description: str                         # the cache's size and how a step runs, for the start-up log
+
+    @staticmethod
+    def of(engine: Engine) -> "EngineInfo":
+        r = engine.runner
+        return EngineInfo(engine.config, engine.max_len, (r.num_layers, 2, r.num_kv_heads, r.head_dim), r.dtype,
+                          r.device, r.vocab_size, engine.model.tokenizer, engine.model.grammars, engine.describe())
 
 
 class StreamClosed(Exception):
@@ -71,7 +97,8 @@ class TokenStream:
 class EngineLoop:
     def __init__(self, engine: Engine | Callable[[], Engine], idle_wait_s: float = 0.05):
         self._make = engine if callable(engine) and not isinstance(engine, Engine) else None
-        self.engine: Engine | None = None if self._make else engine
+        self.engine: Engine | None = None if self._make else engine   # the loop thread's alone
+        self.info: EngineInfo | None = None if self._make else EngineInfo.of(engine)
         self.ready = threading.Event()      # the engine exists (built on the loop thread, if given a factory)
         self.idle_wait_s = idle_wait_s
         self.streams: dict[str, TokenStream] = {}
@@ -81,7 +108,12 @@ class EngineLoop:
         self.last_beat = time.monotonic()   # health: when the loop last went round
         self.error: BaseException | None = None
         self.stats: dict = {}               # Engine.stats() as of the loop's last round (for other threads)
-        self._pending_new = 0               # submissions in the inbox, counted for the queue cap
+        self._has_work = False              # the engine held requests, as of the loop's last round
+        # The queue cap, counted without reading the engine: requests waiting in it as the loop last
+        # published (after each drain and step, under the lock), plus submissions not yet applied.
+        self._waiting = 0
+        self._pending_new = 0
+        self._applied = 0                   # submissions applied since the last publish (loop thread only)
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
 
@@ -89,7 +121,7 @@ class EngineLoop:
         """Start the loop thread; returns once the engine exists (re-raises its construction error)."""
         self.thread.start()
         self.ready.wait(timeout)
-        if self.engine is None:
+        if self.info is None:
             raise RuntimeError("the engine could not be built") from self.error
         return self
 
@@ -103,11 +135,20 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive() and self.error is None
 
+    def has_work(self) -> bool:
+        """Whether the engine held requests as of the loop's last round, or some are on their way."""
+        return self._has_work or not self.inbox.empty()
+
+    def stalled(self, stall_s: float) -> bool:
+        """Whether the loop has not gone round for `stall_s` while it had work (health)."""
+        return self.has_work() and time.monotonic() - self.last_beat > stall_s
+
     # ---- called from any thread ----------------------------------------------------------
     def _enqueue_new(self, req: Request, add: Callable[[], None]) -> TokenStream:
+        max_queue = self.info.config.max_queue
         with self._lock:
-            if self.engine.num_waiting + self._pending_new >= self.engine.config.max_queue:
-                raise QueueFull(f"queue is full ({self.engine.config.max_queue} waiting)")
+            if self._waiting + self._pending_new >= max_queue:
+                raise QueueFull(f"queue is full ({max_queue} waiting)")
             if req.request_id in self.streams:
                 raise ValueError(f"duplicate request_id {req.request_id!r}")
             if not self.alive:
@@ -117,8 +158,7 @@ class EngineLoop:
             self._pending_new += 1
 
         def apply():
-            with self._lock:
-                self._pending_new -= 1
+            self._applied += 1     # it leaves the pending count when the loop next publishes
             try:
                 add()
             except Exception as e:  # duplicate or full after all: the caller's stream says so
@@ -166,16 +206,25 @@ class EngineLoop:
             except queue.Empty:
                 return
 
+    def _publish(self) -> None:
+        """What other threads read of the engine, as of now (loop thread)."""
+        waiting, self.stats, self._has_work = self.engine.num_waiting, self.engine.stats(), self.engine.has_work()
+        with self._lock:
+            self._waiting = waiting
+            self._pending_new -= self._applied
+            self._applied = 0
+
     def _run(self) -> None:
         try:
             if self._make is not None:
                 self.engine = self._make()
+                self.info = EngineInfo.of(self.engine)
             self.ready.set()
             while not self.stopped.is_set():
                 self.last_beat = time.monotonic()
                 self._drain_inbox()
-                self.stats = self.engine.stats()   # other threads read this copy, never the engine itself
-                if not self.engine.has_work():
+                self._publish()
+                if not self._has_work:
                     self.wake.wait(self.idle_wait_s)
                     self.wake.clear()
                     continue
@@ -185,6 +234,7 @@ class EngineLoop:
                         stream.events.put(ev)
                         if ev.finish_reason is not None:
                             del self.streams[ev.request_id]
+                self._publish()     # the queue shrank as requests joined the batch
         except BaseException as e:  # the engine broke: fail every stream, never leave one hanging
             log.exception("engine loop failed")
             self.error = e

@@ -1,4 +1,5 @@
-"""BATON's batch KV cache: one dense, left-padded tensor that queries join and leave, allocated once.
+"""BATON's running batch: one dense, left-padded K/V tensor that queries join and leave, allocated
+once, and the one record of which query holds which row.
 
 Layout: buf (L, 2, rows, Hkv, cols, D), sized at start (`kv_capacity`) and never reallocated, so
 every address a captured CUDA graph or a registered transfer buffer holds stays valid. Row r holds
@@ -6,19 +7,24 @@ its `lens[r]` tokens right-aligned in columns [end - lens[r], end), so every row
 token into the same column `end` and one decode step is a single dense batched forward (vector
 shaping). Columns [start, end) are the ones some row still needs; the attention mask hides the rest.
 
-- insert: a newcomer's K/V goes right-aligned into a free row; if it is longer than the batch,
+The batch is addressed by key (a request id), never by row: rows move (a leaving row's hole is
+filled by the last row), and the only code that knows where a key's row is lives here.
+- join: a newcomer's K/V goes right-aligned into the next free row; if it is longer than the batch,
   `start` moves left (widening), or the window moves right in place when there is no room left of it.
-- remove: the last row is moved into the freed row (a one-row copy); `start` moves right past
+- leave: the last row is moved into the freed row (a one-row copy); `start` moves right past
   columns no row needs any more (trimming, no copy).
-- step: writes column `end`; when `end` reaches the last column, the window is moved back to
-  column 0 in place (a compaction: one copy of the live window every `cols - width` steps).
+- step: `begin_step` gives the step's inputs (positions, column, mask), the model writes column
+  `end` through `layer_views`, `end_step` commits it. When `end` reaches the last column, the window
+  is moved back to column 0 in place (a compaction: one copy of the live window every `cols - width` steps).
 
-Each row's token count is kept twice: `lens` on the host (bookkeeping) and `pos` on the device
-(positions and the mask are built from it, so a step reads no host list and never syncs).
+Each row's token count is kept twice, both here: `Row.length` on the host (bookkeeping) and `pos` on the
+device (positions and the mask are built from it, so a step reads no host list and never syncs).
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,13 +83,30 @@ def kv_capacity(rows: int, per_token: int, model_max_len: int, *, max_model_len:
     return KVCapacity(rows, cols, max_len, rows * cols * per_token)
 
 
+@dataclass
+class Row:
+    """One row of the batch: who holds it and how many tokens of K/V it holds."""
+    key: Hashable           # the holder's request id
+    occupant: Any           # the holder (the engine's Request)
+    length: int
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one decode step of the batch reads, for its n rows."""
+    positions: torch.Tensor     # (n,) position id of each row's new token (a device view, no sync)
+    col: int                    # the step's column in `layer_views` (its K/V is written there)
+    mask: torch.Tensor          # (n, 1, 1, T) additive: 0 on a row's own tokens and the step's column
+
+
 class BatchKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device | str = "cpu", max_rows: int = 32, max_cols: int = 1024):
         self.shape_lhd = (num_layers, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, torch.device(device)
         self.max_rows, self.max_cols = max_rows, max_cols
-        self.lens: list[int] = []          # tokens held per row, row order
+        self.rows: list[Row] = []              # row r of buf is rows[r]
+        self._row: dict[Hashable, int] = {}    # key -> its row index
         self.start = self.end = 0
         self.compactions = 0               # how often the window was moved back to column 0
         # Zeros, not empty: masked columns still meet V in the attention matmul, and 0 * NaN is NaN.
@@ -94,7 +117,17 @@ class BatchKVCache:
     # ---- shape bookkeeping -------------------------------------------------------------
     @property
     def num_rows(self) -> int:
-        return len(self.lens)
+        return len(self.rows)
+
+    @property
+    def occupants(self) -> list[Any]:
+        """Who holds each row, in row order."""
+        return [r.occupant for r in self.rows]
+
+    @property
+    def lens(self) -> list[int]:
+        """Tokens held by each row, in row order."""
+        return [r.length for r in self.rows]
 
     @property
     def width(self) -> int:
@@ -121,7 +154,7 @@ class BatchKVCache:
             self.buf[:, :, :n, :, new_end - w:new_end] = window
         self.start, self.end = new_end - w, new_end
 
-    # ---- insertion and removal ------------------------------------------------------------
+    # ---- joining and leaving --------------------------------------------------------------
     def reserve(self, rows: int, longest: int) -> None:
         """Room for `rows` rows in all and a newcomer of `longest` tokens: the window moves right at
         most once for a group of newcomers, not once per newcomer."""
@@ -132,12 +165,22 @@ class BatchKVCache:
         if longest > self.end:
             self._move(longest)
 
-    def insert(self, kv: torch.Tensor) -> int:
-        """Embed one prefilled query's K/V (L, 2, Hkv, P, D) as a new row; returns the row index."""
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._row
+
+    def get(self, key: Hashable) -> Any:
+        """The occupant of key's row, or None."""
+        row = self._row.get(key)
+        return None if row is None else self.rows[row].occupant
+
+    def join(self, key: Hashable, occupant: Any, kv: torch.Tensor) -> None:
+        """Embed one prefilled query's K/V (L, 2, Hkv, P, D) as a new row held by `occupant`."""
         L, H, D = self.shape_lhd
         P = kv.shape[3]
         if kv.shape != (L, 2, H, P, D):
             raise ValueError(f"K/V shape {tuple(kv.shape)} does not match the model ({L}, 2, {H}, P, {D})")
+        if key in self._row:
+            raise ValueError(f"{key!r} already holds a row")
         if self.num_rows >= self.max_rows:
             raise RuntimeError("batch is full")
         self.reserve(self.num_rows + 1, P)
@@ -145,50 +188,45 @@ class BatchKVCache:
         self.start = min(self.start, self.end - P)
         self.buf[:, :, row, :, self.end - P:self.end] = kv.to(device=self.device, dtype=self.dtype)
         self.pos[row] = P
-        self.lens.append(P)
-        return row
+        self.rows.append(Row(key, occupant, P))
+        self._row[key] = row
 
-    def remove(self, row: int) -> int | None:
-        """Drop a row. The last row moves into its place; returns that row's old index (or None)."""
-        last = self.num_rows - 1
-        moved = None
+    def leave(self, key: Hashable) -> Any:
+        """Drop key's row, if it holds one; returns its occupant (or None). The last row moves into
+        its place, so no hole is left for a step to compute."""
+        row = self._row.pop(key, None)
+        if row is None:
+            return None
+        leaving, last = self.rows[row], self.num_rows - 1
         if row != last:
             self.buf[:, :, row, :, self.start:self.end] = self.buf[:, :, last, :, self.start:self.end]
             self.pos[row] = self.pos[last]
-            self.lens[row] = self.lens[last]
-            moved = last
-        self.lens.pop()
+            self.rows[row] = self.rows[last]
+            self._row[self.rows[row].key] = row
+        self.rows.pop()
         self._trim()
-        return moved
+        return leaving.occupant
 
     def _trim(self) -> None:
         """Forget columns that no remaining row needs (the longest row may have left); an empty
         batch starts again at column 0."""
-        if self.lens:
-            self.start = self.end - max(self.lens)
+        if self.rows:
+            self.start = self.end - max(r.length for r in self.rows)
         else:
             self.start = self.end = 0
 
     # ---- one decode step -------------------------------------------------------------------
-    def positions(self) -> torch.Tensor:
-        """(n,) position id of each row's next token = tokens it already holds (a device view)."""
-        return self.pos[:self.num_rows]
-
-    def append_column(self) -> int:
-        """Make room for this step's column; returns its absolute index (== end)."""
+    def begin_step(self) -> StepInputs:
+        """The inputs of a step of every row; makes room for its column (compacting the window
+        back to column 0 when it reached the buffer's end)."""
         if self.end >= self.max_cols:
             self._move(self.width)
             self.compactions += 1
-        return self.end
-
-    def attention_mask(self) -> torch.Tensor:
-        """(n, 1, 1, width + 1) additive, in the cache dtype, added to the attention scores: 0 where
-        row r sees its own tokens and this step's column, -inf on its padding."""
+        positions = self.pos[:self.num_rows]                          # (n,) == lens, on the device
         cols = torch.arange(self.start, self.end + 1, device=self.device)
-        first = self.end - self.positions()
-        hidden = cols[None, :] < first[:, None]
+        hidden = cols[None, :] < (self.end - positions)[:, None]      # (n, T): a row's padding
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-        return mask[:, None, None, :]
+        return StepInputs(positions, self.end - self.start, mask[:, None, None, :])
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer over the live rows and columns [start, end + 1): (n, Hkv, T, D) views."""
@@ -196,11 +234,14 @@ class BatchKVCache:
         return (self.buf[layer, 0, :n, :, self.start:self.end + 1],
                 self.buf[layer, 1, :n, :, self.start:self.end + 1])
 
-    def commit_step(self) -> None:
+    def end_step(self) -> None:
+        """Every row now holds the step's column too."""
         self.end += 1
         self.pos[:self.num_rows] += 1
-        self.lens = [x + 1 for x in self.lens]
+        for r in self.rows:
+            r.length += 1
 
-    def row_kv(self, row: int) -> torch.Tensor:
-        """One row's K/V (L, 2, Hkv, len, D), a copy (for inspection: migration re-prefills instead)."""
-        return self.buf[:, :, row, :, self.end - self.lens[row]:self.end].clone()
+    def row_kv(self, key: Hashable) -> torch.Tensor:
+        """key's K/V (L, 2, Hkv, len, D), a copy (for inspection: migration re-prefills instead)."""
+        row = self._row[key]
+        return self.buf[:, :, row, :, self.end - self.rows[row].length:self.end].clone()

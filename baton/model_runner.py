@@ -2,12 +2,12 @@
 batch and prompt chunks of newcomers.
 
 At load the Hugging Face weights are regrouped for fewer, larger matmuls: Q/K/V into one
-projection and gate/up into one (the HF modules' weights become views of the fused tensors,
-so nothing is stored twice and `generate()` still runs on the same numbers). The layer
+projection and gate/up into one (baton/models/layer.py: the HF modules' weights become views of
+the fused tensors, so nothing is stored twice and `generate()` still runs on the same numbers). The layer
 itself is plain tensor code over a flat token axis (no module wrappers): per-op overhead is
 what dominated small steps (profiled, docs/benchmarks.md). Attention is ours, because the
 batch's K/V lives in BATON's shared cache (see kv_cache.py).
-Supported: decoder-only Llama-family models (llama, mistral, qwen2, qwen3).
+The supported architectures and how each one's layer weights are read: baton/models/.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baton.kv_cache import BatchKVCache
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from baton.kv_cache import BatchKVCache, StepInputs
+from baton.models import layer_reader
 
 
 @dataclass
@@ -42,41 +41,10 @@ class PromptChunk:
         return self.end == self.kv.shape[3]
 
 
-@dataclass
-class _Layer:
-    in_norm: torch.Tensor               # (hidden,)
-    qkv: torch.Tensor                   # (Hq*D + 2*Hkv*D, hidden): Q, K, V stacked
-    qkv_bias: torch.Tensor | None       # qwen2
-    q_norm: torch.Tensor | None         # (D,) qwen3
-    k_norm: torch.Tensor | None
-    o: torch.Tensor                     # (hidden, Hq*D)
-    post_norm: torch.Tensor             # (hidden,)
-    gate_up: torch.Tensor               # (2*I, hidden): gate, up stacked
-    down: torch.Tensor                  # (hidden, I)
-
-
-def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack the linears' weights into one tensor and make each module's weight a view of it."""
-    weight = torch.cat([m.weight.data for m in modules])
-    biases = [m.bias for m in modules]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.data if b is not None else weight.new_zeros(m.out_features) for m, b in zip(modules, biases)])
-    row = 0
-    for m in modules:
-        n = m.out_features
-        m.weight.data = weight[row:row + n]
-        if m.bias is not None:
-            m.bias.data = bias[row:row + n]
-        row += n
-    return weight, bias
-
-
 class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module):
         cfg = hf_model.config
-        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        read_layer = layer_reader(cfg.model_type)       # ValueError naming the supported types
         self.hf = hf_model.eval().requires_grad_(False)
         body = hf_model.model
         self.num_layers = cfg.num_hidden_layers
@@ -96,15 +64,7 @@ class ModelRunner:
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = body.rotary_emb(probe, position_ids=torch.arange(self.max_positions, device=self.device)[None])
         self._cos, self._sin = cos[0], sin[0]                # (positions, D)
-        self.layers = []
-        for layer in body.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
-            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-            self.layers.append(_Layer(
-                layer.input_layernorm.weight, qkv, qkv_bias,
-                a.q_norm.weight if hasattr(a, "q_norm") else None, a.k_norm.weight if hasattr(a, "k_norm") else None,
-                a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight))
+        self.layers = [read_layer(layer) for layer in body.layers]   # Q/K/V and gate/up fused
 
     # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -131,7 +91,7 @@ class ModelRunner:
         q = x[..., :nq].unflatten(-1, (self.num_heads, D))
         k = x[..., nq:nq + nkv].unflatten(-1, (self.num_kv_heads, D))
         v = x[..., nq + nkv:].unflatten(-1, (self.num_kv_heads, D))
-        if L.q_norm is not None:  # qwen3: per-head norm before RoPE
+        if L.q_norm is not None:  # a family with per-head q/k norms (qwen3): before RoPE
             q, k = self.norm(q, L.q_norm), self.norm(k, L.k_norm)
         cos, sin = rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -139,21 +99,21 @@ class ModelRunner:
     def attn_out_mlp(self, li: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of a layer: h + o_proj(attn), then h + MLP(norm(h)). attn (..., Hq*D)."""
         L = self.layers[li]
-        h = h + _linear(attn, L.o)
-        gate, up = _linear(self.norm(h, L.post_norm), L.gate_up).chunk(2, dim=-1)
-        return h + _linear(F.silu(gate) * up, L.down)
+        h = h + _linear(attn, L.o, L.o_bias)
+        gate, up = _linear(self.norm(h, L.post_norm), L.gate_up, L.gate_up_bias).chunk(2, dim=-1)
+        return h + _linear(F.silu(gate) * up, L.down, L.down_bias)
 
-    def batch_attention(self, li: int, cache: BatchKVCache, col: int, mask: torch.Tensor, q: torch.Tensor,
+    def batch_attention(self, li: int, cache: BatchKVCache, step: StepInputs, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The batch's rows at layer li: their new k, v (n, Hkv, D) written into column `col` of the
-        cache's views, their queries q (n, Hq, D) over their own tokens (additive mask (n, 1, 1, T))
+        """The batch's rows at layer li: their new k, v (n, Hkv, D) written into the step's column of
+        the cache's views, their queries q (n, Hq, D) over their own tokens (the step's mask)
         -> (n, Hq * D)."""
         keys, values = cache.layer_views(li)                               # (n, Hkv, T, D) views
-        keys[:, :, col] = k
-        values[:, :, col] = v
+        keys[:, :, step.col] = k
+        values[:, :, step.col] = v
         # GQA without repeating K/V: the group's query heads act as query positions.
         qd = q.unflatten(1, (self.num_kv_heads, self.group))               # (n, Hkv, G, D)
-        return _decode_attention(qd, keys, values, mask, self.scale).flatten(1)
+        return _decode_attention(qd, keys, values, step.mask, self.scale).flatten(1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., hidden) -> (..., V)."""
@@ -177,20 +137,18 @@ class ModelRunner:
         n, lens = len(tokens), [len(c.ids) for c in chunks]
         dev = self.device
         ids = torch.tensor(list(tokens) + [t for c in chunks for t in c.ids], dtype=torch.long, device=dev)  # (M,)
-        pos = torch.cat(([cache.positions()] if n else [])
+        step = cache.begin_step() if n else None                           # the rows' positions, column, mask
+        pos = torch.cat(([step.positions] if n else [])
                         + [torch.arange(c.start, c.end, device=dev) for c in chunks])                        # (M,)
         offsets = [n + sum(lens[:j]) for j in range(len(chunks))]
         rope = self.rope(pos)
-        if n:
-            col = cache.append_column() - cache.start                      # this step's column in the views
-            mask = cache.attention_mask()                                  # (n, 1, 1, T) additive
         chunk_masks = [_chunk_mask(c, dev) for c in chunks]
         h = self.embed(ids)                                                # (M, hidden)
         attn = torch.empty(len(ids), self.num_heads * self.head_dim, dtype=self.dtype, device=dev)
         for li in range(self.num_layers):
             q, k, v = self.qkv(li, h, rope)                                # (M, H, D)
             if n:
-                attn[:n] = self.batch_attention(li, cache, col, mask, q[:n], k[:n], v[:n])
+                attn[:n] = self.batch_attention(li, cache, step, q[:n], k[:n], v[:n])
             for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
                 kv = c.kv[li]                                              # (2, Hkv, P, D)
                 kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
@@ -201,7 +159,7 @@ class ModelRunner:
                 attn[a:a + m] = o[0].transpose(0, 1).flatten(1)            # (m, Hq * D)
             h = self.attn_out_mlp(li, h, attn)
         if n:
-            cache.commit_step()
+            cache.end_step()
         wanted = list(range(n)) + [a + m - 1 for c, a, m in zip(chunks, offsets, lens) if c.last]
         logits = self.logits(h[wanted])                                    # (n + completed chunks, V)
         done = iter(logits[n:])

@@ -111,8 +111,8 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
 
 
 def engine_config(a: argparse.Namespace, **kw) -> EngineConfig:
-    """A worker's EngineConfig from its flags (its dtype resolved: set_up_process)."""
-    return EngineConfig(model=a.model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, max_queue=a.max_queue,
+    """A worker's EngineConfig from its flags (--model, --dtype and --device go to load_model)."""
+    return EngineConfig(max_batch=a.max_batch, max_queue=a.max_queue,
                         prefix_cache_mb=a.prefix_cache_mb, max_model_len=a.max_model_len,
                         kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
                         prefill_chunk_tokens=a.max_num_batched_tokens, step_time_ms=step_budget.parse(a.step_time_budget),

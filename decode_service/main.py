@@ -23,7 +23,7 @@ def build(args: argparse.Namespace) -> Served:
     cfg = engine_config(args)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-    print(f"baton: {args.role} worker: {loop.engine.describe()}", file=sys.stderr, flush=True)
+    print(f"baton: {args.role} worker: {loop.info.description}", file=sys.stderr, flush=True)
     server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
                                      colocated=args.role == "colocated", kv_transport=args.kv_transport,
                                      worker_id=args.worker_id, **security(args))
@@ -47,20 +47,21 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
     from decode_service.worker import SERVICE, STALL_S, ColocatedPrefill, DecodeServicer, DecodeWorker
     from prefill_service.worker import SERVICE as PREFILL_SERVICE, add_servicer, prefill_worker
     worker = DecodeWorker(loop, lease_s=lease_s)
-    cfg = loop.engine.config
+    cfg = loop.info.config
     server, bound = grpc_util.make_server(host, port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                                           tls_client_ca=tls_client_ca,
                                           max_workers=grpc_util.worker_threads(cfg.max_batch, cfg.max_queue))
     servicer = DecodeServicer(worker, attach_timeout_s=lease_s)
-    servicer.receivers = transports.receiving(kv_transport, servicer.max_kv_bytes, loop.engine.runner.device,
+    servicer.receivers = transports.receiving(kv_transport, servicer.max_kv_bytes, loop.info.device,
                                               transports.agent_name(worker_id, "recv"), host)
     worker.transports = [servicer.receivers[kv_transport]]
     decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     services = [SERVICE]
     if colocated:
-        # A prefill for another decode worker runs on the engine's thread too, between two steps.
+        # A prefill for another decode worker runs on the engine's thread too, between two steps
+        # (`compute`); the prefiller handed over here serves the checks' fixed facts (vocabulary, grammars).
         remote = prefill_worker(
-            loop.engine.prefiller, loop.engine.max_len, auth_token=auth_token, tls_cert=tls_cert,
+            loop.call(lambda engine: engine.prefiller), loop.info.max_len, auth_token=auth_token, tls_cert=tls_cert,
             tls_key=tls_key, tls_root_cert=tls_root_cert, transfer_timeout_s=faults.transfer_timeout_s(30.0),
             compute=lambda reqs: loop.call(lambda engine: engine.prefiller.prefill_many(reqs), timeout=None),
             transport=faults.wrap_transport(transports.sending(kv_transport, transports.agent_name(
@@ -86,8 +87,7 @@ class Watchdog(threading.Thread):
 
     def healthy(self) -> bool:
         loop = self.worker.loop
-        stalled = loop.engine.has_work() and time.monotonic() - loop.last_beat > self.stall_s
-        return loop.alive and not stalled
+        return loop.alive and not loop.stalled(self.stall_s)
 
     def run(self) -> None:
         while True:

@@ -73,12 +73,9 @@ class DecodeWorker:
         self.cond = threading.Condition()
         self.transfers = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.transports: list = []   # its K/V transports' receiving (and, colocated, sending) sides, for Stats
-        runner = loop.engine.runner
-        self.kv_shape = (runner.num_layers, 2, runner.num_kv_heads, runner.head_dim)
-        self.dtype = runner.dtype
-        self.vocab_size = runner.vocab_size
-        self.max_len = loop.engine.max_len
-        self.grammars = loop.engine.model.grammars
+        info = loop.info    # the engine's fixed facts: its state is the loop thread's alone
+        self.kv_shape, self.dtype, self.vocab_size = info.kv_shape, info.dtype, info.vocab_size
+        self.max_len, self.grammars = info.max_len, info.grammars
 
     # ---- K/V side --------------------------------------------------------------------------
     def check_header(self, request_id: str, dtype: torch.dtype, shape: tuple[int, ...],
@@ -186,9 +183,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                  receivers: dict[str, Receiver] | None = None):
         self.worker, self.loop = worker, worker.loop
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
-        runner = self.loop.engine.runner
-        self.max_kv_bytes = token_bytes(runner.num_layers, runner.num_kv_heads, runner.head_dim,
-                                        runner.dtype) * self.loop.engine.max_len
+        L, _, H, D = worker.kv_shape
+        self.max_kv_bytes = token_bytes(L, H, D, worker.dtype) * worker.max_len
         # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
         self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
@@ -205,7 +201,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         dtype, params = dtype_of(h.dtype), params_from_pb(h.params)
         num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
         self.worker.check_header(h.request_id, dtype, tuple(h.shape), num_tokens, params)
-        vocab = self.loop.engine.runner.vocab_size
+        vocab = self.worker.vocab_size
         if h.next_token >= vocab:
             raise InvalidArgument(f"next_token must be in [0, {vocab})")
         kind = header_transport(h)
@@ -282,14 +278,14 @@ def _data(chunks) -> Iterator[bytes]:
 def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
     s = worker.loop.stats
     if not s:   # the loop has not gone round yet
-        return prefill_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.engine.config.max_batch,
+        return prefill_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.info.config.max_batch,
                                                max_len=worker.max_len, **transport_stats(*worker.transports))
     return prefill_pb2.WorkerStatsResponse(
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),
         attached=sum(1 for x in list(worker.slots.values()) if x.attached), kv_used_bytes=s["kv_used_bytes"],
-        faults_fired=faults.injector().counts(), max_batch=worker.loop.engine.config.max_batch,
+        faults_fired=faults.injector().counts(), max_batch=worker.loop.info.config.max_batch,
         prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
         max_len=worker.max_len, **transport_stats(*worker.transports))
 
@@ -316,6 +312,10 @@ class ColocatedPrefill:
     @property
     def stats(self) -> dict:
         return {**self.remote.stats, "prefills": self.remote.stats["prefills"] + self.handed}
+
+    def prefix_stats(self) -> dict:
+        """The engine's prefix cache (the remote prefills share it), as the loop last published."""
+        return self.decode.loop.stats
 
     def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
         if decode_address != self.own_address:

@@ -285,17 +285,16 @@ def cmd_generate(args) -> int:
         return 2
     # The loop thread loads the model and runs it (baton/device_thread.py).
     dtype = resolve_dtype(args.model, args.dtype, args.device)
-    loop = EngineLoop(lambda: Engine(load_model(args.model, dtype, args.device),
-                                     EngineConfig(model=args.model, dtype=dtype))).start()
-    model = loop.engine.model
+    loop = EngineLoop(lambda: Engine(load_model(args.model, dtype, args.device), EngineConfig())).start()
+    info = loop.info
     try:
         try:
-            params.validate(loop.engine.runner.vocab_size)   # logit_bias's token ids, now the vocabulary is known
-            grammar.check(params, model.grammars)             # the constraint compiles for this tokenizer
+            params.validate(info.vocab_size)                  # logit_bias's token ids, now the vocabulary is known
+            grammar.check(params, info.grammars)              # the constraint compiles for this tokenizer
         except ValueError as e:
             print(f"baton: {e}", file=sys.stderr)
             return 2
-        req = Request(uuid.uuid4().hex, encode_prompt(model.tokenizer, args.prompt, args.raw), params)
+        req = Request(uuid.uuid4().hex, encode_prompt(info.tokenizer, args.prompt, args.raw), params)
         for ev in loop.submit(req):
             sys.stdout.write(ev.text)
             sys.stdout.flush()

@@ -64,6 +64,10 @@ class PrefillWorker:
         """The sender's K/V transport (baton/kv_transport/), if it has one."""
         return getattr(self.send, "transport", None)
 
+    def prefix_stats(self) -> dict:
+        """Its prefix cache's counters (plain ints, read as the model thread leaves them)."""
+        return self.prefiller.prefixes.stats()
+
     def check(self, req: Request) -> None:
         """Refuse what no worker could prefill: bad sampling parameters, no tokens, too many, ids
         outside the vocabulary."""
@@ -200,7 +204,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                                kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
                                                completed=s["prefills"], pid=os.getpid(),
                                                faults_fired=faults.injector().counts(),
-                                               **_prefix_stats(self.worker.prefiller.prefixes.stats()),
+                                               **_prefix_stats(self.worker.prefix_stats()),
                                                **transport_stats(self.worker.transport))
 
 
@@ -227,4 +231,4 @@ def transport_stats(*transports) -> dict:
 
 
 def _prefix_stats(s: dict) -> dict:
-    return {k: s[k] for k in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens")}
+    return {k: s.get(k, 0) for k in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens")}

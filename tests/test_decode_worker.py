@@ -16,8 +16,7 @@ class FakeLoop:
     """What DecodeWorker asks of an EngineLoop: submit a request, abort one."""
 
     def __init__(self):
-        runner = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=4, dtype=None, vocab_size=100)
-        self.engine = SimpleNamespace(runner=runner, max_len=64, model=SimpleNamespace(grammars=None))
+        self.info = SimpleNamespace(kv_shape=(2, 2, 2, 4), dtype=None, vocab_size=100, max_len=64, grammars=None)
         self.submitted, self.aborted = [], []
 
     def submit(self, req):

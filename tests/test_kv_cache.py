@@ -1,4 +1,4 @@
-"""BatchKVCache bookkeeping: right-aligned rows, cheap insert/remove, one buffer for its whole life,
+"""BatchKVCache bookkeeping: right-aligned rows addressed by key, cheap join/leave, one buffer for its whole life,
 and its size from a memory budget."""
 import pytest
 import torch
@@ -10,13 +10,17 @@ def _kv(P, fill, L=2, H=2, D=4):
     return torch.full((L, 2, H, P, D), float(fill), dtype=torch.float64)
 
 
+def _join(c, key, P, fill):
+    c.join(key, f"req-{key}", _kv(P, fill))
+
+
 def _step(c):
-    col = c.append_column()
+    step = c.begin_step()
     for layer in range(c.buf.shape[0]):
         k, v = c.layer_views(layer)
-        k[:, :, col - c.start] = 100.0
-        v[:, :, col - c.start] = 100.0
-    c.commit_step()
+        k[:, :, step.col] = 100.0
+        v[:, :, step.col] = 100.0
+    c.end_step()
 
 
 def _cache(rows=4, cols=16):
@@ -25,25 +29,30 @@ def _cache(rows=4, cols=16):
 
 def test_rows_are_right_aligned_and_masked():
     c = _cache()
-    assert c.insert(_kv(3, 1)) == 0
-    assert c.insert(_kv(5, 2)) == 1           # longer: widens
-    assert c.width == 5 and c.lens == [3, 5]
-    assert c.positions().tolist() == [3, 5]
-    visible = c.attention_mask()[:, 0, 0] == 0  # (n, width + 1); -inf elsewhere
+    _join(c, "a", 3, 1)
+    _join(c, "b", 5, 2)                        # longer: widens
+    assert c.width == 5 and c.lens == [3, 5] and c.occupants == ["req-a", "req-b"]
+    step = c.begin_step()
+    assert step.positions.tolist() == [3, 5] and step.col == 5
+    visible = step.mask[:, 0, 0] == 0          # (n, width + 1); -inf elsewhere
     assert visible.tolist() == [[False, False, True, True, True, True], [True] * 6]
-    assert torch.equal(c.row_kv(0), _kv(3, 1)) and torch.equal(c.row_kv(1), _kv(5, 2))
+    assert torch.equal(c.row_kv("a"), _kv(3, 1)) and torch.equal(c.row_kv("b"), _kv(5, 2))
 
 
-def test_remove_moves_last_row_and_trims():
+def test_leave_moves_last_row_and_trims():
     c = _cache()
-    for P, fill in [(2, 1), (9, 2), (4, 3)]:
-        c.insert(_kv(P, fill))
+    for key, P, fill in [("a", 2, 1), ("b", 9, 2), ("c", 4, 3)]:
+        _join(c, key, P, fill)
     _step(c)
-    assert c.remove(1) == 2                   # the longest row leaves; the last one moves into row 1
-    assert c.lens == [3, 5] and c.width == 5  # trimmed from 10 to 5 columns, no copy of other rows
-    assert c.positions().tolist() == [3, 5]
-    assert torch.equal(c.row_kv(1)[..., :4, :], _kv(4, 3))
-    assert c.remove(1) is None and c.lens == [3]
+    assert c.leave("b") == "req-b"              # the longest row leaves; the last one moves into its row
+    assert c.occupants == ["req-a", "req-c"] and c.get("c") == "req-c" and "b" not in c
+    assert c.lens == [3, 5] and c.width == 5   # trimmed from 10 to 5 columns, no copy of other rows
+    assert c.begin_step().positions.tolist() == [3, 5]
+    assert torch.equal(c.row_kv("c")[..., :4, :], _kv(4, 3))
+    assert c.leave("b") is None                # not in the batch (any more): nothing moves
+    assert c.leave("c") == "req-c" and c.lens == [3]
+    with pytest.raises(ValueError, match="already holds a row"):
+        _join(c, "a", 2, 1)
 
 
 def test_the_buffer_is_never_reallocated_and_compaction_keeps_every_row():
@@ -53,44 +62,43 @@ def test_the_buffer_is_never_reallocated_and_compaction_keeps_every_row():
     address = c.buf.data_ptr()
     fills = {}
     for i in range(4):
-        c.insert(_kv(1 + i, i))
-        fills[i] = (i, 1 + i)                 # row -> (fill, prompt length)
+        _join(c, i, 1 + i, i)
+        fills[i] = (i, 1 + i)                 # key -> (fill, prompt length)
     for s in range(500):
         _step(c)
-        longest = max(range(c.num_rows), key=lambda r: c.lens[r])
-        if c.lens[longest] >= 30:             # it leaves; a newcomer takes a row
-            moved = c.remove(longest)
-            if moved is not None:
-                fills[longest] = fills.pop(moved)
-            else:
-                fills.pop(longest)
-            fills[c.insert(_kv(3, 50 + s))] = (50 + s, 3)
+        longest = max(c.rows, key=lambda r: r.length)
+        if longest.length >= 30:              # it leaves; a newcomer takes a row
+            c.leave(longest.key)
+            fills.pop(longest.key)
+            key = f"n{s}"
+            _join(c, key, 3, 50 + s)
+            fills[key] = (50 + s, 3)
     assert c.buf.data_ptr() == address and c.compactions >= 10
-    for r, (fill, P) in fills.items():
-        kv = c.row_kv(r)
+    for key, (fill, P) in fills.items():
+        kv = c.row_kv(key)
         assert torch.equal(kv[..., :P, :], _kv(P, fill)) and bool((kv[..., P:, :] == 100.0).all())
-    assert c.positions().tolist() == c.lens
+    assert c.begin_step().positions.tolist() == c.lens
 
 
 def test_an_empty_batch_starts_again_at_column_zero():
     c = _cache(cols=64)
-    c.insert(_kv(10, 1))
+    _join(c, "a", 10, 1)
     for _ in range(20):
         _step(c)
-    c.remove(0)
+    c.leave("a")
     assert (c.start, c.end) == (0, 0)
-    c.insert(_kv(20, 1))
+    _join(c, "b", 20, 1)
     assert (c.start, c.end) == (0, 20)
 
 
 def test_reserve_moves_the_window_once_for_a_group_of_newcomers():
     c = _cache(rows=8, cols=64)
-    c.insert(_kv(4, 1))
+    _join(c, "a", 4, 1)
     _step(c)
     c.reserve(4, 30)                          # one move: the window ends at column 30 now
-    assert c.end == 30 and torch.equal(c.row_kv(0)[..., :4, :], _kv(4, 1))
+    assert c.end == 30 and torch.equal(c.row_kv("a")[..., :4, :], _kv(4, 1))
     for i, P in enumerate([30, 7, 12]):
-        c.insert(_kv(P, 10 + i))
+        _join(c, i, P, 10 + i)
     assert c.end == 30 and c.lens == [5, 30, 7, 12]
     with pytest.raises(ValueError, match="does not fit"):
         c.reserve(5, 64)                      # a row must leave a column to step into

@@ -51,9 +51,8 @@ def test_a_chunk_is_its_tokens_text_and_one_logprob_per_token():
 
 
 def test_pace_grows_with_the_streams_served_and_is_capped():
-    loop = SimpleNamespace(engine=SimpleNamespace(runner=SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=1,
-                                                                         dtype=None, vocab_size=10),
-                                                  max_len=8, model=SimpleNamespace(grammars=None)),
+    loop = SimpleNamespace(info=SimpleNamespace(kv_shape=(1, 2, 1, 1), dtype=None, vocab_size=10, max_len=8,
+                                                grammars=None),
                            submit=lambda req: f"stream-{req.request_id}", abort=lambda rid: None)
     w = DecodeWorker(loop, stream_msgs_per_s=100.0)
     for rid in ("a", "b", "c"):
@@ -98,9 +97,9 @@ def test_a_reader_that_stops_reading_stalls_neither_the_batch_nor_another_stream
                 if not m.keepalive]
         assert [t for m in fast for t in m.token_ids] == want[1] and fast[-1].finish_reason == 1
         deadline = time.monotonic() + 10
-        while loop.engine.has_work() and time.monotonic() < deadline:   # the slow row finishes unread
+        while loop.has_work() and time.monotonic() < deadline:   # the slow row finishes unread
             time.sleep(0.01)
-        assert not loop.engine.has_work()
+        assert not loop.has_work()
         rest = [m for m in slow if not m.keepalive]
         assert list(head.token_ids) + [t for m in rest for t in m.token_ids] == want[0]
         assert len(rest) == 1   # everything made while nobody read goes in one message
