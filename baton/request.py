@@ -43,7 +43,7 @@ class Request:
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Logprobs] = field(default_factory=list)   # per output token, when asked for
-    sampler_state: object | None = None   # the sampler's token counts for the penalties (baton/sampler.py)
+    sampler_state: object | None = None   # the sampler's token counts for the penalties (baton/engine/sampler.py)
     grammar_state: object | None = None   # the sampler's matcher for a constraint (baton/grammar.py)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None

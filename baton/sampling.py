@@ -1,5 +1,5 @@
 """Sampling parameters: what a request asks of the sampler (no torch here, so the router and
-the gateway validate them without loading it). The sampler itself is baton/sampler.py.
+the gateway validate them without loading it). The sampler itself is baton/engine/sampler.py.
 
 `SamplingParams.validate` is the one place that checks them: the router (INVALID_ARGUMENT), the
 HTTP gateway (400) and the workers call it, and its `InvalidParam` names the field."""
@@ -30,7 +30,7 @@ class InvalidParam(ValueError):
 
 @dataclass(frozen=True)
 class Logprobs:
-    """Log-probabilities of one output token, from the raw logits (see baton/sampler.py)."""
+    """Log-probabilities of one output token, from the raw logits (see baton/engine/sampler.py)."""
     logprob: float                               # the chosen token's
     top: tuple[tuple[int, float], ...] = ()      # (token_id, logprob) of the most likely tokens, best first
 

@@ -11,8 +11,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from baton import kv_transport, step_budget
-from baton.config import EngineConfig
+from baton import kv_transport
+from baton.engine import step_budget
+from baton.engine.config import EngineConfig
 
 # The dtypes a model serves in (baton.kv_codec.DTYPES's names: its K/V travels in them), and `auto`.
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
@@ -95,7 +96,7 @@ def add_engine_args(p) -> None:
                         "steps short (default: %(default)s)")
     p.add_argument("--step-time-budget", type=_step_time, default="auto", metavar="auto|off|MS",
                    help="how long a colocated step that carries prompt pieces may take, from what steps are measured "
-                        "to cost on this machine (baton/step_budget.py): 'auto' = twice the decode step it joins, "
+                        "to cost on this machine (baton/engine/step_budget.py): 'auto' = twice the decode step it joins, "
                         "more in proportion while more prompts wait for their first token than rows run (a burst); "
                         "MS = that many milliseconds; 'off' = always --max-num-batched-tokens (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",

@@ -15,8 +15,8 @@ from baton.worker_process import Served, engine_config, parse_args, security, se
 def build(args: argparse.Namespace) -> Served:
     """The engine loop's thread loads the model and runs it (one thread for all model work);
     a warm-up request, then the Decode service (and Prefill too when colocated)."""
-    from baton.engine import Engine
-    from baton.engine_loop import EngineLoop
+    from baton.engine.engine import Engine
+    from baton.engine.loop import EngineLoop
     from baton.model_loader import load_model
     from baton.request import Request
     from baton.sampling import SamplingParams

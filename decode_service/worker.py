@@ -28,16 +28,16 @@ from dataclasses import dataclass
 import torch
 
 from baton import faults, grammar, grpc_util
-from baton.engine import PrefillOutput
-from baton.engine_loop import EngineLoop, StreamClosed, TokenStream
+from baton.engine.cache import token_bytes
+from baton.engine.loop import EngineLoop, StreamClosed, TokenStream
+from baton.engine.prefill import PrefillOutput
+from baton.engine.scheduler import QueueFull
 from baton.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                           ResourceExhausted, Unavailable)
-from baton.kv_cache import token_bytes
 from baton.kv_transport.base import Receiver, dtype_of, header_transport
 from baton.kv_transport.grpc import GrpcReceiver
 from baton.request import Request
 from baton.sampling import SamplingParams
-from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
 from baton.wire import events_to_pb, logprobs_from_pb, params_from_pb
 from prefill_service.worker import PrefillResult, PrefillWorker, transport_stats

@@ -270,9 +270,9 @@ def cmd_generate(args) -> int:
     import uuid
 
     from baton import grammar
-    from baton.config import EngineConfig
-    from baton.engine import Engine
-    from baton.engine_loop import EngineLoop
+    from baton.engine.config import EngineConfig
+    from baton.engine.engine import Engine
+    from baton.engine.loop import EngineLoop
     from baton.model_files import encode_prompt
     from baton.model_loader import load_model, resolve_dtype
     from baton.request import Request

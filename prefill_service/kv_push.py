@@ -10,7 +10,7 @@ import time
 import grpc
 
 from baton import grpc_util
-from baton.engine import PrefillOutput
+from baton.engine.prefill import PrefillOutput
 from baton.errors import Cancelled
 from baton.kv_codec import KVDamaged, dtype_name
 from baton.kv_transport.base import Transport

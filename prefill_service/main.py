@@ -14,10 +14,10 @@ TRANSFER_TIMEOUT_S = 30.0   # a K/V transfer's deadline, from the prefill side
 def build(args: argparse.Namespace) -> Served:
     """Load the model on the thread that will run every prefill, then serve Prefill."""
     from baton.device_thread import DeviceThread
-    from baton.engine import Prefiller
+    from baton.engine.prefill import Prefiller
+    from baton.engine.prefix_cache import PrefixCache
+    from baton.engine.runner import ModelRunner
     from baton.model_loader import load_model
-    from baton.model_runner import ModelRunner
-    from baton.prefix_cache import PrefixCache
     device = DeviceThread()
     model = device.run(load_model, args.model, args.dtype, args.device)
     # the tokenizer's EOS too; grammars for constrained requests

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from baton import faults, grammar, grpc_util
-from baton.engine import PrefillOutput, Prefiller
+from baton.engine.prefill import PrefillOutput, Prefiller
 from baton.errors import DecodeUnreachable, InvalidArgument, NotFound
 from baton.request import Request, Status
 from baton.v1 import prefill_pb2, prefill_pb2_grpc

@@ -157,7 +157,7 @@ def max_batch(workers) -> int:
 def decode_context(decoders, model_context: int) -> int:
     """The longest request (prompt + output tokens) every one of the live decode-side workers
     (Registry.live("decode")) can hold: its K/V budget may cap it below the model's context
-    (baton/kv_cache.py); `model_context` if none says."""
+    (baton/engine/cache.py); `model_context` if none says."""
     return min([model_context] + [w.stats["max_len"] for w in decoders if w.stats.get("max_len")])
 
 

@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from baton.model_runner import ModelRunner
+from baton.engine.runner import ModelRunner
 from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner
 from tiny_model import EOS, reference_greedy
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from baton.grammar import Grammars, RowGrammar, check
 from baton.model_loader import load_model
 from baton.request import FinishReason

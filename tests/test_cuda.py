@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from baton.request import Request
 from baton.sampling import SamplingParams
 from loopback import loopback_cluster

@@ -4,8 +4,10 @@ import random
 
 import torch
 
-from baton.decode_graphs import buckets_for
-from baton.engine import DecodeBatch, Engine, Prefiller
+from baton.engine.batch import DecodeBatch
+from baton.engine.decode_graphs import buckets_for
+from baton.engine.engine import Engine
+from baton.engine.prefill import Prefiller
 from baton.request import Request
 from baton.sampling import SamplingParams
 from tiny_model import EOS

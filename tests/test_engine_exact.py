@@ -5,9 +5,11 @@ import random
 
 import pytest
 
-from baton.config import EngineConfig
-from baton.engine import DecodeBatch, Engine, Prefiller
-from baton.kv_cache import KVCapacity
+from baton.engine.batch import DecodeBatch
+from baton.engine.cache import KVCapacity
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.prefill import Prefiller
 from baton.request import FinishReason, Request, Status
 from baton.sampling import SamplingParams
 from tiny_model import EOS, reference_greedy
@@ -83,7 +85,7 @@ def test_engine_queue_and_eos(tiny):
 
 
 def test_queue_full_and_duplicates(tiny):
-    from baton.scheduler import QueueFull
+    from baton.engine.scheduler import QueueFull
     eng = Engine(tiny, EngineConfig(max_batch=2, max_queue=2))
     eng.add_request(Request("a", [1, 2], SamplingParams()))
     with pytest.raises(ValueError, match="duplicate"):

@@ -4,12 +4,12 @@ import threading
 
 import pytest
 
-from baton.config import EngineConfig
-from baton.engine import Engine
-from baton.engine_loop import EngineLoop
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.loop import EngineLoop
+from baton.engine.scheduler import QueueFull
 from baton.request import Request
 from baton.sampling import SamplingParams
-from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2
 from decode_service.worker import DecodeServicer, DecodeWorker, worker_stats
 from tiny_model import engine_greedy

@@ -3,7 +3,7 @@ and its size from a memory budget."""
 import pytest
 import torch
 
-from baton.kv_cache import BatchKVCache, kv_capacity, step_slack
+from baton.engine.cache import BatchKVCache, kv_capacity, step_slack
 
 
 def _kv(P, fill, L=2, H=2, D=4):

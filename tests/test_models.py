@@ -1,14 +1,14 @@
-"""Every supported architecture (baton/models/) gives generate()'s greedy tokens exactly, in a
+"""Every supported architecture (baton/engine/models/) gives generate()'s greedy tokens exactly, in a
 batch where rows join and leave (tiny random models, float64); others are refused by name."""
 import random
 
 import pytest
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
-from baton.model_runner import ModelRunner
-from baton.models import REGISTRY
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.models import REGISTRY
+from baton.engine.runner import ModelRunner
 from baton.sampling import SamplingParams
 from tiny_model import EOS, reference_greedy, tiny_family
 

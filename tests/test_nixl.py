@@ -52,7 +52,7 @@ def _held(client) -> dict[str, int]:
 
 
 def test_greedy_over_nixl_equals_generate_and_engine(cluster, tiny):
-    from baton.engine import Engine
+    from baton.engine.engine import Engine
     from baton.sampling import SamplingParams
     rng = random.Random(5)
     prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (1, 17, 120)]

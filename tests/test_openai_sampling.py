@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from deploy.procs import wait_for
 from baton.sampling import SamplingParams
 from baton.wire import logprobs_from_pb

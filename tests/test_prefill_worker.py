@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from baton.engine import PrefillOutput
+from baton.engine.prefill import PrefillOutput
 from baton.errors import NotFound
 from baton.request import Request
 from baton.sampling import SamplingParams

@@ -1,4 +1,4 @@
-"""Prompts that start alike prefill only what differs (baton/prefix_cache.py), and get exactly the
+"""Prompts that start alike prefill only what differs (baton/engine/prefix_cache.py), and get exactly the
 tokens they get without the cache: generate()'s, in the engine's chunked prefill and in the
 prefill worker's whole-prompt pass (tiny random Llama, float64)."""
 from __future__ import annotations
@@ -7,9 +7,10 @@ import random
 
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine, Prefiller
-from baton.prefix_cache import BLOCK, PrefixCache
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.prefill import Prefiller
+from baton.engine.prefix_cache import BLOCK, PrefixCache
 from baton.request import Request
 from baton.sampling import SamplingParams
 from tiny_model import EOS, reference_greedy
@@ -43,7 +44,7 @@ def test_the_longest_block_aligned_prefix_is_copied_and_one_token_is_always_left
 
 
 def test_a_hash_match_is_checked_token_for_token(monkeypatch):
-    import baton.prefix_cache as pc
+    import baton.engine.prefix_cache as pc
     cache = PrefixCache(1 << 20)
     monkeypatch.setattr(pc, "_block_hashes", lambda ids, n: [0] * (n // BLOCK))   # every prefix collides
     a = list(range(2 * BLOCK + 1))

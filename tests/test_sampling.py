@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
-from baton.sampler import sample_one
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.sampler import sample_one
 from baton.sampling import SamplingParams
 from tiny_model import EOS
 
@@ -61,7 +61,7 @@ def _row(params, output=(), prompt=(1, 2)):
 def test_a_batch_is_sampled_at_once_as_each_row_alone():
     """The batched sampler: every row of a mixed batch (greedy, top-k, top-p, min-p, penalties, bias,
     min_tokens) gets the token and logprobs it gets alone."""
-    from baton.sampler import sample_rows
+    from baton.engine.sampler import sample_rows
     torch.manual_seed(0)
     logits = torch.randn(7, 50, dtype=torch.float64) * 3
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5, seed=1),

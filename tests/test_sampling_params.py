@@ -8,8 +8,10 @@ import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
                           RepetitionPenaltyLogitsProcessor)
 
-from baton.config import EngineConfig
-from baton.engine import DecodeBatch, Engine, Prefiller
+from baton.engine.batch import DecodeBatch
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.prefill import Prefiller
 from baton.request import Request
 from baton.sampling import InvalidParam, SamplingParams
 from baton.wire import logprobs_from_pb, logprobs_to_pb, params_from_pb, params_to_pb

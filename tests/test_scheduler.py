@@ -1,11 +1,11 @@
-"""The engine's admission policy without a model (baton/scheduler.py): budgets, rows, order."""
+"""The engine's admission policy without a model (baton/engine/scheduler.py): budgets, rows, order."""
 from __future__ import annotations
 
 import pytest
 
+from baton.engine.scheduler import QueueFull, Scheduler
 from baton.request import Request, Status
 from baton.sampling import SamplingParams
-from baton.scheduler import QueueFull, Scheduler
 
 
 def _req(rid: str, n: int) -> Request:

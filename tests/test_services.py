@@ -35,7 +35,7 @@ def _prompt(rng, n):
 
 
 def test_greedy_over_grpc_equals_generate_and_engine(cluster, ref_model):
-    from baton.engine import Engine
+    from baton.engine.engine import Engine
     from baton.sampling import SamplingParams
     rng = random.Random(5)
     prompts = [_prompt(rng, n) for n in (1, 17, 120)]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from baton.model_files import encode_prompt
 from baton.model_loader import load_model
 from baton.sampling import SamplingParams
@@ -32,7 +32,7 @@ def test_smollm2_batched_equals_generate(smollm2):
 
 
 def test_streamed_text_is_the_decoded_output(smollm2):
-    from baton.engine_loop import EngineLoop
+    from baton.engine.loop import EngineLoop
     from baton.request import Request
     loop = EngineLoop(Engine(smollm2, EngineConfig(max_batch=2))).start()
     try:

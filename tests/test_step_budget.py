@@ -1,4 +1,4 @@
-"""The step-time budget (baton/step_budget.py): prompt tokens per step sized from measured step
+"""The step-time budget (baton/engine/step_budget.py): prompt tokens per step sized from measured step
 costs, and an engine whose budget changes every step still gives every query its exact tokens."""
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from baton import step_budget
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine import step_budget
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.step_budget import StepBudget
 from baton.sampling import SamplingParams
-from baton.step_budget import StepBudget
 from tiny_model import EOS, reference_greedy
 
 

@@ -1,7 +1,7 @@
 """Tokens leave a decode worker several to a message (issue 19), in process: a TokenStream hands over
 every event that is ready at once, a chunk carries one logprob per token, a request's stream is paced by
 how many the worker serves, and a reader that stops reading stalls neither the batch nor another stream
-(decode_service/worker.py Attach, baton/engine_loop.py TokenStream.get_ready, baton/wire.py)."""
+(decode_service/worker.py Attach, baton/engine/loop.py TokenStream.get_ready, baton/wire.py)."""
 from __future__ import annotations
 
 import queue
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from baton.config import EngineConfig
-from baton.engine import Engine
-from baton.engine_loop import EngineLoop, StreamClosed, TokenStream
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.loop import EngineLoop, StreamClosed, TokenStream
 from baton.request import Request, TokenEvent
 from baton.sampling import Logprobs, SamplingParams
 from baton.v1 import decode_pb2

@@ -33,8 +33,8 @@ def engine_greedy(model: LoadedModel, prompts: list[list[int]], max_new_tokens: 
     """Greedy tokens (ignore_eos) of many prompts at once, by the engine in process, all in one
     batch: tests/test_engine_exact.py proves the engine equal to generate() whatever the
     batch-mates, and one generate() per prompt costs seconds when a test checks hundreds."""
-    from baton.config import EngineConfig
-    from baton.engine import Engine
+    from baton.engine.config import EngineConfig
+    from baton.engine.engine import Engine
     from baton.sampling import SamplingParams
     if not prompts:
         return []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from baton.model_runner import ModelRunner
+from baton.engine.runner import ModelRunner
 
 
 class PaddedPrefillRunner:

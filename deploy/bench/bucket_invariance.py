@@ -16,8 +16,8 @@ import random
 
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from baton.model_loader import load_model
 from baton.sampling import SamplingParams
 

@@ -13,10 +13,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from baton.config import EngineConfig
-from baton.engine import Engine
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.runner import PromptChunk
 from baton.model_loader import load_model
-from baton.model_runner import PromptChunk
 from deploy.bench.step import filled_batch
 
 

@@ -12,9 +12,11 @@ import time
 
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import DecodeBatch, Engine, PrefillOutput
-from baton.kv_cache import KVCapacity
+from baton.engine.batch import DecodeBatch
+from baton.engine.cache import KVCapacity
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.prefill import PrefillOutput
 from baton.model_loader import load_model
 from baton.request import Request
 from baton.sampling import SamplingParams

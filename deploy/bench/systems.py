@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import DecodeBatch, Engine
+from baton.engine.batch import DecodeBatch
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
 from baton.request import Request
 from baton.sampling import SamplingParams
 from deploy.bench.baselines import PaddedPrefillRunner, SelectiveRunner

@@ -1,7 +1,7 @@
 """Log-probabilities as the OpenAI API shapes them, from the router's TokenLogprobs (one per token).
 
 The values are log-softmax of the raw model logits (before penalties, logit_bias and temperature:
-vLLM's default, see baton/sampler.py). A token's text is what the model's tokenizer decodes it to
+vLLM's default, see baton/engine/sampler.py). A token's text is what the model's tokenizer decodes it to
 alone (as vLLM's); without a tokenizer in this process it is spelled `token_id:<id>` (vLLM's
 `return_tokens_as_token_ids` form)."""
 from __future__ import annotations

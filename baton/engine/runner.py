@@ -2,12 +2,12 @@
 batch and prompt chunks of newcomers.
 
 At load the Hugging Face weights are regrouped for fewer, larger matmuls: Q/K/V into one
-projection and gate/up into one (baton/models/layer.py: the HF modules' weights become views of
+projection and gate/up into one (baton/engine/models/layer.py: the HF modules' weights become views of
 the fused tensors, so nothing is stored twice and `generate()` still runs on the same numbers). The layer
 itself is plain tensor code over a flat token axis (no module wrappers): per-op overhead is
 what dominated small steps (profiled, docs/benchmarks.md). Attention is ours, because the
-batch's K/V lives in BATON's shared cache (see kv_cache.py).
-The supported architectures and how each one's layer weights are read: baton/models/.
+batch's K/V lives in BATON's shared cache (see cache.py).
+The supported architectures and how each one's layer weights are read: baton/engine/models/.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baton.kv_cache import BatchKVCache, StepInputs
-from baton.models import layer_reader
+from baton.engine.cache import BatchKVCache, StepInputs
+from baton.engine.models import layer_reader
 
 
 @dataclass

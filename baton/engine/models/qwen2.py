@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from baton.models.layer import LayerWeights, llama_layout
+from baton.engine.models.layer import LayerWeights, llama_layout
 
 MODEL_TYPES = ("qwen2",)
 

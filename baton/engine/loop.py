@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from baton.config import EngineConfig
-from baton.engine import Engine, PrefillOutput
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.prefill import PrefillOutput
+from baton.engine.scheduler import QueueFull
 from baton.request import Request, TokenEvent
-from baton.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The architectures the model runner supports, keyed by Hugging Face `config.model_type`.
 
 Each family is one module that says how to read a decoder layer's weights into `LayerWeights`
-(baton/models/layer.py); the runner (baton/model_runner.py) asks `layer_reader` and runs every
+(baton/engine/models/layer.py); the runner (baton/engine/runner.py) asks `layer_reader` and runs every
 family with the same tensor code. A new architecture is one module plus one line in `FAMILIES`.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from baton.models import llama, qwen2, qwen3
-from baton.models.layer import LayerWeights
+from baton.engine.models import llama, qwen2, qwen3
+from baton.engine.models.layer import LayerWeights
 
 FAMILIES = (llama, qwen2, qwen3)
 REGISTRY: dict[str, Callable[[torch.nn.Module], LayerWeights]] = {

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from baton.kv_cache import BatchKVCache
-from baton.model_runner import ModelRunner
+from baton.engine.cache import BatchKVCache
+from baton.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
