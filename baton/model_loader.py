@@ -26,7 +26,13 @@ class LoadedModel:
 
     @property
     def max_len(self) -> int:
-        return self.model.config.max_position_embeddings
+        """Tokens a request may hold: the model's context, or its sliding attention window where HF
+        applies one (Mistral v0.1's 4,096; Qwen2/3 with use_sliding_window): baton's attention is
+        over a row's whole context, which equals the windowed one while a row fits the window."""
+        cfg = self.model.config
+        window = getattr(cfg, "sliding_window", None)
+        windowed = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        return min(cfg.max_position_embeddings, window) if windowed and window else cfg.max_position_embeddings
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -37,3 +37,20 @@ def test_unsupported_type_is_refused_by_name(tiny):
         config = type("Cfg", (), {"model_type": "gpt2"})()
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
         ModelRunner(Other())
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("mistral", {"sliding_window": 48}), ("qwen2", {"sliding_window": 48, "use_sliding_window": True,
+                                                   "max_window_layers": 0})])
+def test_a_sliding_window_caps_the_context_so_rows_stay_exact(model_type, config):
+    """HF masks attention beyond the window; no row outgrows it here, so the whole-context attention
+    baton computes is the windowed one, to the window's last token."""
+    model = tiny_family(model_type, **config)
+    eng = Engine(model, EngineConfig(max_batch=2, prefix_cache_mb=0))
+    assert eng.max_len == 48 and tiny_family("qwen2", sliding_window=48).max_len == 1024   # window not in use
+    rng = random.Random(9)
+    prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (30, 40)]
+    done = eng.generate(prompts, SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for r, p in zip(done, prompts):
+        assert len(p) + len(r.output_ids) == 48
+        assert r.output_ids == reference_greedy(model, p, 48 - len(p), ignore_eos=True)

@@ -1,7 +1,7 @@
 """Llama and Mistral: the plain layout (Q/K/V biases only where config.attention_bias says so,
-which `fuse` picks up from the modules). Mistral's sliding window is not applied: a row attends
-over all its tokens, so past `config.sliding_window` tokens (4,096 in Mistral v0.1; v0.2 on set
-none) it would see more than HF's mask lets it."""
+which `fuse` picks up from the modules). Mistral's sliding window is honoured by the context
+cap (baton/model_loader.py `LoadedModel.max_len`): no row outgrows it, so attending over a row's
+whole context is the windowed attention HF computes."""
 from __future__ import annotations
 
 import torch
