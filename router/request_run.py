@@ -184,7 +184,12 @@ class RequestRun:
         raise Unavailable(f"prefill failed on {len(tried)} workers")
 
     def _call_prefill(self, worker: WorkerHandle, decode: WorkerHandle, req, retry: bool) -> prefill_pb2.PrefillResponse:
-        """The Prefill call, cancelled as soon as the client goes away or either worker is marked dead."""
+        """The Prefill call, cancelled as soon as the client goes away or the health check finds either
+        worker down (a stopped or cut-off worker would hold it until its deadline). A worker marked
+        dead because one call of another request failed is not left: this request's own calls fail
+        if the worker really went (a refused or reset connection fails them at once), and leaving it
+        would re-prefill every request in flight there and make each of them shun a live worker for
+        good (with two workers per role, one more such fault then left them none: issue 21)."""
         call = worker.stub.Prefill.future(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
         try:
             while True:
@@ -195,8 +200,8 @@ class RequestRun:
                 if not self.context.is_active():
                     raise Cancelled("client went away")
                 for w, role in ((decode, "decode"), (worker, "prefill")):
-                    if not w.alive:
-                        raise WorkerFailed(role, f"{role} worker {w.worker_id} marked dead during prefill")
+                    if w.health_down:
+                        raise WorkerFailed(role, f"{role} worker {w.worker_id} found down during prefill")
         except grpc.RpcError as e:
             self._check_client()
             if e.code() == grpc.StatusCode.ALREADY_EXISTS and retry:
