@@ -3,10 +3,11 @@
 1. `relay` picks the least-loaded decode worker and opens the request's token stream there
    (Decode.Attach, with keep-alives every `keepalive_s`);
 2. `prefill_with_retry` has a prefill worker compute the prompt (+ tokens so far) and push the
-   K/V straight to that decode worker; a prefill worker that fails, or is marked dead while the
-   call is in flight, is left for another one; a client that goes away cancels the call;
+   K/V straight to that decode worker; a prefill worker that fails, or that the health check
+   finds down while the call is in flight, is left for another one (one failed call of another
+   request does not take the call away: see _call_prefill); a client that goes away cancels it;
 3. `relay` passes tokens on; a decode worker that fails, is silent past `worker_silence_s`
-   (stopped, hung, cut off) or dies while prefill runs for it is left: `migrate` starts over
+   (stopped, hung, cut off) or is found down while prefill runs for it is left: `migrate` starts over
    at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
    repeated);
 4. `settle`, called once when the RPC ends however it ends, counts the outcome, frees what the
