@@ -1,5 +1,7 @@
-"""RequestRun's silence bound, without servers: it cuts a decode worker's stream only while the
-router relays it, never while the request's prefill is still queued or running elsewhere."""
+"""RequestRun without servers: its silence bound cuts a decode worker's stream only while the
+router relays it, never while the request's prefill is still queued or running elsewhere; it waits
+briefly for a worker to come back; an in-flight Prefill call leaves a worker the health check finds
+down, not one that another request's failed call marked dead."""
 from __future__ import annotations
 
 import time
