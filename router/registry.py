@@ -33,6 +33,10 @@ class WorkerHandle:
     draining: bool = False
     load: int = 0                     # dispatched and not yet finished, counted at dispatch time
     health_misses: int = 0            # health checks timed out in a row
+    # The health check itself (not one failed call) found it down: refused, NOT_SERVING or silent
+    # HEALTH_MISSES times. Work in flight on it is moved at once; a worker only a call failed is
+    # avoided for new picks until its next check, but what it is doing is left to finish or fail.
+    health_down: bool = False
     stats: dict = field(default_factory=dict)
 
     def to_pb(self) -> router_pb2.WorkerInfo:
@@ -109,6 +113,7 @@ class Registry:
             w.load = max(0, w.load - 1)
 
     def mark_dead(self, w: WorkerHandle, why: str) -> None:
+        """Take a worker out of new picks until the next health check says it serves (poll_health)."""
         if w.alive:
             log.warning("%s worker %s (%s) marked dead: %s", w.role, w.worker_id, w.address, why)
         w.alive = False
@@ -136,7 +141,7 @@ class Registry:
                 log.info("%s worker %s is serving again", w.role, w.worker_id)
             if not ok:
                 self.mark_dead(w, why)
-            w.alive = ok
+            w.alive, w.health_down = ok, not ok
 
 
 # What the router keeps of a worker's WorkerStatsResponse (WorkerHandle.stats), the one list of them.

@@ -3,10 +3,11 @@
 1. `relay` picks the least-loaded decode worker and opens the request's token stream there
    (Decode.Attach, with keep-alives every `keepalive_s`);
 2. `prefill_with_retry` has a prefill worker compute the prompt (+ tokens so far) and push the
-   K/V straight to that decode worker; a prefill worker that fails, or is marked dead while the
-   call is in flight, is left for another one; a client that goes away cancels the call;
+   K/V straight to that decode worker; a prefill worker that fails, or that the health check
+   finds down while the call is in flight, is left for another one (one failed call of another
+   request does not take the call away: see _call_prefill); a client that goes away cancels it;
 3. `relay` passes tokens on; a decode worker that fails, is silent past `worker_silence_s`
-   (stopped, hung, cut off) or dies while prefill runs for it is left: `migrate` starts over
+   (stopped, hung, cut off) or is found down while prefill runs for it is left: `migrate` starts over
    at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
    repeated);
 4. `settle`, called once when the RPC ends however it ends, counts the outcome, frees what the
@@ -184,7 +185,12 @@ class RequestRun:
         raise Unavailable(f"prefill failed on {len(tried)} workers")
 
     def _call_prefill(self, worker: WorkerHandle, decode: WorkerHandle, req, retry: bool) -> prefill_pb2.PrefillResponse:
-        """The Prefill call, cancelled as soon as the client goes away or either worker is marked dead."""
+        """The Prefill call, cancelled as soon as the client goes away or the health check finds either
+        worker down (a stopped or cut-off worker would hold it until its deadline). A worker marked
+        dead because one call of another request failed is not left: this request's own calls fail
+        if the worker really went (a refused or reset connection fails them at once), and leaving it
+        would re-prefill every request in flight there and make each of them shun a live worker for
+        good (with two workers per role, one more such fault then left them none: issue 21)."""
         call = worker.stub.Prefill.future(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
         try:
             while True:
@@ -195,8 +201,8 @@ class RequestRun:
                 if not self.context.is_active():
                     raise Cancelled("client went away")
                 for w, role in ((decode, "decode"), (worker, "prefill")):
-                    if not w.alive:
-                        raise WorkerFailed(role, f"{role} worker {w.worker_id} marked dead during prefill")
+                    if w.health_down:
+                        raise WorkerFailed(role, f"{role} worker {w.worker_id} found down during prefill")
         except grpc.RpcError as e:
             self._check_client()
             if e.code() == grpc.StatusCode.ALREADY_EXISTS and retry:

@@ -24,14 +24,18 @@ def health(address: str, service: str = "", metadata=()) -> str:
 
 @contextlib.contextmanager
 def loopback_cluster(model_dir: str, prefill: int = 1, decode: int = 1, router_args=(), worker_args=(), env=None,
-                     colocated: int = 0):
+                     colocated: int = 0, decode_beside: int = 0):
     """The tests' cluster: float64, one thread and 8 rows per worker; `colocated` > 0 starts that
-    many colocated workers (each serves prefill and decode) instead of the prefill and decode pools.
-    Yields {"router", "prefill", "decode", "procs"} once the router is SERVING."""
+    many colocated workers (each serves prefill and decode) instead of the prefill and decode pools;
+    `decode_beside` adds that many decode workers to them (a mixed cluster: a colocated worker
+    prefills for them and pushes the K/V over the K/V transport, as a prefill worker would).
+    Yields {"router", "prefill", "decode", "procs"} once the router is SERVING ("decode": decode and
+    colocated workers)."""
     flags = ["--dtype", "float64", "--threads", "1", "--max-batch", "8", *worker_args]
+    workers = pools(prefill, decode, colocated, flags) + [["decode_service", *flags]] * decode_beside
     c = None
     try:
-        with local_cluster(model_dir, pools(prefill, decode, colocated, flags), router_args, env) as c:
+        with local_cluster(model_dir, workers, router_args, env) as c:
             wait_for(lambda: health(c.router.address) == "SERVING", 60, what="router SERVING")
             yield {"router": c.router, "prefill": c.prefill, "decode": c.decode, "procs": c.procs}
     except BaseException:

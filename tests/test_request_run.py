@@ -1,5 +1,7 @@
-"""RequestRun's silence bound, without servers: it cuts a decode worker's stream only while the
-router relays it, never while the request's prefill is still queued or running elsewhere."""
+"""RequestRun without servers: its silence bound cuts a decode worker's stream only while the
+router relays it, never while the request's prefill is still queued or running elsewhere; it waits
+briefly for a worker to come back; an in-flight Prefill call leaves a worker the health check finds
+down, not one that another request's failed call marked dead."""
 from __future__ import annotations
 
 import time
@@ -80,3 +82,69 @@ def test_no_live_worker_within_the_wait_is_unavailable():
     with pytest.raises(Unavailable):
         run._pick("decode")
     assert time.monotonic() - t < 2
+
+
+class _PrefillCall:
+    """A Prefill call answered after `polls` result() timeouts; `during()` runs at the first one."""
+
+    def __init__(self, polls: int, during):
+        self.polls, self.during, self.cancelled, self.answered = polls, during, False, False
+
+    def result(self, timeout):
+        import grpc
+
+        from baton.v1 import prefill_pb2
+        if self.polls:
+            self.polls -= 1
+            self.during()
+            self.during = lambda: None
+            raise grpc.FutureTimeoutError()
+        self.answered = True
+        return prefill_pb2.PrefillResponse(num_tokens=3)
+
+    def cancel(self):   # a no-op once answered, as gRPC's
+        self.cancelled = self.cancelled or not self.answered
+
+
+def _prefill_in_flight(during):
+    """A request whose Prefill call is in flight on a prefill and a decode worker, `during` run while it is."""
+    from types import SimpleNamespace
+
+    from baton.v1 import prefill_pb2
+    from router.registry import Registry, WorkerHandle
+    reg = Registry()
+    call = _PrefillCall(3, lambda: during(reg, decode))
+    stub = SimpleNamespace(Prefill=SimpleNamespace(future=lambda req, timeout, metadata: call))
+    prefill = WorkerHandle("prefill", "prefill-1", 1, "n", "127.0.0.1:1", channel=None, stub=stub, health=None)
+    decode = WorkerHandle("decode", "decode-1", 2, "n", "127.0.0.1:2", channel=None, stub=None, health=None)
+    run = RequestRun("r1", [1, 2, 3], SamplingParams(), context=_LiveClient(), registry=reg,
+                     config=RouterConfig(), books=Books(8, 8), auth=None)
+    return run, call, lambda: run._call_prefill(prefill, decode, prefill_pb2.PrefillRequest(request_id="r1"), False)
+
+
+def test_a_worker_another_request_failed_on_keeps_this_requests_prefill():
+    # Issue 21: one injected UNAVAILABLE used to make every request in flight on that worker leave
+    # it and shun it for good; with two workers a second fault then left them none (UNAVAILABLE).
+    run, call, prefill = _prefill_in_flight(lambda reg, decode: reg.mark_dead(decode, "another request's Attach failed"))
+    assert prefill().num_tokens == 3 and not call.cancelled
+
+
+def test_a_worker_the_health_check_finds_down_loses_the_prefill_in_flight():
+    import grpc
+    import pytest
+
+    from router.request_run import WorkerFailed
+
+    class _Refused:
+        def Check(self, request, timeout):  # noqa: N802 (gRPC's name)
+            raise type("Refused", (grpc.RpcError,), {"code": lambda self: grpc.StatusCode.UNAVAILABLE})()
+
+    def health_poll_finds_it_down(reg, decode):
+        decode.health = _Refused()
+        reg.workers[decode.worker_id] = decode
+        reg.poll_health()
+
+    run, call, prefill = _prefill_in_flight(health_poll_finds_it_down)
+    with pytest.raises(WorkerFailed) as e:
+        prefill()
+    assert e.value.role == "decode" and call.cancelled
