@@ -240,6 +240,7 @@ def rpc(fn: Callable) -> Callable:
         except Exception as e:
             if not context.is_active():   # the caller cancelled (e.g. a K/V push stopped): nobody to answer
                 log.debug("%s: the caller went away (%s)", fn.__name__, type(e).__name__)
-                return None
+                # abort, not `return None`: gRPC would try to serialise None and log an error for it
+                context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
             _abort(context, e, fn.__name__)
     return wrapper

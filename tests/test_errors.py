@@ -66,3 +66,33 @@ def test_a_field_named_by_a_check_reaches_the_error():
     with pytest.raises(errors.InvalidArgument) as e:
         sampling_from_request(r, SamplingParams(max_new_tokens=2))
     assert e.value.field == "min_tokens"
+
+
+class _GoneCaller:
+    """A unary handler's context whose caller cancelled: gRPC's abort raises, as it does."""
+
+    def __init__(self):
+        self.aborted = None
+
+    def is_active(self):
+        return False
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise Exception("aborted")
+
+
+def test_a_handler_whose_caller_went_away_aborts_cancelled_instead_of_answering_none():
+    """Answering None makes gRPC log 'Exception serializing message!' for every cancelled call."""
+    from baton.errors import Unavailable
+    from baton.grpc_util import rpc
+
+    class Servicer:
+        @rpc
+        def Call(self, request, context):
+            raise Unavailable("the K/V push stopped")
+
+    context = _GoneCaller()
+    with pytest.raises(Exception, match="aborted"):
+        Servicer().Call(None, context)
+    assert context.aborted == (grpc.StatusCode.CANCELLED, "the caller went away")
