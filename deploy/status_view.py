@@ -16,6 +16,7 @@ def print_status(st, as_json: bool) -> None:
     batch = f", {st.max_batch} rows per decode batch" if st.max_batch else ""   # 0: no worker reported it
     print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}"
           f"{batch}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
+    print(api_servers_line(st.api_servers))
     print(f"{'role':9} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5} "
           f"{'kv used':>7} {'prefix hits':>11} {'kv transport':12}")
     for w in st.workers:
@@ -24,6 +25,17 @@ def print_status(st, as_json: bool) -> None:
                 if w.prefix_cache_queried_tokens else "-")
         print(f"{w.role:9} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
               f"{w.running:>5} {w.batch_width:>5} {kv:>7} {hits:>11} {w.kv_transport or '-':12}")
+
+
+def api_servers_line(servers) -> str:
+    """How many processes serve the OpenAI HTTP API, where, and their pids."""
+    if not servers:
+        return "API servers: none (no --http-port)"
+    alive = [a for a in servers if a.alive]
+    where = "in baton up's process" if len(servers) == 1 and servers[0].index == 0 else "sharing one socket"
+    pids = ", ".join(f"{a.pid}" + ("" if a.alive else " (restarting)") + (f" ({a.restarts} restarts)" if a.restarts
+                                                                         else "") for a in servers)
+    return f"API servers: {len(alive)} of {len(servers)} running on http://{servers[0].address} ({where}; pids {pids})"
 
 
 def kv_usage_percent(w) -> float:

@@ -39,7 +39,7 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  
 
 
 def count(endpoint: str, status: int) -> None:
-    metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+    metrics.count_http(endpoint, status)
 
 
 def _too_large(limit: int) -> APIError:
