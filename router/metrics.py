@@ -125,6 +125,11 @@ def serve_as_api_server(index: int) -> None:
     _api_server[1].labels(_api_server[0])
 
 
+def api_server_index() -> str | None:
+    """This process's index among the API servers of `baton up --api-servers N` (None: not one of them)."""
+    return _api_server[0] if _api_server else None
+
+
 def count_http(endpoint: str, status: int) -> None:
     HTTP_REQUESTS.labels(endpoint, str(status)).inc()
     if _api_server:
