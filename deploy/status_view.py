@@ -16,7 +16,6 @@ def print_status(st, as_json: bool) -> None:
     batch = f", {st.max_batch} rows per decode batch" if st.max_batch else ""   # 0: no worker reported it
     print(f"model {st.model} ({st.topology}): {s.running} running, {s.waiting} waiting (queue limit {st.max_queue}"
           f"{batch}); completed {s.completed}, failed {s.failed}, cancelled {s.cancelled}")
-    print(api_servers_line(st.api_servers))
     print(f"{'role':9} {'id':18} {'pid':>7} {'address':22} {'alive':5} {'load':>4} {'batch':>5} {'width':>5} "
           f"{'kv used':>7} {'prefix hits':>11} {'kv transport':12}")
     for w in st.workers:
@@ -25,6 +24,7 @@ def print_status(st, as_json: bool) -> None:
                 if w.prefix_cache_queried_tokens else "-")
         print(f"{w.role:9} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
               f"{w.running:>5} {w.batch_width:>5} {kv:>7} {hits:>11} {w.kv_transport or '-':12}")
+    print(api_servers_line(st.api_servers))
 
 
 def api_servers_line(servers) -> str:
