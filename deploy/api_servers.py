@@ -38,7 +38,10 @@ class _Server:
 
     def spawn(self, argv: list[str], fd: int, env: dict | None) -> None:
         self.ready = ready = threading.Event()
-        self.p = subprocess.Popen(argv, pass_fds=(fd,), stdout=subprocess.PIPE, text=True, env=env)
+        # its own session: a terminal's Ctrl-C reaches baton up alone, which stops the servers itself (a server
+        # that stopped on its own signal first would look crashed)
+        self.p = subprocess.Popen(argv, pass_fds=(fd,), stdout=subprocess.PIPE, text=True, env=env,
+                                  start_new_session=True)
         threading.Thread(target=self._pump, args=(self.p, ready), daemon=True,
                          name=f"api-server-{self.index}-out").start()
 
@@ -58,7 +61,8 @@ class _Server:
 
 class ApiServers:
     def __init__(self, router_address: str, host: str, port: int, count: int, gateway_args: list[str],
-                 on_fatal: Callable[[str], None], env: dict | None = None):
+                 on_fatal: Callable[[str], None], env: dict | None = None,
+                 stopping: threading.Event | None = None):
         """`gateway_args`: `python -m router.http_gateway` flags they all get (model name, limits, ...);
         the token is passed in the environment (BATON_AUTH_TOKEN), never on a command line."""
         from router.http_gateway.server import listen_socket
@@ -67,7 +71,7 @@ class ApiServers:
         self.router_address, self.gateway_args, self.on_fatal = router_address, gateway_args, on_fatal
         self.env = env
         self.servers = [_Server(k) for k in range(1, count + 1)]
-        self._stopping = threading.Event()
+        self._stopping = stopping or threading.Event()   # baton up's stop event: no restart once it is set
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, name="api-servers", daemon=True)
 

@@ -109,10 +109,13 @@ def _start_api_servers(args, router_address: str, servicer, fatal: list, done):
         fatal.append(why)
         done.set()
     servers = ApiServers(router_address, args.http_host or args.host, args.http_port, args.api_servers, flags,
-                         on_fatal, env=env)
+                         on_fatal, env=env, stopping=done)
     servicer.api_servers = servers.pb
     print(f"baton: starting {args.api_servers} API server processes on {servers.url}...", file=sys.stderr, flush=True)
-    servers.start()
+    try:
+        servers.start()
+    except RuntimeError as e:   # one could not start (it said why on stderr): baton up stops, exit code 1
+        on_fatal(str(e))
     return servers
 
 

@@ -170,3 +170,34 @@ def test_sigterm_stops_baton_up_and_every_api_server(up):
     alive = [pid for pid in up["api_pids"] if psutil.pid_exists(pid)
              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"API server processes left after baton up stopped: {alive}"
+
+
+# ---- deploy/api_servers.py alone (no router needed to start, nor Ray) ----------------------------------
+def test_an_api_server_that_cannot_start_is_reported_and_none_is_left():
+    from deploy.api_servers import ApiServers
+    fatal = []
+    servers = ApiServers("127.0.0.1:1", "127.0.0.1", 0, 2, ["--no-such-flag"], fatal.append)
+    with pytest.raises(RuntimeError, match=r"API server 1 \(pid \d+\) exited with code 2"):
+        servers.start(timeout_s=60)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in servers.pids())
+
+
+def test_api_servers_share_one_socket_restart_a_dead_one_and_stop_all():
+    from deploy.api_servers import ApiServers
+    fatal = []
+    servers = ApiServers("127.0.0.1:1", "127.0.0.1", 0, 2, [], fatal.append)
+    try:
+        servers.start(timeout_s=120)
+        first = servers.pids()
+        by = {_request(servers.port, "GET", "/version")[1]["x-baton-api-server"] for _ in range(4)}
+        assert by <= {"1", "2"} and by
+        psutil.Process(first[0]).kill()
+        wait_for(lambda: servers.pb()[0].alive and servers.pb()[0].pid != first[0], 60,
+                 what="API server 1 to be restarted")
+        assert [a.restarts for a in servers.pb()] == [1, 0] and not fatal
+        assert _request(servers.port, "GET", "/version")[0] == 200
+    finally:
+        pids = servers.pids()
+        servers.stop()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
