@@ -133,6 +133,14 @@ def test_metrics_are_the_same_whichever_server_answers(up):
     assert first and all(s == first for ss in scrapes.values() for s in ss)
 
 
+def test_every_metric_the_dashboards_query_is_exported_from_the_shared_files(up):
+    from test_metrics_names import NOT_EXPORTED, VLLM_DASHBOARD_NAMES, dashboard_metric_names
+    _, _, text = _request(up["http_port"], "GET", "/metrics")
+    exported = {line.split("{")[0].split(" ")[0] for line in text.decode().splitlines() if not line.startswith("#")}
+    missing = (VLLM_DASHBOARD_NAMES - NOT_EXPORTED | dashboard_metric_names()) - exported
+    assert not missing, missing
+
+
 def test_status_lists_the_api_servers(up):
     st = _status(up)
     servers = sorted(st.api_servers, key=lambda a: a.index)
