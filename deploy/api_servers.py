@@ -8,12 +8,16 @@ Why one inherited socket rather than N sockets bound with SO_REUSEPORT: the port
 this process, where --http-host says (port 0 works, and no other process of the same user can join
 the group and take a share of the connections); the kernel queues connections once and whichever
 server is free accepts the next, where SO_REUSEPORT hashes each connection to one server's queue
-whatever that server's load, and drops the connections queued on a server that dies.
+whatever that server's load, and drops the connections queued on a server that dies. (Each server takes
+at most a few connections per wakeup of the socket, router/http_gateway/server.py SharedListener, or
+one would take most of a burst.)
 
 A server that exits on its own is restarted (its index and place kept; the others keep accepting
 meanwhile) and `baton status` counts its restarts; one that exits before it ever served - it cannot
 start - stops `baton up` with the reason (`on_fatal`). Each server gets SIGTERM when this process
-dies, however it dies (PR_SET_PDEATHSIG), and stop() ends them all, checked by pid."""
+dies, however it dies (PR_SET_PDEATHSIG: strictly, when the thread that started it ends - baton up's main
+thread, or the watching thread for a restarted one, which ends only when baton up stops), and stop() ends
+them all, checked by pid."""
 from __future__ import annotations
 
 import logging

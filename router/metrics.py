@@ -194,7 +194,8 @@ def observe_request(last, source: str = "router") -> None:
     its start-up warm-up. The HTTP gateway calls it with source="gateway" for each last response it
     relays; that is skipped for a request a router in this same process admitted (`claim`, before its
     first message), so a gateway and a router sharing a process (`baton up --http-port`) count each
-    request once, and a gateway in a process of its own still fills the histograms."""
+    request once, and a gateway in a process of its own still fills the histograms. The API servers of
+    `baton up --api-servers N` never observe (serve_as_api_server): their router does, in the files they share."""
     rid = getattr(last, "request_id", "")
     with _lock:
         if source == "router":
