@@ -209,3 +209,22 @@ def test_api_servers_share_one_socket_restart_a_dead_one_and_stop_all():
         pids = servers.pids()
         servers.stop()
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+def test_api_servers_end_when_the_process_that_started_them_is_killed():
+    """SIGKILL leaves baton up no time to stop them: each gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from deploy.api_servers import ApiServers; "
+            "s = ApiServers('127.0.0.1:1', '127.0.0.1', 0, 2, [], print); s.start(120); "
+            "print('PIDS', *s.pids(), flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in parent.stdout if line.startswith("PIDS"))
+        pids = [int(p) for p in line.split()[1:]]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                             for p in pids), 15, what="the API servers to end with their parent")
