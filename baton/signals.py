@@ -33,3 +33,15 @@ def announce_ready(role: str, address: str, **more: str) -> None:
     """BATON_READY role=... address=... pid=... [key=value ...] on stdout (deploy/procs.py reads it)."""
     extra = "".join(f" {k}={v}" for k, v in more.items())
     print(f"BATON_READY role={role} address={address} pid={os.getpid()}{extra}", flush=True)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Get SIGTERM when the process that started this one exits, however it exits (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing); exit at once if it is already gone."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)

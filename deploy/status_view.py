@@ -24,6 +24,18 @@ def print_status(st, as_json: bool) -> None:
                 if w.prefix_cache_queried_tokens else "-")
         print(f"{w.role:9} {w.worker_id:18} {w.pid:>7} {w.address:22} {str(w.alive):5} {w.load:>4} "
               f"{w.running:>5} {w.batch_width:>5} {kv:>7} {hits:>11} {w.kv_transport or '-':12}")
+    print(api_servers_line(st.api_servers))
+
+
+def api_servers_line(servers) -> str:
+    """How many processes serve the OpenAI HTTP API, where, and their pids."""
+    if not servers:
+        return "API servers: none (no --http-port)"
+    alive = [a for a in servers if a.alive]
+    where = "in baton up's process" if len(servers) == 1 and servers[0].index == 0 else "sharing one socket"
+    pids = ", ".join(f"{a.pid}" + ("" if a.alive else " (restarting)") + (f" ({a.restarts} restarts)" if a.restarts
+                                                                         else "") for a in servers)
+    return f"API servers: {len(alive)} of {len(servers)} running on http://{servers[0].address} ({where}; pids {pids})"
 
 
 def kv_usage_percent(w) -> float:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 log = logging.getLogger(__name__)
@@ -14,22 +16,28 @@ def up(args) -> int:
 
     from baton.signals import announce_ready, stop_event
     from deploy import ray_node
-    from deploy.cluster import Deployment
-    from router import limits as request_limits
-    from router.main import router_config, start_router
 
     t0 = time.monotonic()
     print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
     ray_node.start(args, (args.prefill_workers or 1) + (args.decode_workers or 1) + (args.colocated_workers or 0))
+    several = args.http_port is not None and args.api_servers > 1
+    metrics_dir = _share_metrics() if several else None   # before router.metrics is imported; after Ray started
+    from deploy.cluster import Deployment
+    from router import limits as request_limits
+    from router.main import router_config, start_router
     holder = {}
     server, port, servicer, watcher = start_router(
         args.model, args.host, args.port, config=router_config(args), limits=request_limits.from_args(args),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_root_cert=args.tls_root_cert,
-        scaler=lambda role, n: holder["deployment"].scale(role, n), max_model_len=args.max_model_len)
+        scaler=lambda role, n: holder["deployment"].scale(role, n), max_model_len=args.max_model_len,
+        # --api-servers N: the router labels its observations with the API servers' name from the start (the
+        # shared metrics files keep every series once made)
+        served_model_name=args.served_model_name if several else None)
     router_address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     deployment = holder["deployment"] = Deployment(args, router_address, servicer.registry)
     done = stop_event()
     gateway = None
+    fatal: list[str] = []   # why an API server process stopped baton up
     try:
         pools = ", ".join(f"{n} {role}" for role, n in deployment.sizes.items() if n)
         print(f"baton: starting {deployment.topology} workers: {pools} "
@@ -39,22 +47,83 @@ def up(args) -> int:
         while not watcher.serving and not done.wait(0.2):
             pass
         http = {}
-        if args.http_port is not None:
+        if several:
+            gateway = _start_api_servers(args, router_address, servicer, fatal, done)
+            http = {"http": gateway.url}
+        elif args.http_port is not None:
             from router.http_gateway import config as http_config, start_gateway
             gateway = start_gateway(router_address, args.http_host or args.host, args.http_port,
                                     auth_token=args.auth_token, model_name=args.served_model_name,
                                     request_timeout_s=args.request_timeout,
                                     limits=http_config.from_args(args, args.max_message_bytes))
             http = {"http": gateway.url}
+            servicer.api_servers = _own_api_server(gateway.url)
         if not done.is_set():
             api = f"; OpenAI API on {gateway.url}/v1" if gateway else ""
+            if several:
+                api += f" ({args.api_servers} API server processes)"
             print(f"baton: serving {args.model}: gRPC router on {args.host}:{port}{api} "
                   f"(ready in {time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
             announce_ready("up", f"{args.host}:{port}", **http)
         done.wait()
     finally:
         _shutdown(server, watcher, gateway, deployment, ray)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    if fatal:
+        print(f"baton: {fatal[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _share_metrics() -> str:
+    """A fresh directory in which the router (this process) and the API server processes keep their
+    metrics (router/metrics.py's MULTIPROCESS_DIR_ENV), so that any API server's /metrics sums all of
+    them. Set before router/metrics.py makes its first metric; the API servers inherit it, Ray's
+    processes (started before) do not."""
+    if "router.metrics" in sys.modules:
+        raise RuntimeError("router.metrics was imported before the metrics directory was chosen")
+    path = tempfile.mkdtemp(prefix="baton-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:   # imported already (by a library): metrics made from now on use the files
+        values.ValueClass = values.get_value_class()
+    return path
+
+
+def _start_api_servers(args, router_address: str, servicer, fatal: list, done):
+    """--api-servers N (N > 1): N processes on one socket bound here (deploy/api_servers.py)."""
+    from deploy.api_servers import ApiServers
+    from router.http_gateway import config as http_config
+    flags = ["--max-message-bytes", str(args.max_message_bytes)]
+    flags += [f for flag, field, _, _ in http_config.HTTP_LIMIT_FLAGS for f in (flag, str(getattr(args, field)))]
+    if args.served_model_name:
+        flags += ["--served-model-name", args.served_model_name]
+    if args.request_timeout is not None:
+        flags += ["--request-timeout", str(args.request_timeout)]
+    env = {k: v for k, v in os.environ.items() if k != "BATON_AUTH_TOKEN"}
+    if args.auth_token:
+        env["BATON_AUTH_TOKEN"] = args.auth_token
+
+    def on_fatal(why: str) -> None:
+        fatal.append(why)
+        done.set()
+    servers = ApiServers(router_address, args.http_host or args.host, args.http_port, args.api_servers, flags,
+                         on_fatal, env=env, stopping=done)
+    servicer.api_servers = servers.pb
+    print(f"baton: starting {args.api_servers} API server processes on {servers.url}...", file=sys.stderr, flush=True)
+    try:
+        servers.start()
+    except RuntimeError as e:   # one could not start (it said why on stderr): baton up stops, exit code 1
+        on_fatal(str(e))
+    return servers
+
+
+def _own_api_server(url: str):
+    """--api-servers 1: the HTTP API is served in this process."""
+    from baton.v1 import router_pb2
+    one = [router_pb2.ApiServer(index=0, pid=os.getpid(), address=url.removeprefix("http://"), alive=True)]
+    return lambda: one
 
 
 def _shutdown(server, watcher, gateway, deployment, ray) -> None:

@@ -62,6 +62,10 @@ def add_args(u: argparse.ArgumentParser, serve: bool = False) -> None:
         u.add_argument("--http-host", default=None,
                        help="address the HTTP API listens on (default: --host's), e.g. 0.0.0.0 to expose the "
                             "HTTP API alone while the router stays on 127.0.0.1")
+    u.add_argument("--api-servers", "--api-server-count", dest="api_servers", type=int, default=1, metavar="N",
+                   help="processes serving the OpenAI HTTP API, all on its one port (vLLM's --api-server-count): "
+                        "1 serves it in this process; more start N processes that share one listening socket and "
+                        "the router, for when one saturates a core (default: %(default)s)")
     from router.http_gateway import config as http_config
     http_config.add_args(u)  # --served-model-name, --request-timeout, --http-max-body-bytes, ...
     u.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
@@ -112,6 +116,10 @@ def bad_value(args) -> str | None:
     for the router and the HTTP API, which tokenise chat prompts in this process)."""
     if not 0 < args.gpu_memory_utilization <= 1:
         return f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}"
+    if not 1 <= args.api_servers <= 64:
+        return f"--api-servers (--api-server-count) must be in [1, 64], got {args.api_servers}"
+    if args.api_servers > 1 and args.http_port is None:
+        return f"--api-servers {args.api_servers} needs the HTTP API: give --http-port"
     if args.max_batch < 1:
         return f"--max-batch (--max-num-seqs) must be >= 1, got {args.max_batch}"
     from baton import model_files

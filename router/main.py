@@ -23,12 +23,13 @@ from router.server import SERVICE, RouterConfig, RouterServicer
 
 def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, config: RouterConfig = RouterConfig(),
                  limits: Limits = Limits(), tls_cert=None, tls_key=None, tls_root_cert=None, scaler=None,
-                 health_period_s: float = 1.0, max_model_len: int = 0):
+                 health_period_s: float = 1.0, max_model_len: int = 0, served_model_name: str | None = None):
     """Start the Router service; returns (server, bound_port, servicer, health_thread).
-    `max_model_len`: the context requests are checked against, when less than the model's (0 = the model's)."""
+    `max_model_len`: the context requests are checked against, when less than the model's (0 = the model's).
+    `served_model_name`: the vllm: metrics' model_name label (default: the model's name)."""
     tokenizer, context = load_tokenizer(model)
     context = capped_context(context, max_model_len)
-    metrics.set_model_name(metrics.served_name(model))   # the vllm: metrics' model_name label
+    metrics.set_model_name(served_model_name or metrics.served_name(model))   # the vllm: metrics' model_name label
     registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
     server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,

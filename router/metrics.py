@@ -100,6 +100,41 @@ V_SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason 
 HTTP_REQUESTS = Counter("baton_http_requests", "HTTP gateway requests by endpoint and status code.",
                         ["endpoint", "code"], registry=REGISTRY)
 
+# `baton up --api-servers N` (N > 1): the router and the N API server processes keep these metrics in
+# one directory of memory-mapped files (prometheus_client's multiprocess mode, chosen by this variable
+# before the first metric is made), and every API server's /metrics sums them over all the processes
+# (metrics_scrape.exposition): a scrape answers the same whichever process accepted it.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_api_server: list = []   # [index, Counter] in one of those API servers
+
+
+def shared_dir() -> str | None:
+    """The directory the processes of one deployment share their metrics in (None: this process's own)."""
+    return os.environ.get(MULTIPROCESS_DIR_ENV) or None
+
+
+def serve_as_api_server(index: int) -> None:
+    """This process is API server `index` of `baton up --api-servers N`: its HTTP requests are counted
+    under api_server=index too, and its gateway leaves per-request metrics to the router (which
+    observes every request, in the shared directory)."""
+    global _gateway_observes
+    _gateway_observes = False
+    _api_server[:] = [str(index), Counter("baton_api_server_http_requests",
+                                          "Generation requests (any status) taken by each API server process of "
+                                          "`baton up --api-servers N`.", ["api_server"], registry=REGISTRY)]
+    _api_server[1].labels(_api_server[0])
+
+
+def api_server_index() -> str | None:
+    """This process's index among the API servers of `baton up --api-servers N` (None: not one of them)."""
+    return _api_server[0] if _api_server else None
+
+
+def count_http(endpoint: str, status: int) -> None:
+    HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+    if _api_server:
+        _api_server[1].labels(_api_server[0]).inc()
+
 _PER_MODEL = (V_TTFT, V_TPOT, V_ITL, V_E2E, V_QUEUE, V_PROMPT_LEN, V_GEN_LEN, V_PROMPT, V_GEN, V_PREFILL_TIME,
               V_DECODE_TIME, V_INFERENCE_TIME, V_REQ_TPOT, V_MAX_GEN, V_PARAMS_MAX, V_PREEMPTIONS)
 
@@ -137,6 +172,7 @@ def model_name(model: str = "") -> str:
     """The label: the name set, else `model`'s served name, else "baton"."""
     return _model_name or served_name(model) or "baton"
 
+_gateway_observes = True   # False in an API server whose router records every request (serve_as_api_server)
 _seen_by_router: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent request ids
 _SEEN_MAX = 8192
 
@@ -158,7 +194,8 @@ def observe_request(last, source: str = "router") -> None:
     its start-up warm-up. The HTTP gateway calls it with source="gateway" for each last response it
     relays; that is skipped for a request a router in this same process admitted (`claim`, before its
     first message), so a gateway and a router sharing a process (`baton up --http-port`) count each
-    request once, and a gateway in a process of its own still fills the histograms."""
+    request once, and a gateway in a process of its own still fills the histograms. The API servers of
+    `baton up --api-servers N` never observe (serve_as_api_server): their router does, in the files they share."""
     rid = getattr(last, "request_id", "")
     with _lock:
         if source == "router":
@@ -166,6 +203,8 @@ def observe_request(last, source: str = "router") -> None:
                 _seen_by_router[rid] = None
                 while len(_seen_by_router) > _SEEN_MAX:
                     _seen_by_router.popitem(last=False)
+        elif not _gateway_observes:
+            return
         elif rid and rid in _seen_by_router:
             del _seen_by_router[rid]
             return

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
-from router.metrics import CONTENT_TYPE, MODEL_LABELS, REGISTRY, model_name
+from router.metrics import CONTENT_TYPE, MODEL_LABELS, REGISTRY, model_name, shared_dir
 from router.registry import worker_stats
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,16 @@ class _Combined:
 
 
 def exposition(*collectors) -> bytes:
-    """REGISTRY plus the given collectors, in the Prometheus text format."""
-    return generate_latest(_Combined(REGISTRY, *collectors))
+    """REGISTRY plus the given collectors, in the Prometheus text format. Where the deployment's
+    processes share their metrics (`baton up --api-servers N`: metrics.shared_dir()), REGISTRY's
+    series summed over every process that wrote them, living or gone, in place of this process's."""
+    path = shared_dir()
+    if path is None:
+        return generate_latest(_Combined(REGISTRY, *collectors))
+    from prometheus_client import CollectorRegistry, multiprocess
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed, path)
+    return generate_latest(_Combined(summed, *collectors))
 
 
 class MetricsServer:

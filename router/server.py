@@ -32,6 +32,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.registry, self.tokenizer, self.context_len = registry, tokenizer, context_len
         self.model_name, self.config, self.limits = model_name, config, limits.for_context(context_len)
         self.scaler = scaler                  # callable(role, count) -> count, from the deployment
+        self.api_servers = lambda: []         # callable() -> [router_pb2.ApiServer]: baton up sets it
         self.auth = grpc_util.auth_metadata(config.auth_token)
         self.books = Books(config.max_queue, config.max_running)
         self.liveness = LivenessWatcher()
@@ -112,7 +113,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.StatusResponse(workers=[w.to_pb() for w in handles], stats=self.stats_pb(),
                                          max_batch=max_batch(handles), max_queue=self.config.max_queue,
                                          model=self.model_name, topology=self.registry.topology(),
-                                         max_model_len=decode_context(self.registry.live("decode"), self.context_len))
+                                         max_model_len=decode_context(self.registry.live("decode"), self.context_len),
+                                         api_servers=self.api_servers())
 
     @grpc_util.rpc
     def Scale(self, request, context):

@@ -279,9 +279,12 @@ def test_the_cli_imports_no_torch_ray_or_grpc_before_a_command_needs_them():
 
 def test_vllm_flag_names_are_aliases_of_batons_own():
     a = build_parser().parse_args(["up", "--api-key", "k", "--max-num-seqs", "4", "--max-model-len", "512",
-                                   "--kv-cache-memory", "2GiB", "--gpu-memory-utilization", "0.5", "--enforce-eager"])
-    assert (a.auth_token, a.max_batch, a.max_model_len, a.kv_cache_memory, a.gpu_memory_utilization, a.enforce_eager) \
-        == ("k", 4, 512, 2 << 30, 0.5, True)
+                                   "--kv-cache-memory", "2GiB", "--gpu-memory-utilization", "0.5", "--enforce-eager",
+                                   "--api-server-count", "3"])
+    assert (a.auth_token, a.max_batch, a.max_model_len, a.kv_cache_memory, a.gpu_memory_utilization, a.enforce_eager,
+            a.api_servers) == ("k", 4, 512, 2 << 30, 0.5, True, 3)
+    assert build_parser().parse_args(["serve", "--api-server-count", "2"]).api_servers == 2
+    assert build_parser().parse_args(["up"]).api_servers == 1
     assert a.dtype == "auto" and a.http_host is None and a.host == "127.0.0.1"
 
 
@@ -314,6 +317,7 @@ def test_serve_is_vllms_serve_line():
     (["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization", "(0, 1]"]),
     (["--chat-template", "/no/such/file"], ["--chat-template", "no such file"]),
     (["--chat-template", "{% if %}"], ["--chat-template", "does not compile"]),
+    (["--api-server-count", "0"], ["--api-servers (--api-server-count)", "[1, 64]", "got 0"]),
 ])
 def test_flags_baton_cannot_honour_are_refused_by_name_with_the_reason(argv, words, tiny_dir, capsys):
     for command in ("up", "serve"):
@@ -321,6 +325,12 @@ def test_flags_baton_cannot_honour_are_refused_by_name_with_the_reason(argv, wor
         assert main([command, *model, *argv]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_api_servers_without_the_http_api_are_refused(tiny_dir, capsys):
+    assert main(["up", "--model", tiny_dir, "--api-servers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-servers 2 needs the HTTP API" in err and "--http-port" in err, err
 
 
 def test_engine_flags_reach_the_workers_engine_config():

@@ -106,6 +106,20 @@ def test_disaggregated_host_0_0_0_0_opens_only_the_router_and_http_ports(model_d
     assert wildcard == {router_port, http_port}, found
 
 
+@pytest.mark.parametrize("http_host", [None, "0.0.0.0"])
+def test_two_api_servers_listen_only_on_the_http_host_on_one_socket(model_dir, http_host):
+    """--api-servers 2: both API server processes accept on the HTTP port's one socket, which baton up bound on
+    --http-host (loopback by default); nothing else of theirs listens, and the router stays on loopback."""
+    found, router_port, http_port = _up(model_dir, ["--api-servers", "2", *(["--http-host", http_host] if http_host
+                                                                           else [])])
+    _check_started_everything(found, router_port, http_port)
+    exposed = beyond_loopback(found, allowed={http_port} if http_host else set())
+    assert not exposed, "listening beyond loopback, unasked: " + ", ".join(map(str, exposed))
+    api = [s for s in found if "router.http_gateway" in s.process or s.port == http_port]
+    assert {(s.ip, s.port) for s in api} == {(http_host or "127.0.0.1", http_port)}, [str(s) for s in api]
+    assert len({s.pid for s in api if "router.http_gateway" in s.process}) == 2, [str(s) for s in api]
+
+
 def test_serve_host_0_0_0_0_opens_only_the_http_port(model_dir):
     """vLLM's line: --host names the HTTP API's address; the gRPC router stays on --grpc-host (127.0.0.1)."""
     http_port = _free_port()

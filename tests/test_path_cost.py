@@ -22,6 +22,8 @@ def test_each_process_is_named_by_what_it_is():
     assert role_of(_proc(4, "ray::DashboardAgent"), roots) == "ray DashboardAgent"
     assert role_of(_proc(5, "/x/ray/core/src/ray/raylet/raylet --foo"), roots) == "ray raylet"
     assert role_of(_proc(6, "/x/gcs_server --bar"), roots) == "ray gcs_server"
+    assert role_of(_proc(7, "python -m router.http_gateway --router 127.0.0.1:5 --fd 9 --api-server 2 --parent-pid 1"),
+                   roots) == "API server 2"   # baton up --api-servers N's
 
 
 def test_a_snapshot_covers_the_tree_under_each_root():

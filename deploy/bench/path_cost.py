@@ -106,6 +106,8 @@ def role_of(p: psutil.Process, roots: dict[int, str]) -> str:
     except psutil.Error:
         return "?"
     head = cmd.split()[0] if cmd else p.name()
+    if "router.http_gateway" in cmd and "--api-server" in cmd:   # baton up --api-servers N's
+        return "API server " + cmd.split("--api-server ", 1)[1].split()[0]
     if head.startswith("ray::") and head.removeprefix("ray::").split(".")[0] not in RAY_OWN:
         return "worker " + head.removeprefix("ray::").split(".")[0]      # an actor baton placed
     for name in ("gcs_server", "raylet", "log_monitor", "monitor.py", "dashboard", "runtime_env", *RAY_OWN):
@@ -154,9 +156,10 @@ def serve(args, model: str):
         if args.launcher == "ray":
             http = _free_port()
             proc = Proc(["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", model,
-                         *flags], ready_timeout=600)
+                         "--api-servers", str(args.api_servers), *flags], ready_timeout=600)
             stack.callback(proc.stop, 30)
-            yield f"http://127.0.0.1:{http}", {proc.pid: "baton up (router + gateway)"}
+            what = "router + gateway" if args.api_servers == 1 else "router"
+            yield f"http://127.0.0.1:{http}", {proc.pid: f"baton up ({what})"}
         else:
             cluster = stack.enter_context(local_cluster(model, pools(colocated=1, flags=flags + wflags),
                                                         router_args=["--max-queue", str(max(256, args.requests))],
@@ -188,6 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=256, help="decode batch rows (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="loads on the same server; the best is reported "
                                                             "(default: %(default)s)")
+    p.add_argument("--api-servers", type=int, default=1, metavar="N",
+                   help="ray: `baton up --api-servers N`, N HTTP API processes on one port (default: %(default)s)")
     p.add_argument("--worker-threads", type=int, default=None,
                    help="--processes: the worker's torch threads (default: the worker's own default)")
     p.add_argument("--model", default=None, help="model directory (default: a tiny random one, built here)")
@@ -212,7 +217,8 @@ def main(argv=None) -> int:
                 runs.append(r)
     best = min(runs, key=lambda r: r["total_us_per_token"])
     cpu = _cpu_name()
-    print(f"\nCPU: {cpu}, {psutil.cpu_count()} CPUs; {args.launcher}; {args.requests} x {args.tokens} tokens\n")
+    servers = f" --api-servers {args.api_servers}" if args.api_servers != 1 else ""
+    print(f"\nCPU: {cpu}, {psutil.cpu_count()} CPUs; {args.launcher}{servers}; {args.requests} x {args.tokens} tokens\n")
     print(table(best, "best"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,16 @@ refused), errors (APIError, the gRPC -> HTTP map), gateway (router channels, ser
 tokenizer, chat prompts), streaming (responses and SSE), app (routes, the body limit, the OpenAPI
 document), config (HttpLimits and the shared flags), server (uvicorn, CLI).
 """
-from router.http_gateway.app import create_app
-from router.http_gateway.config import HttpLimits
-from router.http_gateway.gateway import Gateway, plain_chat_prompt
-from router.http_gateway.schemas import ChatMessage
-from router.http_gateway.server import GatewayHandle, main, start_gateway
+# Imported on first use (PEP 562), so that `router.http_gateway.config` (the flags `baton up` parses)
+# comes without FastAPI or router/metrics.py: `baton up --api-servers N` chooses where metrics are kept
+# after parsing its flags and before the first metric is made (deploy/up.py).
+_EXPORTS = {"create_app": "app", "HttpLimits": "config", "Gateway": "gateway", "plain_chat_prompt": "gateway",
+            "ChatMessage": "schemas", "GatewayHandle": "server", "main": "server", "start_gateway": "server"}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["ChatMessage", "Gateway", "GatewayHandle", "HttpLimits", "create_app", "main", "plain_chat_prompt",
-           "start_gateway"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

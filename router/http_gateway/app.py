@@ -39,7 +39,7 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  
 
 
 def count(endpoint: str, status: int) -> None:
-    metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+    metrics.count_http(endpoint, status)
 
 
 def _too_large(limit: int) -> APIError:
@@ -86,6 +86,24 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class ServedBy:
+    """ASGI middleware of `baton up --api-servers N`'s API servers: every response says which one answered
+    (`X-Baton-Api-Server: K`), so that a client can see the load spread over them."""
+
+    def __init__(self, app, index: str):
+        self.app, self.header = app, (b"x-baton-api-server", index.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), self.header]}
+            await send(msg)
+        await self.app(scope, receive, send_with_header)
+
+
 def _generate_request(gw: Gateway, body: GenerateBody, rid: str, fields: dict, max_tokens: int | None, chat: bool):
     sampling = body.sampling_fields(max_tokens)
     check_sampling(sampling, chat, body.constraint_param)
@@ -112,6 +130,8 @@ def create_app(gw: Gateway, limits: HttpLimits = HttpLimits()) -> FastAPI:
     app.openapi = _openapi(app)
     app.state.gateway = gw
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    if metrics.api_server_index() is not None:
+        app.add_middleware(ServedBy, index=metrics.api_server_index())
 
     def _check_auth(request: Request) -> None:
         if not gw.authorized(request):

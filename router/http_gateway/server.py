@@ -92,23 +92,54 @@ class GatewayHandle:
 
 
 
-def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, auth_token: str | None = None, *,
-                  router_auth_token: str | None = None, model_name: str | None = None,
-                  tls_root_cert: str | None = None, request_timeout_s: float | None = None,
-                  limits: HttpLimits = HttpLimits(), log_level: str = "warning") -> GatewayHandle:
-    """Serve the HTTP API on host:port (0 = a free port) in a background thread; returns a handle
-    with .port, .url and .stop(). `auth_token` guards /v1/* (and is sent to the router unless
-    `router_auth_token` is given)."""
-    import uvicorn
-    gw = Gateway(router_address, auth_token, router_auth_token, model_name, tls_root_cert, request_timeout_s,
-                 max_message_bytes=limits.max_message_bytes)
-    app = create_app(gw, limits)
+class SharedListener(socket.socket):
+    """A listening socket that several processes accept on (`baton up --api-servers N`), taking at most
+    ACCEPTS_PER_WAKEUP connections each time its event loop finds it readable. asyncio drains the whole
+    queue in one go (uvicorn asks for up to 2048), so one process took most of a burst of connections;
+    after a pause the socket is still readable, every process's loop is woken again and the next
+    connections go to whichever is free. 256 streams opened at once on `--api-servers 2` (2 cores, three
+    bursts each): the smaller share was 17, 97 and 23 of 256 draining the queue, 110, 119 and 57 taking 4
+    a wakeup (61, 112 and 70 taking 1)."""
+    ACCEPTS_PER_WAKEUP = 4
+    _taken = 0
+
+    def accept(self):
+        self._taken += 1
+        if self._taken > self.ACCEPTS_PER_WAKEUP:
+            self._taken = 0
+            raise BlockingIOError("a pause: the other API servers take the next connections")
+        try:
+            return super().accept()
+        except BlockingIOError:
+            self._taken = 0   # the queue is empty: the next wakeup starts a new count
+            raise
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (0 = a free port), inheritable by child processes."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
+    return sock
+
+
+def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, auth_token: str | None = None, *,
+                  router_auth_token: str | None = None, model_name: str | None = None,
+                  tls_root_cert: str | None = None, request_timeout_s: float | None = None,
+                  limits: HttpLimits = HttpLimits(), log_level: str = "warning",
+                  sock: socket.socket | None = None) -> GatewayHandle:
+    """Serve the HTTP API on host:port (0 = a free port) in a background thread; returns a handle
+    with .port, .url and .stop(). `auth_token` guards /v1/* (and is sent to the router unless
+    `router_auth_token` is given). `sock`: a listening socket to accept on instead (host and port
+    unused), e.g. the one `baton up --api-servers N` shares among its API server processes."""
+    import uvicorn
+    gw = Gateway(router_address, auth_token, router_auth_token, model_name, tls_root_cert, request_timeout_s,
+                 max_message_bytes=limits.max_message_bytes)
+    app = create_app(gw, limits)
+    sock = sock if sock is not None else listen_socket(host, port)
     server_config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=1,
                                    lifespan="on", loop="asyncio", http=deadline_protocol(limits.header_timeout_s),
                                    ws="none", timeout_keep_alive=limits.keep_alive_s,
@@ -155,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the router's --max-message-bytes: larger requests get 413 (default: %(default)s)")
     config.add_args(p)
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    g = p.add_argument_group("one of `baton up --api-servers N`'s API servers (deploy/api_servers.py starts them)")
+    g.add_argument("--fd", type=int, default=None, help="accept on this inherited listening socket instead of "
+                                                         "binding --host:--port")
+    g.add_argument("--api-server", type=int, default=None, metavar="K",
+                   help="this process is API server K: /metrics counts its requests as api_server=K, and leaves "
+                        "per-request metrics to the router, which records them in the shared metrics directory")
+    g.add_argument("--parent-pid", type=int, default=None, help="exit when this process (baton up) is gone")
     return p
 
 
@@ -162,10 +200,18 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s http %(name)s: %(message)s")
     done = stop_event()
+    if a.parent_pid is not None:
+        from baton.signals import die_with_parent
+        die_with_parent(a.parent_pid)
+    if a.api_server is not None:
+        from router import metrics
+        metrics.serve_as_api_server(a.api_server)
+    sock = SharedListener(fileno=a.fd) if a.fd is not None else None
     gateway = start_gateway(a.router, a.host, a.port, a.auth_token, router_auth_token=a.router_auth_token,
                             model_name=a.served_model_name, tls_root_cert=a.tls_root_cert,
-                            request_timeout_s=a.request_timeout, limits=config.from_args(a, a.max_message_bytes))
-    announce_ready("http", f"{a.host}:{gateway.port}")
+                            request_timeout_s=a.request_timeout, limits=config.from_args(a, a.max_message_bytes),
+                            sock=sock)
+    announce_ready("http", f"{a.host if a.fd is None else gateway.host}:{gateway.port}")
     done.wait()
     gateway.stop()
     return 0
