@@ -23,7 +23,12 @@ def build(args: argparse.Namespace) -> Served:
     cfg = engine_config(args)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-    print(f"baton: {args.role} worker: {loop.engine.describe()}", file=sys.stderr, flush=True)
+    threads = ""
+    if getattr(args, "auto_threads", False) and loop.engine.runner.device.type == "cpu":
+        from baton import thread_choice
+        args.threads, note = loop.call(lambda engine: thread_choice.choose(engine, args.threads), timeout=None)
+        threads = "; " + note
+    print(f"baton: {args.role} worker: {loop.engine.describe()}{threads}", file=sys.stderr, flush=True)
     server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
                                      colocated=args.role == "colocated", kv_transport=args.kv_transport,
                                      worker_id=args.worker_id, **security(args))

@@ -188,8 +188,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=256, help="decode batch rows (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="loads on the same server; the best is reported "
                                                             "(default: %(default)s)")
-    p.add_argument("--worker-threads", type=int, default=None,
-                   help="--processes: the worker's torch threads (default: the worker's own default)")
+    p.add_argument("--worker-threads", default=None,
+                   help="--launcher processes: the worker's --threads, N or auto[:N] (default: the worker's own default)")
     p.add_argument("--model", default=None, help="model directory (default: a tiny random one, built here)")
     p.add_argument("--out", default=None, help="write results.json here (default: none)")
     return p.parse_args(argv)
