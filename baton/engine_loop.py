@@ -49,6 +49,13 @@ class TokenStream:
             raise item
         return item
 
+    def take_ready(self) -> list[TokenEvent]:
+        """Every event that is ready, without waiting ([] if none); StreamClosed as get_ready."""
+        try:
+            return self.get_ready(timeout=0)
+        except queue.Empty:
+            return []
+
     def get_ready(self, timeout: float | None = None) -> list[TokenEvent]:
         """Every event that is ready, in order: waits up to `timeout` for the first (queue.Empty if
         none came), then takes the rest without waiting, up to and including the last one. An end
@@ -82,6 +89,7 @@ class EngineLoop:
         self.error: BaseException | None = None
         self.stats: dict = {}               # Engine.stats() as of the loop's last round (for other threads)
         self._pending_new = 0               # submissions in the inbox, counted for the queue cap
+        self._listeners: list[Callable[[], None]] = []   # told when streams got events (decode_service/follow.py)
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
 
@@ -143,6 +151,21 @@ class EngineLoop:
         self.inbox.put(apply)
         self.wake.set()
 
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call fn (cheap, non-blocking) on the loop thread whenever streams got events: after each
+        step, and when a stream is closed. Returns the function that stops it."""
+        with self._lock:
+            self._listeners = [*self._listeners, fn]
+
+        def stop():
+            with self._lock:
+                self._listeners = [f for f in self._listeners if f is not fn]
+        return stop
+
+    def _tell(self) -> None:
+        for fn in self._listeners:
+            fn()
+
     def call(self, fn: Callable[[Engine], object], timeout: float | None = 10.0) -> object:
         """Run fn(engine) on the loop thread between two steps and return its result."""
         box: queue.SimpleQueue = queue.SimpleQueue()
@@ -158,6 +181,7 @@ class EngineLoop:
         stream = self.streams.pop(request_id, None)
         if stream is not None:
             stream.events.put(err)
+            self._tell()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -185,6 +209,7 @@ class EngineLoop:
                         stream.events.put(ev)
                         if ev.finish_reason is not None:
                             del self.streams[ev.request_id]
+                self._tell()
         except BaseException as e:  # the engine broke: fail every stream, never leave one hanging
             log.exception("engine loop failed")
             self.error = e

@@ -263,6 +263,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             yield KEEPALIVE
 
     @grpc_util.rpc
+    def Follow(self, request_iterator, context):
+        """Every request a router runs here, on one stream: one message per step (decode_service/follow.py)."""
+        from decode_service.follow import Follow
+        follow = Follow(self.worker, self.attach_timeout_s, self.stall_s)
+        threading.Thread(target=follow.read, args=(request_iterator,), name="follow-read", daemon=True).start()
+        yield from follow.messages(context)
+
+    @grpc_util.rpc
     def Abort(self, request, context):
         return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
 
