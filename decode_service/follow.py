@@ -75,7 +75,7 @@ class Follow:
                 if not self._take_inbox():
                     return
                 out = self._collect()
-                if out.chunks or out.ends:
+                if out.request_ids or out.chunks or out.ends:
                     yield out
                     last_sent = time.monotonic()
                 elif self.keepalive_s and time.monotonic() - last_sent >= self.keepalive_s and self._beating():
@@ -138,7 +138,7 @@ class Follow:
                 self.attached[rid] = stream
             elif now >= deadline:
                 self._fail(rid, BatonError(f"no K/V for request {rid!r} within its timeout"), "DEADLINE_EXCEEDED")
-        out = decode_pb2.StepTokens()
+        ids, counts, tokens, texts, finishes, chunks = [], [], [], [], [], []
         for rid, stream in list(self.attached.items()):
             try:
                 events = stream.take_ready()
@@ -147,14 +147,23 @@ class Follow:
                 continue
             if not events:
                 continue
-            chunk = events_to_pb(events)
-            chunk.request_id = rid
-            out.chunks.append(chunk)
-            if events[-1].finish_reason is not None:
+            last = events[-1]
+            if last.logprobs is not None or events[0].logprobs is not None:   # rare: the whole chunk, logprobs and all
+                chunk = events_to_pb(events)
+                chunk.request_id = rid
+                chunks.append(chunk)
+            else:
+                ids.append(rid)
+                counts.append(len(events))
+                tokens.extend(e.token_id for e in events)
+                texts.append(last.text if len(events) == 1 else "".join(e.text for e in events))
+                finishes.append(int(last.finish_reason or 0))
+            if last.finish_reason is not None:
                 del self.attached[rid]
                 self.worker.release(rid)   # its slot; the engine has already let it go
-        out.ends.extend(self.ends)
-        self.ends.clear()
+        out = decode_pb2.StepTokens(request_ids=ids, counts=counts, token_ids=tokens, texts=texts,
+                                    finish_reasons=finishes, chunks=chunks, ends=self.ends)
+        self.ends = []
         return out
 
     def _fail(self, rid: str, e: Exception, code: str | None = None) -> None:

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,25 +37,57 @@ class StreamEnd(Exception):
         return self._message
 
 
+@dataclass
+class Tokens:
+    """A request's new tokens off its link (one step's, or several merged): what a TokenChunk holds."""
+    token_ids: list[int]
+    text: str
+    finish_reason: int = 0
+    logprobs: list = field(default_factory=list)   # common_pb2.TokenLogprobs, one per token, when asked
+
+    def merge(self, more: "Tokens") -> "Tokens":
+        self.token_ids += more.token_ids
+        self.text += more.text
+        self.logprobs += more.logprobs
+        self.finish_reason = more.finish_reason
+        return self
+
+
 def _code(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
 
 
 class Subscription:
-    """One request's tokens off a link: iterate for TokenChunks, up to the one with a finish_reason."""
+    """One request's tokens off a link: iterate for Tokens, up to the one with a finish_reason."""
 
     def __init__(self, link: "FollowLink", request_id: str):
         self.link, self.request_id = link, request_id
         self.items: queue.SimpleQueue = queue.SimpleQueue()
 
     def __iter__(self):
+        """Its Tokens, each holding all that were ready when the previous was taken."""
         while True:
-            item = self.items.get()
-            if isinstance(item, Exception):
-                raise item
+            item = self.take()
             yield item
             if item.finish_reason:
                 return
+
+    def take(self) -> Tokens:
+        """Waits for the next chunk, then merges in the rest that are ready (up to a last one or an
+        error, which the next call raises)."""
+        item = self.items.get()
+        if isinstance(item, Exception):
+            raise item
+        while not item.finish_reason:
+            try:
+                more = self.items.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(more, Exception):
+                self.items.put(more)   # after the tokens before it (nothing follows an error)
+                break
+            item = item.merge(more)
+        return item
 
     def fail(self, err: Exception) -> None:
         """End the request's stream with err (its reader raises it)."""
@@ -116,12 +149,16 @@ class FollowLink:
         try:
             for m in self.call:
                 self.heard_s = time.monotonic()
-                for chunk in m.chunks:
-                    with self.lock:
-                        sub = (self.subs.pop(chunk.request_id, None) if chunk.finish_reason
-                               else self.subs.get(chunk.request_id))
+                tokens, at = list(m.token_ids), 0
+                rows = [(rid, Tokens(tokens[at:(at := at + n)], text, fin))
+                        for rid, n, text, fin in zip(m.request_ids, m.counts, m.texts, m.finish_reasons)]
+                rows += [(c.request_id, Tokens(list(c.token_ids), c.text, c.finish_reason, list(c.logprobs)))
+                         for c in m.chunks]
+                with self.lock:   # a row that finished is the worker's no more: no release for it
+                    subs = [(self.subs.pop(rid, None) if t.finish_reason else self.subs.get(rid), t) for rid, t in rows]
+                for sub, t in subs:
                     if sub is not None:
-                        sub.items.put(chunk)
+                        sub.items.put(t)
                 for end in m.ends:
                     with self.lock:
                         sub = self.subs.pop(end.request_id, None)
@@ -158,6 +195,10 @@ class FollowLinks:
             if link is None or link.ended is not None:
                 link = self.links[key] = FollowLink(handle, self.auth, self.keepalive_s, self._forget)
         return link.attach(request_id, timeout_s)
+
+    def following(self) -> int:
+        """Requests subscribed on all links (each relaying, or waiting for its first token)."""
+        return sum(len(link.subs) for link in list(self.links.values()))
 
     def _forget(self, link: FollowLink) -> None:
         with self.lock:

@@ -42,6 +42,13 @@ WORKER_FAILURE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.St
                   grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 POLL_S = 0.1     # how often an in-flight Prefill looks at its client and its workers
 PICK_POLL_S = 0.05   # how often a request with no live worker looks again
+# Token messages to the client: the router sends about this many a second over all the requests it
+# relays, however many; after a message a request waits its share (requests / this, at most
+# MAX_PACE_S) and its next message carries every token that came meanwhile. One request alone gets
+# each step's tokens at once; 256 get a message every 0.25 s. Each message costs the router and the
+# gateway a fixed CPU price whatever it holds, so the path's cost per token falls as load rises.
+RELAY_MSGS_PER_S = 1000.0
+MAX_PACE_S = 0.25
 
 
 class WorkerFailed(Exception):
@@ -116,6 +123,7 @@ class RequestRun:
                     resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
                 if not ev.finish_reason:
                     yield resp
+                    time.sleep(self._pace_s())   # a cancel meanwhile settles at once (the RPC's callback)
                     continue
                 self._fill_last(resp, ev.finish_reason)
                 yield resp
@@ -139,6 +147,9 @@ class RequestRun:
                 raise _from_rpc(e) from None
             raise WorkerFailed("decode", f"stream failed: {e.code().name}") from None
         raise WorkerFailed("decode", "stream ended without a finish")
+
+    def _pace_s(self) -> float:
+        return min(MAX_PACE_S, self.links.following() / RELAY_MSGS_PER_S) if self.links is not None else 0.0
 
     def _fill_last(self, resp: router_pb2.GenerateResponse, finish_reason: int) -> None:
         now = time.monotonic()
