@@ -50,11 +50,23 @@ class TokenStream:
         return item
 
     def take_ready(self) -> list[TokenEvent]:
-        """Every event that is ready, without waiting ([] if none); StreamClosed as get_ready."""
-        try:
-            return self.get_ready(timeout=0)
-        except queue.Empty:
-            return []
+        """Every event that is ready, without waiting ([] if none), up to and including a last one; an
+        end without a last token (StreamClosed) is raised once the events before it are taken. A
+        Follow stream asks this of every request each step, so an empty queue costs one check."""
+        if self._error is not None:
+            raise self._error
+        out, events = [], self.events
+        while not events.empty():
+            item = events.get_nowait()
+            if isinstance(item, Exception):
+                if not out:
+                    raise item
+                self._error = item
+                break
+            out.append(item)
+            if item.finish_reason is not None:
+                break
+        return out
 
     def get_ready(self, timeout: float | None = None) -> list[TokenEvent]:
         """Every event that is ready, in order: waits up to `timeout` for the first (queue.Empty if
