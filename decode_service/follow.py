@@ -42,6 +42,7 @@ class Follow:
         self.waiting: dict[str, float] = {}                   # request -> deadline for its K/V
         self.ends: list[decode_pb2.RequestEnd] = []
         self.first = threading.Event()                        # the router's first message came (keepalive_s)
+        self.error: BatonError | None = None                  # what ended the router's side, if not its close
 
     # ---- the router's side: read on a thread of its own ----------------------------------------
     def read(self, requests) -> None:
@@ -56,6 +57,8 @@ class Follow:
                     self.worker.release(m.request_id)
                 self.inbox.put(m)
                 self.wake.set()
+        except BatonError as e:   # a message that is no FollowMessage (baton.grpc_util): the call's status
+            self.error = e
         except Exception:   # grpc.RpcError: the call ended; messages() sees it by the None below
             pass
         finally:
@@ -73,6 +76,8 @@ class Follow:
                 self.wake.wait(self._wait_s(last_sent))
                 self.wake.clear()
                 if not self._take_inbox():
+                    if self.error is not None:
+                        raise self.error
                     return
                 out = self._collect()
                 if out.request_ids or out.chunks or out.ends:
