@@ -22,8 +22,10 @@ import time
 from baton import faults
 from baton.engine_loop import StreamClosed, TokenStream
 from baton.errors import BatonError
+from baton.request import Request
+from baton.scheduler import QueueFull
 from baton.v1 import decode_pb2
-from baton.wire import events_to_pb
+from baton.wire import events_to_pb, params_from_pb
 
 KEEPALIVE = decode_pb2.StepTokens(keepalive=True)
 WAIT_POLL_S = 0.05    # how often a request still waiting for its K/V is looked at again
@@ -32,8 +34,9 @@ WAIT_POLL_S = 0.05    # how often a request still waiting for its K/V is looked 
 class Follow:
     """One router's Follow stream on this worker: `messages()` is what the RPC yields."""
 
-    def __init__(self, worker, attach_timeout_s: float, stall_s: float):
+    def __init__(self, worker, attach_timeout_s: float, stall_s: float, colocated=None):
         self.worker, self.loop = worker, worker.loop
+        self.colocated = colocated        # a colocated worker's Prefill role (ColocatedPrefill), else None
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         self.keepalive_s: float | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # FollowMessages, None when the router's side ended
@@ -56,6 +59,10 @@ class Follow:
                 if m.release:
                     self.worker.release(m.request_id)
                 self.inbox.put(m)
+                if m.HasField("prefill"):   # after its attach, so that a refusal ends a request the sender follows
+                    refused = self._prefill(m.prefill)
+                    if refused is not None:
+                        self.inbox.put(refused)
                 self.wake.set()
         except BatonError as e:   # a message that is no FollowMessage (baton.grpc_util): the call's status
             self.error = e
@@ -65,6 +72,24 @@ class Follow:
             self.first.set()
             self.inbox.put(None)
             self.wake.set()
+
+    def _prefill(self, p) -> decode_pb2.RequestEnd | None:
+        """A prompt for this worker's own batch (as ColocatedPrefill serves a Prefill call naming it);
+        its refusal, if refused."""
+        rid = p.request_id
+        try:
+            if self.colocated is None:
+                raise BatonError("this worker is not colocated: send the prompt to a prefill worker")
+            faults.injector().check_call("prefill_fail")
+            req = Request(rid, list(p.prompt_token_ids), params_from_pb(p.params), output_ids=list(p.generated_token_ids))
+            self.colocated.prefill(req, self.colocated.own_address, p.attempt)
+            return None
+        except BatonError as e:
+            return decode_pb2.RequestEnd(request_id=rid, code=e.code_name, message=str(e), field=e.field or "")
+        except QueueFull as e:
+            return decode_pb2.RequestEnd(request_id=rid, code="RESOURCE_EXHAUSTED", message=str(e))
+        except Exception as e:   # a bug: the request fails over, the stream goes on
+            return decode_pb2.RequestEnd(request_id=rid, code="INTERNAL", message=f"{type(e).__name__}: {e}")
 
     # ---- the worker's side: the RPC's response stream -------------------------------------------
     def messages(self, context):
@@ -114,6 +139,9 @@ class Follow:
                 return True
             if m is None:
                 return False
+            if isinstance(m, decode_pb2.RequestEnd):   # its prefill was refused
+                self._fail(m.request_id, BatonError(m.message), m.code, m.field)
+                continue
             rid = m.request_id
             if not rid:          # the first message may only set keepalive_s
                 continue
@@ -171,14 +199,14 @@ class Follow:
         self.ends = []
         return out
 
-    def _fail(self, rid: str, e: Exception, code: str | None = None) -> None:
+    def _fail(self, rid: str, e: Exception, code: str | None = None, field: str = "") -> None:
         """The request ends here without a last token: its status goes to the router, its row is freed."""
         self.waiting.pop(rid, None)
         self.attached.pop(rid, None)
         code = code or getattr(e, "code_name", "UNKNOWN")
-        self._end(rid, code, str(e))
+        self._end(rid, code, str(e), field)
         if code != "ALREADY_EXISTS":   # the request is another listener's: leave it be
             self.worker.release(rid)
 
-    def _end(self, rid: str, code: str, message: str) -> None:
-        self.ends.append(decode_pb2.RequestEnd(request_id=rid, code=code, message=message))
+    def _end(self, rid: str, code: str, message: str, field: str = "") -> None:
+        self.ends.append(decode_pb2.RequestEnd(request_id=rid, code=code, message=message, field=field))

@@ -71,7 +71,8 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
             transport=faults.wrap_transport(transports.sending(kv_transport, transports.agent_name(
                 worker_id, "send"), host), faults.transfer_timeout_s(30.0)))
         worker.transports.append(remote.transport)
-        add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
+        servicer.colocated = ColocatedPrefill(worker, remote, f"{host}:{bound}")
+        add_servicer(servicer.colocated, server)
         services.append(PREFILL_SERVICE)
     health = grpc_util.add_health_and_reflection(server, services)
     server.start()

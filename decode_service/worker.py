@@ -189,6 +189,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         runner = self.loop.engine.runner
         self.max_kv_bytes = token_bytes(runner.num_layers, runner.num_kv_heads, runner.head_dim,
                                         runner.dtype) * self.loop.engine.max_len
+        self.colocated: ColocatedPrefill | None = None   # set where this worker serves Prefill too
         # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
         self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
@@ -266,7 +267,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def Follow(self, request_iterator, context):
         """Every request a router runs here, on one stream: one message per step (decode_service/follow.py)."""
         from decode_service.follow import Follow
-        follow = Follow(self.worker, self.attach_timeout_s, self.stall_s)
+        follow = Follow(self.worker, self.attach_timeout_s, self.stall_s, colocated=self.colocated)
         threading.Thread(target=follow.read, args=(request_iterator,), name="follow-read", daemon=True).start()
         yield from follow.messages(context)
 

@@ -26,9 +26,9 @@ class StreamEnd(Exception):
     """A request's stream ended without its last token; read like the grpc.RpcError its own
     Attach stream would have ended with (code(), details())."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
         super().__init__(message)
-        self._code, self._message = code, message
+        self._code, self._message, self.field = code, message, field
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -121,7 +121,8 @@ class FollowLink:
         while (m := self.out.get()) is not None:
             yield m
 
-    def attach(self, request_id: str, timeout_s: float) -> Subscription:
+    def attach(self, request_id: str, timeout_s: float, prefill=None) -> Subscription:
+        """Listen to the request; with `prefill` (a PrefillRequest), have the colocated worker prefill it too."""
         sub = Subscription(self, request_id)
         with self.lock:
             if self.ended is not None:
@@ -131,7 +132,7 @@ class FollowLink:
                 sub.fail(StreamEnd(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} already has a listener"))
                 return sub
             self.subs[request_id] = sub
-        self.out.put(decode_pb2.FollowMessage(request_id=request_id, timeout_s=timeout_s))
+        self.out.put(decode_pb2.FollowMessage(request_id=request_id, timeout_s=timeout_s, prefill=prefill))
         return sub
 
     def release(self, request_id: str) -> None:
@@ -163,7 +164,7 @@ class FollowLink:
                     with self.lock:
                         sub = self.subs.pop(end.request_id, None)
                     if sub is not None:
-                        sub.fail(StreamEnd(_code(end.code), end.message))
+                        sub.fail(StreamEnd(_code(end.code), end.message, end.field or None))
             err = StreamEnd(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the follow stream")
         except grpc.RpcError as e:
             err = StreamEnd(e.code(), e.details() or e.code().name)
@@ -188,13 +189,13 @@ class FollowLinks:
         self.lock = threading.Lock()
         self.links: dict[tuple[str, str], FollowLink] = {}
 
-    def attach(self, handle, request_id: str, timeout_s: float) -> Subscription:
+    def attach(self, handle, request_id: str, timeout_s: float, prefill=None) -> Subscription:
         key = (handle.worker_id, handle.address)
         with self.lock:
             link = self.links.get(key)
             if link is None or link.ended is not None:
                 link = self.links[key] = FollowLink(handle, self.auth, self.keepalive_s, self._forget)
-        return link.attach(request_id, timeout_s)
+        return link.attach(request_id, timeout_s, prefill)
 
     def following(self) -> int:
         """Requests subscribed on all links (each relaying, or waiting for its first token)."""

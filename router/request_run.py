@@ -93,10 +93,12 @@ class RequestRun:
             decode = self.decode = self._pick("decode", exclude=self.failed_decodes)
             try:
                 self.silent, self.heard_s = False, None
-                self.attach = self.links.attach(decode, self.rid, self.config.attach_timeout_s)
+                prefill = self._own_prefill(decode)   # a colocated worker's prompt rides on its stream
+                self.attach = self.links.attach(decode, self.rid, self.config.attach_timeout_s, prefill)
                 if self.queue_s is None:
                     self.queue_s = time.monotonic() - self.arrival
-                self.prefill_with_retry(decode)
+                if prefill is None:
+                    self.prefill_with_retry(decode)
                 yield from self._tokens()
                 return
             except WorkerFailed as e:
@@ -161,6 +163,21 @@ class RequestRun:
         resp.max_new_tokens = self.params.max_new_tokens
         if self.counted:
             self.books.add(kv_bytes=self.kv_bytes)
+
+    def _own_prefill(self, decode: WorkerHandle) -> prefill_pb2.PrefillRequest | None:
+        """For a colocated decode worker, the prefill it does itself (the one a Prefill call to it
+        would ask, as prefill_with_retry would choose it: `prefer`), sent with the request's attach on
+        its Follow stream; a refusal ends the request there (_tokens). None: a Prefill call it is."""
+        if decode.role != "colocated" or self.links is None:
+            return None
+        with self.lock:
+            if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
+                self.status = Status.PREFILLING
+        self.prefill = decode
+        self.prefill_attempts += 1
+        return prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
+                                          params=params_to_pb(self.params), decode_address=decode.address,
+                                          generated_token_ids=self.generated, attempt=self.prefill_attempts)
 
     def prefill_with_retry(self, decode: WorkerHandle) -> None:
         req = prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
@@ -343,6 +360,6 @@ def _in_background(fn, *args) -> None:
 
 
 def _from_rpc(e: grpc.RpcError) -> BatonError:
-    err = BatonError(e.details() or e.code().name, field=grpc_util.field_of(e))
+    err = BatonError(e.details() or e.code().name, field=getattr(e, "field", None) or grpc_util.field_of(e))
     err.code_name = e.code().name
     return err

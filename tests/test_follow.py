@@ -235,3 +235,46 @@ def test_the_link_gives_each_request_its_rows_and_a_failure_to_all():
         b.take()
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert link.attach("c", 5.0).items.get().code() == grpc.StatusCode.UNAVAILABLE   # an ended link refuses
+
+
+class _OwnPrefill:
+    """A colocated worker's Prefill role as Follow drives it: refuses what its check refuses, else
+    hands the prompt to the worker's own batch (decode_service/worker.py ColocatedPrefill)."""
+
+    own_address = "me:1"
+
+    def __init__(self, worker):
+        self.worker, self.seen = worker, []
+
+    def prefill(self, req, address, attempt):
+        from baton.errors import InvalidArgument
+        self.seen.append((req.request_id, address, attempt))
+        if any(t >= 256 for t in req.all_ids):
+            raise InvalidArgument("token ids must be in [0, 256)", field="prompt")
+        self.worker.admit_prompt(req)
+
+
+def test_a_colocated_worker_prefills_what_its_stream_names_and_says_what_it_refused(served):
+    from baton.v1 import prefill_pb2
+    from baton.wire import params_to_pb
+    model, loop, worker = served
+    want = engine_greedy(model, [[5, 6, 7]], N)
+    router = _Router(worker)
+    router.follow.colocated = _OwnPrefill(worker)
+    params = params_to_pb(SamplingParams(max_new_tokens=N, ignore_eos=True))
+    for rid, ids in (("ok", [5, 6, 7]), ("bad", [5, 999])):
+        router.send(decode_pb2.FollowMessage(request_id=rid, prefill=prefill_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=ids, params=params, decode_address="me:1", attempt=1)))
+    msgs = router.read_until(lambda ms: _finished(ms, "ok") and _ends(ms))
+    assert _tokens(msgs, "ok") == want[0]
+    bad = [e for m in msgs for e in m.ends]
+    assert [(e.request_id, e.code, e.field) for e in bad] == [("bad", "INVALID_ARGUMENT", "prompt")]
+    assert router.follow.colocated.seen == [("ok", "me:1", 1), ("bad", "me:1", 1)]
+    assert not worker.slots
+    router.leave()
+
+
+def test_a_refusal_on_the_stream_reaches_the_client_with_its_field():
+    from router.request_run import _from_rpc
+    err = _from_rpc(StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, "token ids must be in [0, 256)", "prompt"))
+    assert err.code_name == "INVALID_ARGUMENT" and err.field == "prompt"
