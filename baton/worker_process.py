@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from baton import kv_transport
+from baton import kv_transport, thread_choice
 from baton.engine import step_budget
 from baton.engine.config import EngineConfig
 
@@ -50,7 +50,10 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
     p.add_argument("--tls-root-cert", default=None, help="CA to verify peers' TLS certificates (default: none)")
     p.add_argument("--tls-mutual", action="store_true",
                    help="demand a client certificate signed by --tls-root-cert from every caller (mutual TLS)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    p.add_argument("--threads", type=thread_choice.parse, default=(False, None), metavar="N|auto|auto:N",
+                   help="torch CPU threads; auto[:N]: a decode worker times its decode step at start with 1, 2, 4 .. N "
+                        "threads (N: its cores) and keeps the fewest within 10%% of the fastest, logged "
+                        "(baton/thread_choice.py) (default: torch's, all cores)")
     p.add_argument("--cpus", default=None,
                    help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "
                         "decode workers their own cores on one machine")
@@ -147,8 +150,12 @@ def set_up_process(args: argparse.Namespace) -> None:
                         format=f"%(asctime)s %(levelname)s {args.role}[%(process)d] %(name)s: %(message)s")
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.auto_threads, count = args.threads
+    if args.auto_threads:   # the ceiling until the decode worker has timed its step (decode_service/main.py)
+        count = min(count or thread_choice.cores(), thread_choice.cores())
+    args.threads = count
+    if count:
+        torch.set_num_threads(count)
     from baton.model_loader import resolve_dtype
     args.dtype = resolve_dtype(args.model, args.dtype, args.device)
 

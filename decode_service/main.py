@@ -23,7 +23,12 @@ def build(args: argparse.Namespace) -> Served:
     cfg = engine_config(args)
     loop = EngineLoop(lambda: Engine(load_model(args.model, args.dtype, args.device), cfg)).start()
     list(loop.submit(Request("warmup", [1, 2, 3], SamplingParams(max_new_tokens=2))))
-    print(f"baton: {args.role} worker: {loop.info.description}", file=sys.stderr, flush=True)
+    threads = ""
+    if getattr(args, "auto_threads", False) and loop.info.device.type == "cpu":
+        from baton import thread_choice
+        args.threads, note = loop.call(lambda engine: thread_choice.choose(engine, args.threads), timeout=None)
+        threads = "; " + note
+    print(f"baton: {args.role} worker: {loop.info.description}{threads}", file=sys.stderr, flush=True)
     server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
                                      colocated=args.role == "colocated", kv_transport=args.kv_transport,
                                      worker_id=args.worker_id, **security(args))
@@ -67,7 +72,8 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
             transport=faults.wrap_transport(transports.sending(kv_transport, transports.agent_name(
                 worker_id, "send"), host), faults.transfer_timeout_s(30.0)))
         worker.transports.append(remote.transport)
-        add_servicer(ColocatedPrefill(worker, remote, f"{host}:{bound}"), server)
+        servicer.colocated = ColocatedPrefill(worker, remote, f"{host}:{bound}")
+        add_servicer(servicer.colocated, server)
         services.append(PREFILL_SERVICE)
     health = grpc_util.add_health_and_reflection(server, services)
     server.start()

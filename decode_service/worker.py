@@ -185,6 +185,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         L, _, H, D = worker.kv_shape
         self.max_kv_bytes = token_bytes(L, H, D, worker.dtype) * worker.max_len
+        self.colocated: ColocatedPrefill | None = None   # set where this worker serves Prefill too
         # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
         self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
@@ -257,6 +258,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         """A keep-alive, only while the engine goes round: a hung engine falls silent."""
         if self.loop.alive and time.monotonic() - self.loop.last_beat < self.stall_s:
             yield KEEPALIVE
+
+    @grpc_util.rpc
+    def Follow(self, request_iterator, context):
+        """Every request a router runs here, on one stream: one message per step (decode_service/follow.py)."""
+        from decode_service.follow import Follow
+        follow = Follow(self.worker, self.attach_timeout_s, self.stall_s, colocated=self.colocated)
+        threading.Thread(target=follow.read, args=(request_iterator,), name="follow-read", daemon=True).start()
+        yield from follow.messages(context)
 
     @grpc_util.rpc
     def Abort(self, request, context):

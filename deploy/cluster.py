@@ -7,8 +7,9 @@ handed to its own batch in memory); with two GPUs or more the pools are *disaggr
 --decode-workers always give disaggregated pools.
 
 Starts an embedded local Ray cluster, or joins one with --address. Each worker asks for
-`num_gpus=1` where the cluster has GPUs, else a share of the CPU cores (torch threads set
-to match, so workers neither oversubscribe nor leave a core idle). Ray restarts a dead
+`num_gpus=1` where the cluster has GPUs, else a share of the CPU cores (torch threads at most
+that share, so workers do not oversubscribe; a decoding worker keeps fewer where its timed
+decode step does not gain from them). Ray restarts a dead
 worker; the worker registers again with the router on start.
 """
 from __future__ import annotations
@@ -46,7 +47,10 @@ class Deployment:
         if self.gpus:
             argv += ["--device", "cuda"]
         else:
-            argv += ["--device", "cpu", "--threads", str(self.cpu_threads)]
+            # A worker that decodes takes its share of the cores as a ceiling and keeps the threads
+            # that its measured decode step gains from (a tiny model: 1; baton/thread_choice.py).
+            threads = f"auto:{self.cpu_threads}" if role != "prefill" and self.cpu_threads > 1 else str(self.cpu_threads)
+            argv += ["--device", "cpu", "--threads", threads]
         if a.auth_token:
             argv += ["--auth-token", a.auth_token]
         for flag in ("tls_cert", "tls_key", "tls_root_cert"):

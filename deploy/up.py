@@ -41,7 +41,7 @@ def up(args) -> int:
     try:
         pools = ", ".join(f"{n} {role}" for role, n in deployment.sizes.items() if n)
         print(f"baton: starting {deployment.topology} workers: {pools} "
-              f"({f'{deployment.gpus} GPUs' if deployment.gpus else f'CPU, {deployment.cpu_threads} threads each'})...",
+              f"({f'{deployment.gpus} GPUs' if deployment.gpus else f'CPU, up to {deployment.cpu_threads} threads each'})...",
               file=sys.stderr, flush=True)
         deployment.start()
         while not watcher.serving and not done.wait(0.2):

@@ -1,7 +1,8 @@
 """One request's path through the router, from admission to its last token (RequestRun).
 
-1. `relay` picks the least-loaded decode worker and opens the request's token stream there
-   (Decode.Attach, with keep-alives every `keepalive_s`);
+1. `relay` picks the least-loaded decode worker and subscribes to the request's tokens on the
+   router's one stream to that worker (Decode.Follow, router/follow_link.py: one message per engine
+   step for all of the router's requests there, keep-alives every `keepalive_s`);
 2. `prefill_with_retry` has a prefill worker compute the prompt (+ tokens so far) and push the
    K/V straight to that decode worker; a prefill worker that fails, or that the health check
    finds down while the call is in flight, is left for another one (one failed call of another
@@ -28,11 +29,12 @@ from baton import grpc_util
 from baton.errors import BatonError, Cancelled, Unavailable
 from baton.request import Status
 from baton.sampling import SamplingParams
-from baton.v1 import decode_pb2, prefill_pb2, router_pb2
+from baton.v1 import prefill_pb2, router_pb2
 from baton.wire import FINISH_NAMES, params_to_pb
 from router import metrics
 from router.books import Books
 from router.config import RouterConfig
+from router.follow_link import FollowLinks, StreamEnd
 from router.registry import Registry, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,13 @@ WORKER_FAILURE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.St
                   grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 POLL_S = 0.1     # how often an in-flight Prefill looks at its client and its workers
 PICK_POLL_S = 0.05   # how often a request with no live worker looks again
+# Token messages to the client: the router sends about this many a second over all the requests it
+# relays, however many; after a message a request waits its share (requests / this, at most
+# MAX_PACE_S) and its next message carries every token that came meanwhile. One request alone gets
+# each step's tokens at once; 256 get a message every 0.25 s. Each message costs the router and the
+# gateway a fixed CPU price whatever it holds, so the path's cost per token falls as load rises.
+RELAY_MSGS_PER_S = 1000.0
+MAX_PACE_S = 0.25
 
 
 class WorkerFailed(Exception):
@@ -53,10 +62,11 @@ class WorkerFailed(Exception):
 
 class RequestRun:
     def __init__(self, rid: str, ids: list[int], params: SamplingParams, context, *, registry: Registry,
-                 config: RouterConfig, books: Books, auth, counted: bool = True):
+                 config: RouterConfig, books: Books, auth, links: FollowLinks | None = None, counted: bool = True):
         self.rid, self.ids, self.params, self.context = rid, ids, params, context
         self.registry, self.config, self.books, self.auth = registry, config, books, auth
         self.counted = counted                      # False: the warm-up, in no book and no metric
+        self.links = links                          # the router's Follow streams to decode workers
         self.status = Status.WAITING
         self.lock = threading.Lock()
         self.settled = False
@@ -64,8 +74,8 @@ class RequestRun:
         self.decode: WorkerHandle | None = None
         self.prefill: WorkerHandle | None = None
         self.held: list[WorkerHandle] = []          # loads reserved with registry.pick, not yet released
-        self.attach = None                          # the open Decode.Attach call
-        self.heard_s: float | None = None           # last message read off the attach stream; None until
+        self.attach = None                          # its Subscription on a Follow link (router/follow_link.py)
+        self.heard_s: float | None = None           # last message read for it; None until
                                                     # it is relayed (prefill over): silence counts from then
         self.silent = False                         # the attach stream was cut for silence
         self.generated: list[int] = []
@@ -84,12 +94,12 @@ class RequestRun:
             decode = self.decode = self._pick("decode", exclude=self.failed_decodes)
             try:
                 self.silent, self.heard_s = False, None
-                self.attach = decode.stub.Attach(decode_pb2.AttachRequest(
-                    request_id=self.rid, timeout_s=self.config.attach_timeout_s,
-                    keepalive_s=self.config.keepalive_s), metadata=self.auth)
+                prefill = self._own_prefill(decode)   # a colocated worker's prompt rides on its stream
+                self.attach = self.links.attach(decode, self.rid, self.config.attach_timeout_s, prefill)
                 if self.queue_s is None:
                     self.queue_s = time.monotonic() - self.arrival
-                self.prefill_with_retry(decode)
+                if prefill is None:
+                    self.prefill_with_retry(decode)
                 yield from self._tokens()
                 return
             except WorkerFailed as e:
@@ -104,10 +114,8 @@ class RequestRun:
         # stream, and the decode worker's liveness is the health check's (see _call_prefill).
         self.heard_s = time.monotonic()
         try:
-            for ev in self.attach:   # a TokenChunk: one or more tokens, or a keep-alive
+            for ev in self.attach:   # a TokenChunk: the tokens of one or more steps
                 self.heard_s = time.monotonic()
-                if ev.keepalive:
-                    continue
                 if self.first_token_s is None:
                     self.first_token_s = time.monotonic()
                     self._start_running()
@@ -118,6 +126,7 @@ class RequestRun:
                     resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
                 if not ev.finish_reason:
                     yield resp
+                    time.sleep(self._pace_s())   # a cancel meanwhile settles at once (the RPC's callback)
                     continue
                 self._fill_last(resp, ev.finish_reason)
                 yield resp
@@ -133,7 +142,7 @@ class RequestRun:
                          "ttft_s=%.4f e2e_s=%.4f", self.rid, FINISH_NAMES[resp.finish_reason],
                          len(self.ids), len(self.generated), resp.ttft_s, resp.e2e_s)
                 return
-        except grpc.RpcError as e:
+        except (grpc.RpcError, StreamEnd) as e:
             self._check_client()
             if self.silent:
                 raise WorkerFailed("decode", f"silent for over {self.config.worker_silence_s:g} s") from None
@@ -141,6 +150,9 @@ class RequestRun:
                 raise _from_rpc(e) from None
             raise WorkerFailed("decode", f"stream failed: {e.code().name}") from None
         raise WorkerFailed("decode", "stream ended without a finish")
+
+    def _pace_s(self) -> float:
+        return min(MAX_PACE_S, self.links.following() / RELAY_MSGS_PER_S) if self.links is not None else 0.0
 
     def _fill_last(self, resp: router_pb2.GenerateResponse, finish_reason: int) -> None:
         now = time.monotonic()
@@ -152,6 +164,21 @@ class RequestRun:
         resp.max_new_tokens = self.params.max_new_tokens
         if self.counted:
             self.books.add(kv_bytes=self.kv_bytes)
+
+    def _own_prefill(self, decode: WorkerHandle) -> prefill_pb2.PrefillRequest | None:
+        """For a colocated decode worker, the prefill it does itself (the one a Prefill call to it
+        would ask, as prefill_with_retry would choose it: `prefer`), sent with the request's attach on
+        its Follow stream; a refusal ends the request there (_tokens). None: a Prefill call it is."""
+        if decode.role != "colocated" or self.links is None:
+            return None
+        with self.lock:
+            if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
+                self.status = Status.PREFILLING
+        self.prefill = decode
+        self.prefill_attempts += 1
+        return prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
+                                          params=params_to_pb(self.params), decode_address=decode.address,
+                                          generated_token_ids=self.generated, attempt=self.prefill_attempts)
 
     def prefill_with_retry(self, decode: WorkerHandle) -> None:
         req = prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
@@ -221,7 +248,7 @@ class RequestRun:
         self.registry.mark_dead(decode, why)
         self.failed_decodes.add(decode.worker_id)
         if self.attach is not None:
-            self.attach.cancel()
+            self.attach.release()
         _in_background(self._abort, decode, self.prefill_attempts)   # a stopped worker answers late or never
         self.migrations += 1
         self.books.add(migrations=1)
@@ -231,11 +258,15 @@ class RequestRun:
                     self.rid, decode.worker_id, why, len(self.generated))
 
     def check_silence(self, now: float) -> None:
-        """Called by the liveness watcher: cut an attach stream that has been silent too long."""
+        """Called by the liveness watcher: cut the request's stream once its decode worker has been
+        silent too long (no message on its link, keep-alives included) while the request relays."""
         attach, heard = self.attach, self.heard_s
-        if attach is not None and heard is not None and not self.silent and now - heard > self.config.worker_silence_s:
+        if attach is None or heard is None or self.silent:
+            return
+        if now - max(heard, attach.heard_s) > self.config.worker_silence_s:
             self.silent = True
-            attach.cancel()
+            attach.fail(StreamEnd(grpc.StatusCode.UNAVAILABLE, "decode worker silent"))
+            attach.link.cut(f"decode worker silent for over {self.config.worker_silence_s:g} s")
 
     # ---- books and resources ------------------------------------------------------------------
     def _pick(self, role: str, **kw) -> WorkerHandle:
@@ -288,7 +319,7 @@ class RequestRun:
             self.registry.release(w)
         if self.status is not Status.FINISHED:
             if self.attach is not None:
-                self.attach.cancel()
+                self.attach.release()   # the worker frees its row before its next step
             _in_background(lambda: (self._abort(self.decode), self._abort(self.prefill)))
 
     def _abort(self, worker: WorkerHandle | None, attempt: int = 0) -> None:
@@ -335,6 +366,6 @@ def _in_background(fn, *args) -> None:
 
 
 def _from_rpc(e: grpc.RpcError) -> BatonError:
-    err = BatonError(e.details() or e.code().name, field=grpc_util.field_of(e))
+    err = BatonError(e.details() or e.code().name, field=getattr(e, "field", None) or grpc_util.field_of(e))
     err.code_name = e.code().name
     return err

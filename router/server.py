@@ -17,6 +17,7 @@ from baton.wire import sampling_from_request
 from router import metrics
 from router.books import Books
 from router.config import RouterConfig
+from router.follow_link import FollowLinks
 from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
 from router.registry import Registry, decode_context, max_batch, worker_stats
 from router.request_run import LivenessWatcher, RequestRun
@@ -35,6 +36,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.api_servers = lambda: []         # callable() -> [router_pb2.ApiServer]: baton up sets it
         self.auth = grpc_util.auth_metadata(config.auth_token)
         self.books = Books(config.max_queue, config.max_running)
+        self.links = FollowLinks(self.auth, config.keepalive_s)   # one token stream per decode worker
         self.liveness = LivenessWatcher()
         self.liveness.start()
 
@@ -77,7 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.books.admit(rid)
         metrics.claim(rid)   # from now on this process's router, not a gateway beside it, observes it
         run = RequestRun(rid, ids, params, context, registry=self.registry, config=self.config, books=self.books,
-                         auth=self.auth, counted=counted)
+                         auth=self.auth, links=self.links, counted=counted)
         if not context.add_callback(run.settle):
             run.settle()
             return

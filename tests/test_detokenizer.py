@@ -67,3 +67,33 @@ def test_a_stop_string_completed_by_the_last_bytes_still_cuts():
     pieces = [d.add(t) for t in b"ab\xe2"]
     pieces.append(d.flush())
     assert "".join(pieces) == "a" and d.stopped
+
+
+def _tokenizers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_model import save_char_tokenizer, save_tokenizer
+    out = []
+    for i, save in enumerate((save_tokenizer, save_char_tokenizer)):
+        save(str(tmp_path / str(i)))
+        out.append(AutoTokenizer.from_pretrained(str(tmp_path / str(i))))
+    from baton.model_files import smollm2_dir
+    try:   # the real BPE (byte-level, special tokens) where its converted copy is at hand
+        out.append(AutoTokenizer.from_pretrained(smollm2_dir()))
+    except Exception:
+        pass
+    return out
+
+
+def test_the_direct_decode_is_the_tokenizer_s_own(tmp_path):
+    """A fast tokenizer's Rust decode, called directly (baton.detokenizer.decoder), gives exactly what
+    tokenizer.decode gives, special tokens and broken characters included."""
+    import random
+
+    from baton.detokenizer import decoder
+    rng = random.Random(0)
+    for tok in _tokenizers(tmp_path):
+        fast = decoder(tok)
+        for _ in range(200):
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
+            assert fast(ids) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False), ids

@@ -148,7 +148,7 @@ def test_hostile_bytes_get_a_status_code_and_serving_goes_on(cluster):
                           ("/baton.v1.Router/Scale", "unary_unary"), ("/baton.v1.Router/RegisterWorker", "unary_unary")],
                "prefill": [("/baton.v1.Prefill/Prefill", "unary_unary"), ("/baton.v1.Prefill/Abort", "unary_unary")],
                "decode": [("/baton.v1.Decode/TransferKV", "stream_unary"), ("/baton.v1.Decode/Attach", "unary_stream"),
-                          ("/baton.v1.Decode/Abort", "unary_unary")]}
+                          ("/baton.v1.Decode/Follow", "stream_stream"), ("/baton.v1.Decode/Abort", "unary_unary")]}
     c = cluster
     with RouterClient(c["router"].address) as client:
         addrs = {"router": c["router"].address, "prefill": c["prefill"][0].address, "decode": c["decode"][0].address}
@@ -187,6 +187,8 @@ def _raw_call(channel, method: str, kind: str, blobs: list[bytes]):
     call = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
     if kind == "stream_unary":
         return call(iter(blobs), timeout=5)
+    if kind == "stream_stream":
+        return list(call(iter(blobs), timeout=5))
     if kind == "unary_stream":
         return list(call(blobs[0], timeout=5))
     return call(blobs[0], timeout=5)

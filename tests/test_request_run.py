@@ -12,17 +12,30 @@ from router.request_run import RequestRun
 from baton.sampling import SamplingParams
 
 
+class _Link:
+    def __init__(self):
+        self.heard_s, self.cut_for = 0.0, None
+
+    def cut(self, why):
+        self.cut_for = why
+
+
 class _Attach:
-    """An attach call that yields what it is given and records cancel()."""
+    """A request's subscription on a Follow link: records fail() and its link's cut()."""
 
-    def __init__(self, events=()):
-        self.events, self.cancelled = list(events), False
+    def __init__(self):
+        self.link, self.failed = _Link(), None
 
-    def __iter__(self):
-        return iter(self.events)
+    @property
+    def heard_s(self):
+        return self.link.heard_s
 
-    def cancel(self):
-        self.cancelled = True
+    def fail(self, err):
+        self.failed = err
+
+    @property
+    def cancelled(self):
+        return self.failed is not None and self.link.cut_for is not None
 
 
 def _run(silence_s: float = 1.0) -> RequestRun:
@@ -32,7 +45,7 @@ def _run(silence_s: float = 1.0) -> RequestRun:
 
 def test_silence_during_a_long_prefill_does_not_cut_the_stream():
     run = _run()
-    run.attach = _Attach()                      # opened, then prefill queues behind a burst
+    run.attach = _Attach()                      # subscribed, then prefill queues behind a burst
     run.check_silence(time.monotonic() + 60)
     assert not run.attach.cancelled and not run.silent
 
@@ -45,6 +58,16 @@ def test_silence_while_relaying_cuts_the_stream():
     assert not run.attach.cancelled
     run.check_silence(time.monotonic() + 2.0)
     assert run.attach.cancelled and run.silent
+
+
+def test_a_link_that_keeps_talking_keeps_its_requests():
+    """Keep-alives and other requests' tokens on the link count as the worker being alive."""
+    run = _run()
+    run.attach = _Attach()
+    run.heard_s = time.monotonic() - 10         # this request has had nothing for a while
+    run.attach.link.heard_s = time.monotonic()  # but its worker's link spoke just now
+    run.check_silence(time.monotonic() + 0.5)
+    assert not run.attach.cancelled and not run.silent
 
 
 class _Registry:

@@ -76,6 +76,25 @@ class TokenStream:
             raise item
         return item
 
+    def take_ready(self) -> list[TokenEvent]:
+        """Every event that is ready, without waiting ([] if none), up to and including a last one; an
+        end without a last token (StreamClosed) is raised once the events before it are taken. A
+        Follow stream asks this of every request each step, so an empty queue costs one check."""
+        if self._error is not None:
+            raise self._error
+        out, events = [], self.events
+        while not events.empty():
+            item = events.get_nowait()
+            if isinstance(item, Exception):
+                if not out:
+                    raise item
+                self._error = item
+                break
+            out.append(item)
+            if item.finish_reason is not None:
+                break
+        return out
+
     def get_ready(self, timeout: float | None = None) -> list[TokenEvent]:
         """Every event that is ready, in order: waits up to `timeout` for the first (queue.Empty if
         none came), then takes the rest without waiting, up to and including the last one. An end
@@ -115,6 +134,7 @@ class EngineLoop:
         self._waiting = 0
         self._pending_new = 0
         self._applied = 0                   # submissions applied since the last publish (loop thread only)
+        self._listeners: list[Callable[[], None]] = []   # told when streams got events (decode_service/follow.py)
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
 
@@ -184,6 +204,21 @@ class EngineLoop:
         self.inbox.put(apply)
         self.wake.set()
 
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call fn (cheap, non-blocking) on the loop thread whenever streams got events: after each
+        step, and when a stream is closed. Returns the function that stops it."""
+        with self._lock:
+            self._listeners = [*self._listeners, fn]
+
+        def stop():
+            with self._lock:
+                self._listeners = [f for f in self._listeners if f is not fn]
+        return stop
+
+    def _tell(self) -> None:
+        for fn in self._listeners:
+            fn()
+
     def call(self, fn: Callable[[Engine], object], timeout: float | None = 10.0) -> object:
         """Run fn(engine) on the loop thread between two steps and return its result."""
         box: queue.SimpleQueue = queue.SimpleQueue()
@@ -199,6 +234,7 @@ class EngineLoop:
         stream = self.streams.pop(request_id, None)
         if stream is not None:
             stream.events.put(err)
+            self._tell()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -236,6 +272,7 @@ class EngineLoop:
                         if ev.finish_reason is not None:
                             del self.streams[ev.request_id]
                 self._publish()     # the queue shrank as requests joined the batch
+                self._tell()
         except BaseException as e:  # the engine broke: fail every stream, never leave one hanging
             log.exception("engine loop failed")
             self.error = e

@@ -193,8 +193,8 @@ def parse_args(argv=None):
                                                             "(default: %(default)s)")
     p.add_argument("--api-servers", type=int, default=1, metavar="N",
                    help="ray: `baton up --api-servers N`, N HTTP API processes on one port (default: %(default)s)")
-    p.add_argument("--worker-threads", type=int, default=None,
-                   help="--processes: the worker's torch threads (default: the worker's own default)")
+    p.add_argument("--worker-threads", default=None,
+                   help="--launcher processes: the worker's --threads, N or auto[:N] (default: the worker's own default)")
     p.add_argument("--model", default=None, help="model directory (default: a tiny random one, built here)")
     p.add_argument("--out", default=None, help="write results.json here (default: none)")
     return p.parse_args(argv)
