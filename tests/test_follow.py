@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from baton.config import EngineConfig
-from baton.engine import Engine
-from baton.engine_loop import EngineLoop
+from baton.engine.config import EngineConfig
+from baton.engine.engine import Engine
+from baton.engine.loop import EngineLoop
 from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.v1 import decode_pb2
