@@ -37,7 +37,7 @@ def test_the_fewest_threads_within_the_tolerance_of_the_fastest_win():
 
 
 def test_a_choice_sets_torch_threads_and_leaves_the_engine_idle_and_exact(tiny):
-    engine = Engine(tiny, EngineConfig(max_batch=4, dtype="float64", device="cpu"))
+    engine = Engine(tiny, EngineConfig(max_batch=4))
     prompt, params = [5, 9, 14, 20], SamplingParams(max_new_tokens=6)
     before_tokens = engine.generate([prompt], params)[0].output_ids
     counts = dict(engine.counts)

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=4, help="trials per count, the best kept (default: %(default)s)")
     a = p.parse_args(argv)
-    engine = Engine(load_model(a.model, "float32", "cpu"), EngineConfig(max_batch=a.rows, device="cpu"))
+    engine = Engine(load_model(a.model, "float32", "cpu"), EngineConfig(max_batch=a.rows))
     wall: dict[int, float] = {}
     cpu: dict[int, float] = {}
     for rnd in range(a.rounds):
