@@ -73,6 +73,8 @@ class DecodeWorker:
         self.cond = threading.Condition()
         self.transfers = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.transports: list = []   # its K/V transports' receiving (and, colocated, sending) sides, for Stats
+        self.follows: set = set()    # the routers' Follow streams being served (decode_service/follow.py)
+        self.ending = threading.Event()   # stopping: a Follow stream ends once nothing is on it
         runner = loop.engine.runner
         self.kv_shape = (runner.num_layers, 2, runner.num_kv_heads, runner.head_dim)
         self.dtype = runner.dtype
@@ -168,6 +170,12 @@ class DecodeWorker:
             self.cond.notify_all()
         self.loop.abort(request_id)
         return found
+
+    def end_follows(self) -> None:
+        """The worker is stopping: each Follow stream ends as soon as it holds no request."""
+        self.ending.set()
+        for f in list(self.follows):
+            f.wake.set()
 
     def reap(self) -> int:
         """Abort K/V nobody attached to within the lease; forget old tombstones. Returns aborts."""
