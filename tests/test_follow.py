@@ -294,3 +294,17 @@ def test_a_stopping_worker_ends_idle_streams_and_finishes_the_busy_ones(served):
     assert _tokens(head + rest, "r") == want[0] and _finished(rest, "r")
     idle.leave()
     busy.leave()
+
+
+def test_a_request_whose_client_reads_slowly_holds_back_no_other_on_the_link():
+    """The link's reader never waits for a request's reader: an unread request's rows queue up."""
+    link, call, sent = _link()
+    slow, fast = link.attach("slow", 5.0), link.attach("fast", 5.0)
+    steps = 500
+    for i in range(steps):
+        call.answers.put(decode_pb2.StepTokens(request_ids=["slow", "fast"], counts=[1, 1], token_ids=[i, i],
+                                               texts=["s", "f"], finish_reasons=[0, int(i == steps - 1)]))
+    got = [t for x in fast for t in x.token_ids]      # runs to its end while "slow" reads nothing
+    assert got == list(range(steps))
+    merged = slow.take()                              # all it missed, in one piece
+    assert merged.token_ids == list(range(steps)) and merged.text == "s" * steps
