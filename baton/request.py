@@ -72,7 +72,8 @@ class Request:
         reason = None
         if (token_id in eos_ids and not self.params.ignore_eos) or (self.detok and self.detok.stopped):
             reason = FinishReason.STOP
-        elif len(self.output_ids) >= self.params.max_new_tokens or len(self.all_ids) >= max_len:
+        elif (len(self.output_ids) >= self.params.max_new_tokens  # lengths, not all_ids: that copies the whole
+              or len(self.prompt_ids) + len(self.output_ids) >= max_len):   # sequence, per row per step
             reason = FinishReason.LENGTH
         if reason is not None:
             if self.detok:

@@ -94,6 +94,7 @@ class Follow:
     # ---- the worker's side: the RPC's response stream -------------------------------------------
     def messages(self, context):
         stop_listening = self.loop.listen(self.wake.set)
+        self.worker.follows.add(self)
         try:
             self.first.wait(self.attach_timeout_s)
             last_sent = time.monotonic()
@@ -111,10 +112,11 @@ class Follow:
                 elif self.keepalive_s and time.monotonic() - last_sent >= self.keepalive_s and self._beating():
                     yield KEEPALIVE
                     last_sent = time.monotonic()
-                if not self.loop.alive and not self.attached and not self.waiting:
+                if (self.worker.ending.is_set() or not self.loop.alive) and not self.attached and not self.waiting:
                     return
         finally:
             stop_listening()
+            self.worker.follows.discard(self)
             for rid in [*self.attached, *self.waiting]:   # the router went away: free what it held
                 self.worker.release(rid)
             self.attached.clear()

@@ -29,14 +29,15 @@ def build(args: argparse.Namespace) -> Served:
         args.threads, note = loop.call(lambda engine: thread_choice.choose(engine, args.threads), timeout=None)
         threads = "; " + note
     print(f"baton: {args.role} worker: {loop.info.description}{threads}", file=sys.stderr, flush=True)
-    server, port, transports = serve(loop, args.host, args.port, lease_s=args.lease_s,
+    server, port, worker = serve(loop, args.host, args.port, lease_s=args.lease_s,
                                      colocated=args.role == "colocated", kv_transport=args.kv_transport,
                                      worker_id=args.worker_id, **security(args))
 
     def stop(grace: float) -> None:
+        worker.end_follows()   # a router's Follow stream with nothing on it would hold the stop for its grace
         server.stop(grace).wait(grace + 1)
         loop.stop()
-        for t in transports:   # registered memory goes with the worker
+        for t in worker.transports:   # registered memory goes with the worker
             t.close()
     return Served(args.role, port, stop)
 
@@ -44,9 +45,10 @@ def build(args: argparse.Namespace) -> Served:
 def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key=None, tls_client_ca=None,
           tls_root_cert=None, lease_s: float = 30.0, colocated: bool = False, kv_transport: str = "grpc",
           worker_id: str = "decode"):
-    """Start the Decode service on a running engine loop, and its watchdog; returns (server, port,
-    its K/V transports: close them once the server is stopped). `colocated`: the same server also
-    serves the Prefill role (ColocatedPrefill). `kv_transport`: how K/V reaches it (baton/kv_transport/)."""
+    """Start the Decode service on a running engine loop, and its watchdog; returns the server, its
+    port and the DecodeWorker (its transports: close them once the server is stopped). `colocated`:
+    the same server also serves the Prefill role (ColocatedPrefill). `kv_transport`: how K/V
+    reaches it (baton/kv_transport/)."""
     from baton import faults, kv_transport as transports
     from baton.v1 import decode_pb2_grpc
     from decode_service.worker import SERVICE, STALL_S, ColocatedPrefill, DecodeServicer, DecodeWorker
@@ -79,7 +81,7 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
     server.start()
     grpc_util.set_health(health, services, loop.alive)
     Watchdog(worker, health, services, STALL_S).start()
-    return server, bound, worker.transports
+    return server, bound, worker
 
 
 class Watchdog(threading.Thread):

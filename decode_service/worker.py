@@ -73,6 +73,8 @@ class DecodeWorker:
         self.cond = threading.Condition()
         self.transfers = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.transports: list = []   # its K/V transports' receiving (and, colocated, sending) sides, for Stats
+        self.follows: set = set()    # the routers' Follow streams being served (decode_service/follow.py)
+        self.ending = threading.Event()   # stopping: a Follow stream ends once nothing is on it
         info = loop.info    # the engine's fixed facts: its state is the loop thread's alone
         self.kv_shape, self.dtype, self.vocab_size = info.kv_shape, info.dtype, info.vocab_size
         self.max_len, self.grammars = info.max_len, info.grammars
@@ -165,6 +167,12 @@ class DecodeWorker:
             self.cond.notify_all()
         self.loop.abort(request_id)
         return found
+
+    def end_follows(self) -> None:
+        """The worker is stopping: each Follow stream ends as soon as it holds no request."""
+        self.ending.set()
+        for f in list(self.follows):
+            f.wake.set()
 
     def reap(self) -> int:
         """Abort K/V nobody attached to within the lease; forget old tombstones. Returns aborts."""

@@ -170,7 +170,7 @@ def test_keepalives_only_while_the_engine_goes_round(served):
     model, loop, worker = served
     router = _Router(worker, keepalive_s=0.05)
     assert next(router.messages).keepalive
-    router.follow.stall_s = 0.0            # the engine now counts as stalled: silence
+    router.follow.stall_s = -1e9           # the engine now counts as stalled (whatever its last beat): silence
     box = []
     t = threading.Thread(target=lambda: box.append(next(router.messages)), daemon=True)
     t.start()
@@ -278,3 +278,33 @@ def test_a_refusal_on_the_stream_reaches_the_client_with_its_field():
     from router.request_run import _from_rpc
     err = _from_rpc(StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, "token ids must be in [0, 256)", "prompt"))
     assert err.code_name == "INVALID_ARGUMENT" and err.field == "prompt"
+
+
+def test_a_stopping_worker_ends_idle_streams_and_finishes_the_busy_ones(served):
+    """A router's stream with nothing on it must not hold a worker's stop for its whole grace."""
+    model, loop, worker = served
+    want = engine_greedy(model, [[5, 6, 7]], N)
+    idle, busy = _Router(worker, keepalive_s=30.0), _Router(worker, keepalive_s=30.0)
+    busy.attach("r")
+    _admit(worker, "r", [5, 6, 7])
+    head = busy.read_until(lambda ms: _tokens(ms, "r"))
+    worker.end_follows()
+    assert list(idle.messages) == []          # ended at once, not after a keep-alive period
+    rest = list(busy.messages)                # runs to its request's end, then ends
+    assert _tokens(head + rest, "r") == want[0] and _finished(rest, "r")
+    idle.leave()
+    busy.leave()
+
+
+def test_a_request_whose_client_reads_slowly_holds_back_no_other_on_the_link():
+    """The link's reader never waits for a request's reader: an unread request's rows queue up."""
+    link, call, sent = _link()
+    slow, fast = link.attach("slow", 5.0), link.attach("fast", 5.0)
+    steps = 500
+    for i in range(steps):
+        call.answers.put(decode_pb2.StepTokens(request_ids=["slow", "fast"], counts=[1, 1], token_ids=[i, i],
+                                               texts=["s", "f"], finish_reasons=[0, int(i == steps - 1)]))
+    got = [t for x in fast for t in x.token_ids]      # runs to its end while "slow" reads nothing
+    assert got == list(range(steps))
+    merged = slow.take()                              # all it missed, in one piece
+    assert merged.token_ids == list(range(steps)) and merged.text == "s" * steps
