@@ -97,11 +97,13 @@ def add_engine_args(p) -> None:
                    help="prompt tokens a colocated worker prefills per step, in chunks beside the running rows "
                         "(vLLM's name); more gives newcomers their first token sooner, fewer keeps the running rows' "
                         "steps short (default: %(default)s)")
-    p.add_argument("--step-time-budget", type=_step_time, default="auto", metavar="auto|off|MS",
-                   help="how long a colocated step that carries prompt pieces may take, from what steps are measured "
-                        "to cost on this machine (baton/engine/step_budget.py): 'auto' = twice the decode step it joins, "
-                        "more in proportion while more prompts wait for their first token than rows run (a burst); "
-                        "MS = that many milliseconds; 'off' = always --max-num-batched-tokens (default: %(default)s)")
+    p.add_argument("--step-time-budget", type=_step_time, default="off", metavar="auto|off|MS",
+                   help="how long a colocated step that carries prompt pieces may take beside running rows, from "
+                        "what steps are measured to cost here (baton/engine/step_budget.py): 'auto' = twice the "
+                        "decode step it joins, more while more prompts wait for a first token than rows run; MS = "
+                        "that many milliseconds; 'off' = --max-num-batched-tokens every step. A budget halves the "
+                        "longest gaps between a stream's tokens but delays first tokens and lowers throughput "
+                        "(measured, docs/benchmarks.md) (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
 

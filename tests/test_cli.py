@@ -344,8 +344,8 @@ def test_engine_flags_reach_the_workers_engine_config():
         assert (cfg.max_model_len, cfg.kv_cache_memory, cfg.gpu_memory_utilization, cfg.enforce_eager,
                 cfg.prefix_cache_mb, cfg.prefill_chunk_tokens, cfg.step_time_ms) == (300, 64_000_000, 0.7, True, 8, 1024, 150)
     default = engine_config(parse_args("decode", []))
-    assert default.enforce_eager is False and default.step_time_ms == 0.0    # auto
-    assert engine_config(parse_args("decode", ["--step-time-budget", "off"])).step_time_ms is None
+    assert default.enforce_eager is False and default.step_time_ms is None    # off: the token budget
+    assert engine_config(parse_args("decode", ["--step-time-budget", "auto"])).step_time_ms == 0.0
 
 
 def test_byte_sizes():

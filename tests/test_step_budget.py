@@ -94,7 +94,7 @@ def test_any_sequence_of_step_budgets_keeps_every_querys_greedy_tokens_exact(tin
 
 
 def test_the_engine_measures_what_its_steps_cost(tiny):
-    engine = Engine(tiny, EngineConfig(max_batch=4, prefill_chunk_tokens=40))
+    engine = Engine(tiny, EngineConfig(max_batch=4, prefill_chunk_tokens=40, step_time_ms=0.0))   # auto
     rng = random.Random(5)
     engine.generate([[rng.randrange(1, EOS) for _ in range(100)] for _ in range(6)],
                     SamplingParams(max_new_tokens=12, ignore_eos=True))
