@@ -19,10 +19,9 @@ class Status(enum.Enum):
     FAILED = "failed"
 
 
-class FinishReason(enum.IntEnum):  # values match baton.v1.FinishReason
+class FinishReason(enum.IntEnum):  # values match baton.v1.FinishReason; a cancelled request has none
     LENGTH = 1
     STOP = 2
-    ABORT = 3
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class RequestRun:
 
     def _fill_last(self, resp: router_pb2.GenerateResponse, finish_reason: int) -> None:
         now = time.monotonic()
-        resp.finish_reason = finish_reason if finish_reason in (1, 2) else 2
+        resp.finish_reason = finish_reason   # a worker's last event carries LENGTH or STOP, the proto's values
         resp.usage.prompt_tokens, resp.usage.completion_tokens = len(self.ids), len(self.generated)
         resp.ttft_s, resp.e2e_s, resp.queue_s = self.first_token_s - self.arrival, now - self.arrival, self.queue_s
         resp.prefill_s, resp.kv_transfer_s, resp.kv_bytes = self.prefill_s, self.transfer_s, self.kv_bytes

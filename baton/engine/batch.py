@@ -15,7 +15,7 @@ from baton.engine.prefill import PrefillOutput
 from baton.engine.runner import ModelRunner, PromptChunk
 from baton.engine.sampler import sample_rows
 from baton.model_loader import LoadedModel
-from baton.request import FinishReason, Request, Status, TokenEvent
+from baton.request import Request, Status, TokenEvent
 
 
 def default_capacity(r: ModelRunner, model: LoadedModel, rows: int, config: EngineConfig = EngineConfig()) -> KVCapacity:
@@ -76,7 +76,7 @@ class DecodeBatch:
     def abort(self, request_id: str) -> Request | None:
         req = self.cache.leave(request_id)
         if req is not None:
-            req.finish(Status.CANCELLED, FinishReason.ABORT)
+            req.finish(Status.CANCELLED, None)
         return req
 
     def free(self, request_id: str) -> None:

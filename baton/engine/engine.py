@@ -83,7 +83,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
         if req is not None:
-            self.finish_and_free(req, Status.CANCELLED, FinishReason.ABORT)
+            self.finish_and_free(req, Status.CANCELLED, None)
         return req is not None
 
     def finish_and_free(self, req: Request, status: Status, reason: FinishReason | None) -> None:
