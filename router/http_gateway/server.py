@@ -188,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     g = p.add_argument_group("one of `baton up --api-servers N`'s API servers (deploy/api_servers.py starts them)")
     g.add_argument("--fd", type=int, default=None, help="accept on this inherited listening socket instead of "
-                                                         "binding --host:--port")
+                                                         "binding --host:--port (default: none, bind)")
     g.add_argument("--api-server", type=int, default=None, metavar="K",
                    help="this process is API server K: /metrics counts its requests as api_server=K, and leaves "
-                        "per-request metrics to the router, which records them in the shared metrics directory")
-    g.add_argument("--parent-pid", type=int, default=None, help="exit when this process (baton up) is gone")
+                        "per-request metrics to the router, which records them in the shared metrics directory "
+                        "(default: none, a lone gateway that records its own)")
+    g.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process (baton up) is gone (default: none, no parent watched)")
     return p
 
 
