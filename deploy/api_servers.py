@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,11 +67,12 @@ class _Server:
 class ApiServers:
     def __init__(self, router_address: str, host: str, port: int, count: int, gateway_args: list[str],
                  on_fatal: Callable[[str], None], env: dict | None = None,
-                 stopping: threading.Event | None = None):
+                 stopping: threading.Event | None = None, sock: socket.socket | None = None):
         """`gateway_args`: `python -m router.http_gateway` flags they all get (model name, limits, ...);
-        the token is passed in the environment (BATON_AUTH_TOKEN), never on a command line."""
-        from router.http_gateway.server import listen_socket
-        self.sock = listen_socket(host, port)
+        the token is passed in the environment (BATON_AUTH_TOKEN), never on a command line. `sock`:
+        the listening socket, bound already (else bound here on host:port)."""
+        from router.http_gateway.listen import listen_socket
+        self.sock = sock if sock is not None else listen_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.router_address, self.gateway_args, self.on_fatal = router_address, gateway_args, on_fatal
         self.env = env

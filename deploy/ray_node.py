@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 LOOPBACK = "127.0.0.1"
 # Read by ray._private.ray_constants at import; the processes Ray starts inherit it.
@@ -44,6 +45,9 @@ def start(args, workers: int) -> None:
     # to the router, the gateway or the clients (measured: TTFT p50 12.8 s niced vs ... s not).
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # a local cluster reports nowhere
+    # The autoscaler monitor's metrics port is a fixed 44217 by default: a second local cluster on
+    # the machine (another baton up) would find it taken. A free one per cluster instead.
+    os.environ.setdefault("AUTOSCALER_METRIC_PORT", str(_free_port()))
     # Logical CPUs: one per worker actor; each worker sets its own torch threads.
     ray.init(address="local", num_cpus=max(workers + 2, os.cpu_count() or 2), include_dashboard=dashboard,
              dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=False)
@@ -52,6 +56,12 @@ def start(args, workers: int) -> None:
         ray.shutdown()
         raise SystemExit(f"baton: the local Ray cluster came up on {node_ip}, not {LOOPBACK}; "
                          f"Ray {ray.__version__} ignored {_LOCAL_ONLY_ENV}=0 (see deploy/ray_node.py)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def _local_only() -> None:

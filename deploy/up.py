@@ -18,6 +18,7 @@ def up(args) -> int:
     from deploy import ray_node
 
     t0 = time.monotonic()
+    http_sock = _bind_http(args) if args.http_port is not None else None
     print(f"baton: starting Ray ({args.address or 'local cluster'})...", file=sys.stderr, flush=True)
     ray_node.start(args, (args.prefill_workers or 1) + (args.decode_workers or 1) + (args.colocated_workers or 0))
     several = args.http_port is not None and args.api_servers > 1
@@ -48,14 +49,14 @@ def up(args) -> int:
             pass
         http = {}
         if several:
-            gateway = _start_api_servers(args, router_address, servicer, fatal, done)
+            gateway = _start_api_servers(args, router_address, servicer, fatal, done, http_sock)
             http = {"http": gateway.url}
         elif args.http_port is not None:
             from router.http_gateway import config as http_config, start_gateway
             gateway = start_gateway(router_address, args.http_host or args.host, args.http_port,
                                     auth_token=args.auth_token, model_name=args.served_model_name,
                                     request_timeout_s=args.request_timeout,
-                                    limits=http_config.from_args(args, args.max_message_bytes))
+                                    limits=http_config.from_args(args, args.max_message_bytes), sock=http_sock)
             http = {"http": gateway.url}
             servicer.api_servers = _own_api_server(gateway.url)
         if not done.is_set():
@@ -91,7 +92,18 @@ def _share_metrics() -> str:
     return path
 
 
-def _start_api_servers(args, router_address: str, servicer, fatal: list, done):
+def _bind_http(args):
+    """The HTTP API's socket, bound before Ray starts: a port in use is said at once (exit 1), not
+    after the cluster came up, and nothing else takes the port meanwhile."""
+    from router.http_gateway.listen import listen_socket
+    host = args.http_host or args.host
+    try:
+        return listen_socket(host, args.http_port)
+    except OSError as e:
+        raise SystemExit(f"baton: cannot serve HTTP on {host}:{args.http_port}: {e.strerror or e}") from None
+
+
+def _start_api_servers(args, router_address: str, servicer, fatal: list, done, sock):
     """--api-servers N (N > 1): N processes on one socket bound here (deploy/api_servers.py)."""
     from deploy.api_servers import ApiServers
     from router.http_gateway import config as http_config
@@ -109,7 +121,7 @@ def _start_api_servers(args, router_address: str, servicer, fatal: list, done):
         fatal.append(why)
         done.set()
     servers = ApiServers(router_address, args.http_host or args.host, args.http_port, args.api_servers, flags,
-                         on_fatal, env=env, stopping=done)
+                         on_fatal, env=env, stopping=done, sock=sock)
     servicer.api_servers = servers.pb
     print(f"baton: starting {args.api_servers} API server processes on {servers.url}...", file=sys.stderr, flush=True)
     try:

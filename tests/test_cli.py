@@ -461,3 +461,18 @@ def test_baton_serve_answers_openai_requests_and_stops_on_sigterm_leaving_nothin
         proc.kill()
         for p in _alive(tree):
             p.kill()
+
+
+def test_up_on_an_http_port_in_use_says_so_at_once_before_starting_ray(tiny_dir):
+    """baton up binds its HTTP socket first: a taken port is an error in a second, not after the
+    cluster came up (and nothing takes the port while Ray starts)."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "deploy.cli", "up", "--model", tiny_dir, "--port", "0",
+                              "--http-port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in out.stderr, out.stderr
+    assert "starting Ray" not in out.stderr and "Traceback" not in out.stderr, out.stderr

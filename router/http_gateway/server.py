@@ -19,6 +19,7 @@ from router.http_gateway import config
 from router.http_gateway.app import create_app
 from router.http_gateway.config import HttpLimits
 from router.http_gateway.gateway import Gateway
+from router.http_gateway.listen import listen_socket
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,6 @@ class SharedListener(socket.socket):
         except BlockingIOError:
             self._taken = 0   # the queue is empty: the next wakeup starts a new count
             raise
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on host:port (0 = a free port), inheritable by child processes."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, auth_token: str | None = None, *,
