@@ -19,8 +19,9 @@ from router.books import Books
 from router.config import RouterConfig
 from router.follow_link import FollowLinks
 from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
+from router.liveness import LivenessWatcher
 from router.registry import Registry, decode_context, max_batch, worker_stats
-from router.request_run import LivenessWatcher, RequestRun
+from router.request_run import RequestRun
 
 log = logging.getLogger(__name__)
 SERVICE = "baton.v1.Router"
