@@ -59,6 +59,11 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building it (a copy of the whole sequence)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
     def append_token(self, token_id: int, eos_ids: frozenset[int], max_len: int,
                      logprobs: Logprobs | None = None) -> TokenEvent:
         """Record a new token, decide whether the request is finished, return its event."""
@@ -71,8 +76,7 @@ class Request:
         reason = None
         if (token_id in eos_ids and not self.params.ignore_eos) or (self.detok and self.detok.stopped):
             reason = FinishReason.STOP
-        elif (len(self.output_ids) >= self.params.max_new_tokens  # lengths, not all_ids: that copies the whole
-              or len(self.prompt_ids) + len(self.output_ids) >= max_len):   # sequence, per row per step
+        elif len(self.output_ids) >= self.params.max_new_tokens or self.num_tokens >= max_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             if self.detok:

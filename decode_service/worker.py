@@ -340,7 +340,7 @@ class ColocatedPrefill:
         self.remote.check(req)
         self.decode.admit_prompt(req)
         self.handed += 1
-        return PrefillResult(num_tokens=len(req.all_ids), kv_bytes=0, compute_s=0.0, transfer_s=0.0)
+        return PrefillResult(num_tokens=req.num_tokens, kv_bytes=0, compute_s=0.0, transfer_s=0.0)
 
     def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
         """Stop a push to another decode worker (one to this worker's own batch is in memory)."""

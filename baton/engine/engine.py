@@ -65,8 +65,8 @@ class Engine:
         self.scheduler.check_room()
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request_id {req.request_id!r}")
-        if len(req.all_ids) >= self.max_len:
-            raise InvalidArgument(f"{len(req.all_ids)} tokens do not fit the context of {self.max_len}", field="prompt")
+        if req.num_tokens >= self.max_len:
+            raise InvalidArgument(f"{req.num_tokens} tokens do not fit the context of {self.max_len}", field="prompt")
 
     def add_request(self, req: Request) -> None:
         """A new query, to be prefilled in this process."""

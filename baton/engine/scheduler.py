@@ -94,14 +94,13 @@ class Scheduler:
         free = self.max_rows - running - len(self.prefilling)
         plan.joining = [self.prefilled.popitem(last=False)[1] for _ in range(max(0, min(free, len(self.prefilled))))]
         rows = running + len(plan.joining)
-        left = budget - sum(len(r.prompt_ids) + len(r.output_ids) - self.progress.get(r.request_id, 0)
-                            for r in self.prefilling.values())   # lengths: all_ids copies the sequence
+        left = budget - sum(r.num_tokens - self.progress.get(r.request_id, 0) for r in self.prefilling.values())
         while self.waiting and left > 0 and rows + len(self.prefilling) < self.max_rows:
             req = self.waiting.popitem(last=False)[1]
             req.status = Status.PREFILLING
             self.prefilling[req.request_id] = req
             plan.started.append(req)
-            left -= len(req.prompt_ids) + len(req.output_ids)
+            left -= req.num_tokens
         return plan
 
     def begin(self, req: Request, cached: int) -> None:
