@@ -109,7 +109,8 @@ class Follow:
                 if out.request_ids or out.chunks or out.ends:
                     yield out
                     last_sent = time.monotonic()
-                elif self.keepalive_s and time.monotonic() - last_sent >= self.keepalive_s and self._beating():
+                elif (self.keepalive_s and time.monotonic() - last_sent >= self.keepalive_s
+                      and self.loop.beating(self.stall_s)):   # a hung engine falls silent
                     yield KEEPALIVE
                     last_sent = time.monotonic()
                 if (self.worker.ending.is_set() or not self.loop.alive) and not self.attached and not self.waiting:
@@ -127,10 +128,6 @@ class Follow:
         if self.waiting:
             wait = min(wait, WAIT_POLL_S)
         return max(0.0, wait)
-
-    def _beating(self) -> bool:
-        """Keep-alives only while the engine goes round: a hung engine falls silent."""
-        return self.loop.alive and time.monotonic() - self.loop.last_beat < self.stall_s
 
     def _take_inbox(self) -> bool:
         """Apply the router's messages; False once its side has ended."""

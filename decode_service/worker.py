@@ -264,7 +264,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _keepalive(self):
         """A keep-alive, only while the engine goes round: a hung engine falls silent."""
-        if self.loop.alive and time.monotonic() - self.loop.last_beat < self.stall_s:
+        if self.loop.beating(self.stall_s):
             yield KEEPALIVE
 
     @grpc_util.rpc

@@ -160,6 +160,11 @@ class EngineLoop:
         """Whether the engine held requests as of the loop's last round, or some are on their way."""
         return self._has_work or not self.inbox.empty()
 
+    def beating(self, stall_s: float) -> bool:
+        """Whether the loop runs and went round within `stall_s`: keep-alives go out only then, so a
+        hung engine falls silent to its listeners."""
+        return self.alive and time.monotonic() - self.last_beat < stall_s
+
     def stalled(self, stall_s: float) -> bool:
         """Whether the loop has not gone round for `stall_s` while it had work (health)."""
         return self.has_work() and time.monotonic() - self.last_beat > stall_s
