@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+
+from deploy.procs import free_port
 
 LOOPBACK = "127.0.0.1"
 # Read by ray._private.ray_constants at import; the processes Ray starts inherit it.
@@ -47,7 +48,7 @@ def start(args, workers: int) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # a local cluster reports nowhere
     # The autoscaler monitor's metrics port is a fixed 44217 by default: a second local cluster on
     # the machine (another baton up) would find it taken. A free one per cluster instead.
-    os.environ.setdefault("AUTOSCALER_METRIC_PORT", str(_free_port()))
+    os.environ.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
     # Logical CPUs: one per worker actor; each worker sets its own torch threads.
     ray.init(address="local", num_cpus=max(workers + 2, os.cpu_count() or 2), include_dashboard=dashboard,
              dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=False)
@@ -56,12 +57,6 @@ def start(args, workers: int) -> None:
         ray.shutdown()
         raise SystemExit(f"baton: the local Ray cluster came up on {node_ip}, not {LOOPBACK}; "
                          f"Ray {ray.__version__} ignored {_LOCAL_ONLY_ENV}=0 (see deploy/ray_node.py)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _local_only() -> None:

@@ -10,23 +10,16 @@ import json
 import random
 import re
 import signal
-import socket
 
 import psutil
 import pytest
 
-from deploy.procs import Proc, wait_for
+from deploy.procs import Proc, free_port, wait_for
 from tiny_model import EOS, reference_greedy, save_tiny, save_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.slow(90)
 
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def ref_model():
 def up(tmp_path_factory):
     path = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
     save_tokenizer(path)
-    http_port = _free_port()
+    http_port = free_port()
     proc = Proc(["deploy.cli", "up", "--port", "0", "--model", path, "--dtype", "float64", "--max-batch", "4",
                  "--http-port", str(http_port), "--api-server-count", "2", "--served-model-name", "tiny"],
                 env=ENV, ready_timeout=180)

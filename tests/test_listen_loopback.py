@@ -7,12 +7,11 @@ there.)"""
 from __future__ import annotations
 
 import argparse
-import socket
 
 import psutil
 import pytest
 
-from deploy.procs import Proc, wait_for
+from deploy.procs import Proc, free_port, wait_for
 from listening import beyond_loopback, listeners, processes, still_listening
 from tiny_model import save_tiny, save_tokenizer
 
@@ -28,15 +27,9 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _up(model_dir: str, flags: list[str]):
     """`baton up` with these flags and a free HTTP port: _serve_and_list's."""
-    http_port = _free_port()
+    http_port = free_port()
     return _serve_and_list(["up", "--port", "0", "--model", model_dir, "--http-port", str(http_port), *flags],
                            http_port)
 
@@ -122,7 +115,7 @@ def test_two_api_servers_listen_only_on_the_http_host_on_one_socket(model_dir, h
 
 def test_serve_host_0_0_0_0_opens_only_the_http_port(model_dir):
     """vLLM's line: --host names the HTTP API's address; the gRPC router stays on --grpc-host (127.0.0.1)."""
-    http_port = _free_port()
+    http_port = free_port()
     found, router_port, _ = _serve_and_list(["serve", model_dir, "--host", "0.0.0.0", "--port", str(http_port),
                                              "--grpc-port", "0"], http_port)
     _check_started_everything(found, router_port, http_port)

@@ -24,13 +24,12 @@ import math
 import os
 import platform
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
 
 from deploy.launch import local_cluster, pools
-from deploy.procs import Proc
+from deploy.procs import Proc, free_port
 from deploy.bench.serve import ServeConfig, run_serve_bench
 from deploy.bench.serve_report import markdown_table
 
@@ -38,12 +37,6 @@ from deploy.bench.serve_report import markdown_table
 TOPOLOGIES = {"colocated": [], "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"]}
 # The same topologies as plain processes (--launcher processes).
 POOLS = {"colocated": dict(colocated=1), "disaggregated": dict(prefill=1, decode=1)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: str = "float32") -> float:
@@ -87,8 +80,8 @@ def serve_up(topology: str, args):
     t = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.launcher == "ray":
-            http = _free_port()
-            argv = ["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", args.model,
+            http = free_port()
+            argv = ["deploy.cli", "up", "--port", str(free_port()), "--http-port", str(http), "--model", args.model,
                     "--dtype", args.dtype, "--device", args.device, "--max-batch", str(args.max_batch),
                     *TOPOLOGIES[topology], *shlex.split(args.server_args)]
             proc = Proc(argv, ready_timeout=600)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import psutil
 
-from deploy.bench.endpoint import _cpu_name, _free_port
+from deploy.bench.endpoint import _cpu_name
 from deploy.launch import local_cluster, pools
-from deploy.procs import Proc
+from deploy.procs import Proc, free_port
 
 RAY_OWN = ("IDLE", "DashboardAgent", "RuntimeEnvAgent")   # ray:: processes that are Ray's, not baton's
 USAGE = re.compile(rb'"completion_tokens":(\d+)')
@@ -154,8 +154,8 @@ def serve(args, model: str):
     wflags = ["--threads", str(args.worker_threads)] if args.worker_threads else []
     with contextlib.ExitStack() as stack:
         if args.launcher == "ray":
-            http = _free_port()
-            proc = Proc(["deploy.cli", "up", "--port", str(_free_port()), "--http-port", str(http), "--model", model,
+            http = free_port()
+            proc = Proc(["deploy.cli", "up", "--port", str(free_port()), "--http-port", str(http), "--model", model,
                          "--api-servers", str(args.api_servers), *flags], ready_timeout=600)
             stack.callback(proc.stop, 30)
             what = "router + gateway" if args.api_servers == 1 else "router"
