@@ -52,7 +52,7 @@ def parse_args(role: str, argv=None, doc: str | None = None) -> argparse.Namespa
                    help="demand a client certificate signed by --tls-root-cert from every caller (mutual TLS)")
     p.add_argument("--threads", type=thread_choice.parse, default=(False, None), metavar="N|auto|auto:N",
                    help="torch CPU threads; auto[:N]: a decode worker times its decode step at start with 1, 2, 4 .. N "
-                        "threads (N: its cores) and keeps the fewest within 10%% of the fastest, logged "
+                        "threads (N: its cores) and keeps the fewest that more threads do not beat by 1.25x per doubling, logged "
                         "(baton/thread_choice.py) (default: torch's, all cores)")
     p.add_argument("--cpus", default=None,
                    help="comma-separated CPU ids to pin this worker to (default: any); e.g. to give prefill and "

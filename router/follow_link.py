@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import grpc
 
@@ -78,7 +79,9 @@ class Subscription:
         item = self.items.get()
         if isinstance(item, Exception):
             raise item
-        while not item.finish_reason:
+        ids, text, finish_reason, logprobs = item
+        tokens = Tokens(ids, text, finish_reason, list(logprobs))
+        while not tokens.finish_reason:
             try:
                 more = self.items.get_nowait()
             except queue.Empty:
@@ -86,8 +89,8 @@ class Subscription:
             if isinstance(more, Exception):
                 self.items.put(more)   # after the tokens before it (nothing follows an error)
                 break
-            item = item.merge(more)
-        return item
+            tokens.merge(Tokens(*more))
+        return tokens
 
     def fail(self, err: Exception) -> None:
         """End the request's stream with err (its reader raises it)."""
@@ -150,16 +153,11 @@ class FollowLink:
         try:
             for m in self.call:
                 self.heard_s = time.monotonic()
-                tokens, at = list(m.token_ids), 0
-                rows = [(rid, Tokens(tokens[at:(at := at + n)], text, fin))
-                        for rid, n, text, fin in zip(m.request_ids, m.counts, m.texts, m.finish_reasons)]
-                rows += [(c.request_id, Tokens(list(c.token_ids), c.text, c.finish_reason, list(c.logprobs)))
-                         for c in m.chunks]
                 with self.lock:   # a row that finished is the worker's no more: no release for it
-                    subs = [(self.subs.pop(rid, None) if t.finish_reason else self.subs.get(rid), t) for rid, t in rows]
-                for sub, t in subs:
-                    if sub is not None:
-                        sub.items.put(t)
+                    for rid, item in _rows(m):
+                        sub = self.subs.pop(rid, None) if item[2] else self.subs.get(rid)
+                        if sub is not None:
+                            sub.items.put(item)
                 for end in m.ends:
                     with self.lock:
                         sub = self.subs.pop(end.request_id, None)
@@ -179,6 +177,21 @@ class FollowLink:
             sub.fail(err)
         self.out.put(None)
         self.on_end(self)
+
+
+def _rows(m: decode_pb2.StepTokens):
+    """(request id, (token ids, text, finish reason, logprobs)) of each row of a step's message: the
+    tuple a Subscription queues, built per token, so no object beyond it (the router's hottest loop:
+    every token of every request passes here)."""
+    ids = m.token_ids
+    if len(ids) == len(m.request_ids):   # one token a row: a single step's message
+        yield from zip(m.request_ids, zip(([t] for t in ids), m.texts, m.finish_reasons, repeat(())))
+    else:
+        at = 0
+        for rid, n, text, fin in zip(m.request_ids, m.counts, m.texts, m.finish_reasons):
+            yield rid, (ids[at:(at := at + n)], text, fin, ())
+    for c in m.chunks:
+        yield c.request_id, (list(c.token_ids), c.text, c.finish_reason, list(c.logprobs))
 
 
 class FollowLinks:

@@ -97,3 +97,19 @@ def test_the_direct_decode_is_the_tokenizer_s_own(tmp_path):
         for _ in range(200):
             ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
             assert fast(ids) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False), ids
+
+
+def test_the_rust_decode_stream_emits_the_same_pieces_as_the_offset_rule(tmp_path):
+    """IncrementalDetokenizer steps a fast tokenizer's Rust DecodeStream: piece for piece it gives what
+    the prefix/read-offset rule in Python gives (the same tokens, the same flush), special tokens and
+    broken characters included."""
+    import random
+    rng = random.Random(1)
+    for tok in _tokenizers(tmp_path):
+        for _ in range(40):
+            prompt = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 8))]
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 30))]
+            fast, rule = IncrementalDetokenizer(tok, prompt), IncrementalDetokenizer(tok, prompt)
+            assert fast._stream is not None
+            rule._stream = None
+            assert [fast.add(t) for t in ids] + [fast.flush()] == [rule.add(t) for t in ids] + [rule.flush()], (prompt, ids)

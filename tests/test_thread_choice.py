@@ -30,10 +30,12 @@ def test_candidates_are_powers_of_two_then_the_ceiling():
     assert thread_choice.candidates(8) == [1, 2, 4, 8]
 
 
-def test_the_fewest_threads_within_the_tolerance_of_the_fastest_win():
-    assert thread_choice.fewest_within({1: 1.0, 2: 0.5, 4: 0.48}, 0.10) == 2
-    assert thread_choice.fewest_within({1: 1.0, 2: 0.95}, 0.10) == 1       # 5 % faster: not worth a core
-    assert thread_choice.fewest_within({1: 0.1, 2: 3.0}, 0.10) == 1        # a tiny model: more is slower
+def test_the_fewest_threads_that_more_do_not_beat_by_the_gain_win():
+    assert thread_choice.fewest_paying({1: 1.0, 2: 0.5, 4: 0.48}, 1.25) == 2
+    assert thread_choice.fewest_paying({1: 0.76, 2: 0.69}, 1.25) == 1        # the tiny model: 1.1x, not worth a core
+    assert thread_choice.fewest_paying({1: 108.0, 2: 73.0}, 1.25) == 2       # SmolLM2: 1.48x
+    assert thread_choice.fewest_paying({1: 0.1, 2: 3.0}, 1.25) == 1          # more is slower
+    assert thread_choice.fewest_paying({1: 1.0, 2: 0.9, 4: 0.4}, 1.25) == 4  # 2 buys little, 4 a lot
 
 
 def test_a_choice_sets_torch_threads_and_leaves_the_engine_idle_and_exact(tiny):
