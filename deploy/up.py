@@ -56,7 +56,8 @@ def up(args) -> int:
             gateway = start_gateway(router_address, args.http_host or args.host, args.http_port,
                                     auth_token=args.auth_token, model_name=args.served_model_name,
                                     request_timeout_s=args.request_timeout,
-                                    limits=http_config.from_args(args, args.max_message_bytes), sock=http_sock)
+                                    limits=http_config.from_args(args, args.max_message_bytes), sock=http_sock,
+                                    local_router=servicer)   # Generate in process: no gRPC hop to itself
             http = {"http": gateway.url}
             servicer.api_servers = _own_api_server(gateway.url)
         if not done.is_set():

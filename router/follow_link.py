@@ -97,8 +97,11 @@ class Subscription:
         self.items.put(err)
 
     def release(self) -> None:
-        """The router is done with the request: the worker frees its row if it still runs."""
+        """The router is done with the request: the worker frees its row if it still runs, and a
+        reader still waiting for its tokens wakes up (to find its call over) instead of at the next
+        silence check."""
         self.link.release(self.request_id)
+        self.fail(StreamEnd(grpc.StatusCode.CANCELLED, "released"))
 
     @property
     def heard_s(self) -> float:

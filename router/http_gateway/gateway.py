@@ -33,8 +33,11 @@ class Gateway:
 
     def __init__(self, router_address: str, auth_token: str | None = None, router_auth_token: str | None = None,
                  model_name: str | None = None, tls_root_cert: str | None = None, request_timeout_s: float | None = None,
-                 max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES, local_router=None):
+        """`local_router`: the router's servicer when it runs in this process (`baton up`): Generate
+        calls it directly (router/local_call.py) instead of over gRPC."""
         self.router_address, self.auth_token = router_address, auth_token
+        self.local_router = local_router
         self.max_message_bytes = max_message_bytes   # the largest GenerateRequest the router takes
         self.metadata = grpc_util.auth_metadata(router_auth_token if router_auth_token is not None else auth_token)
         self.model_name, self.tls_root_cert, self.request_timeout_s = model_name, tls_root_cert, request_timeout_s
@@ -65,6 +68,9 @@ class Gateway:
         else:
             self.channel = grpc.aio.insecure_channel(self.router_address, options=opts)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
+        if self.local_router is not None:
+            from router.local_call import LocalRouterStub
+            self.stub = LocalRouterStub(self.local_router, self.stub, self.local_router.config.max_running + 32)
 
     async def close(self) -> None:
         if self.channel is not None:

@@ -120,14 +120,15 @@ def start_gateway(router_address: str, host: str = "127.0.0.1", port: int = 0, a
                   router_auth_token: str | None = None, model_name: str | None = None,
                   tls_root_cert: str | None = None, request_timeout_s: float | None = None,
                   limits: HttpLimits = HttpLimits(), log_level: str = "warning",
-                  sock: socket.socket | None = None) -> GatewayHandle:
+                  sock: socket.socket | None = None, local_router=None) -> GatewayHandle:
     """Serve the HTTP API on host:port (0 = a free port) in a background thread; returns a handle
     with .port, .url and .stop(). `auth_token` guards /v1/* (and is sent to the router unless
     `router_auth_token` is given). `sock`: a listening socket to accept on instead (host and port
-    unused), e.g. the one `baton up --api-servers N` shares among its API server processes."""
+    unused), e.g. the one `baton up --api-servers N` shares among its API server processes.
+    `local_router`: the router's servicer, when the router runs in this process (router/local_call.py)."""
     import uvicorn
     gw = Gateway(router_address, auth_token, router_auth_token, model_name, tls_root_cert, request_timeout_s,
-                 max_message_bytes=limits.max_message_bytes)
+                 max_message_bytes=limits.max_message_bytes, local_router=local_router)
     app = create_app(gw, limits)
     sock = sock if sock is not None else listen_socket(host, port)
     server_config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=1,

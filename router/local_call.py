@@ -1,0 +1,181 @@
+"""Router.Generate for the HTTP gateway that runs in the router's own process (`baton up` with one API
+server): the gateway's call runs the servicer's handler on a thread of this module's pool and gets each
+GenerateResponse through its event loop, as a grpc.aio call hands them over, without the loopback
+HTTP/2 connection, protobuf (de)serialisation and the gRPC server's per-message machinery between two
+halves of one process. Everything else the gateway asks the router (Status) still goes over gRPC.
+
+What the handler sees is a ServicerContext's behaviour: `add_callback` callbacks run once when the call
+ends however it ends (completed, failed, cancelled by the client, past its deadline), `is_active` turns
+False on a cancel or a deadline, `abort` raises. What the gateway sees is a grpc.aio call's: `read()`
+gives messages then `grpc.aio.EOF` or raises a grpc.RpcError with `code()`, `details()` and
+`trailing_metadata()`; `code()` awaits the end; `cancel()` ends it CANCELLED.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import grpc.aio
+
+log = logging.getLogger(__name__)
+
+
+class LocalRpcError(grpc.RpcError):
+    """How a local call ended, read as a failed grpc.aio call's error."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailing
+
+
+class LocalContext:
+    """The handler's side of one local call."""
+
+    def __init__(self, metadata: tuple, deadline: float | None):
+        self.metadata, self.deadline = tuple(metadata or ()), deadline
+        self.trailing: tuple = ()
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def add_callback(self, fn) -> bool:
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(fn)
+        return not self._ended
+
+    def is_active(self) -> bool:
+        return not self._ended and (self.deadline is None or time.monotonic() < self.deadline)
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = tuple(metadata)
+
+    def peer(self) -> str:
+        return "local"
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise LocalRpcError(code, details, self.trailing)
+
+    def end(self) -> None:
+        """The call is over: the callbacks run, once."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended, callbacks = True, self._callbacks
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:   # noqa: BLE001 - as gRPC does: one callback's failure stops no other
+                log.exception("a local call's callback failed")
+
+
+class LocalCall:
+    """The gateway's side of one local call (made and read on its event loop)."""
+
+    def __init__(self, handler, request, metadata, timeout: float | None, pool: ThreadPoolExecutor):
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue = asyncio.Queue()   # messages, then EOF or a LocalRpcError
+        self._end: asyncio.Future = self._loop.create_future()
+        self._final: object = None                      # EOF or the error, once read
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.context = LocalContext(metadata, deadline)
+        self._timer = None if timeout is None else self._loop.call_later(timeout, self._expire)
+        pool.submit(self._run, handler, request)
+
+    # -- the handler's thread
+    def _run(self, handler, request) -> None:
+        ctx = self.context
+        result: object = grpc.aio.EOF
+        try:
+            with contextlib.closing(handler(request, ctx)) as responses:
+                for resp in responses:
+                    if not ctx.is_active():   # cancelled or expired: the handler's finally blocks run now
+                        break
+                    self._put(resp)
+        except LocalRpcError as e:
+            result = e
+        except Exception as e:  # noqa: BLE001 - the rpc decorator turns handler errors into aborts; this is a bug
+            log.exception("local Generate failed")
+            result = LocalRpcError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+        finally:
+            ctx.end()
+            self._put(result)
+
+    def _put(self, item) -> None:
+        with contextlib.suppress(RuntimeError):   # the loop is closed: nobody reads any more
+            self._loop.call_soon_threadsafe(self._deliver, item)
+
+    # -- the loop's side
+    def _deliver(self, item) -> None:
+        if self._end.done():
+            return          # ended by cancel() or the deadline: later messages are nobody's
+        if item is grpc.aio.EOF or isinstance(item, LocalRpcError):
+            self._finish(item)
+        else:
+            self._items.put_nowait(item)
+
+    def _finish(self, item) -> None:
+        if not self._end.done():
+            self._end.set_result(item)
+            self._items.put_nowait(item)
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _expire(self) -> None:
+        self._finish(LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+        self.context.end()   # the router's callback frees the request's row (its worker calls run in the background)
+
+    def cancel(self) -> bool:
+        if self._end.done():
+            return False
+        self._finish(LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
+        self.context.end()
+        return True
+
+    async def read(self):
+        if self._final is None:
+            item = await self._items.get()
+            if item is not grpc.aio.EOF and not isinstance(item, LocalRpcError):
+                return item
+            self._final = item
+        if isinstance(self._final, LocalRpcError):
+            raise self._final
+        return grpc.aio.EOF
+
+    async def code(self) -> grpc.StatusCode:
+        end = await asyncio.shield(self._end)
+        return grpc.StatusCode.OK if end is grpc.aio.EOF else end.code()
+
+
+class LocalRouterStub:
+    """The router stub the in-process gateway uses: Generate runs here, anything else goes to `remote`."""
+
+    def __init__(self, servicer, remote, max_streams: int):
+        self._servicer, self._remote = servicer, remote
+        self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="router-local")
+
+    def Generate(self, request, timeout: float | None = None, metadata=None) -> LocalCall:  # noqa: N802 - the stub's name
+        return LocalCall(self._servicer.Generate, request, metadata, timeout, self._pool)
+
+    def __getattr__(self, name: str):
+        return getattr(self._remote, name)

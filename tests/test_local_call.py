@@ -1,0 +1,91 @@
+"""The HTTP gateway in the router's process (`baton up`): Generate called in process (router/local_call.py)
+keeps what the gRPC hop gave — exact tokens, a client that goes away frees its row, a deadline ends the
+request, the router's errors reach the client as the same 4xx."""
+import json
+
+import httpx2 as httpx
+import pytest
+
+from baton.v1 import router_pb2
+from deploy.procs import Proc, wait_for
+from tests.tiny_model import save_tiny, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from router.client import RouterClient
+    from router.http_gateway import start_gateway
+    from router.main import start_router
+    model_dir = save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    save_tokenizer(model_dir)
+    server, port, servicer, watcher = start_router(model_dir, "127.0.0.1", 0)
+    address = f"127.0.0.1:{port}"
+    worker = Proc(["decode_service", "--colocated", "--port", "0", "--model", model_dir, "--router", address,
+                   "--dtype", "float64", "--threads", "1", "--max-batch", "8"])
+    gateways = []
+    try:
+        wait_for(lambda: watcher.serving, 60, what="the router serving")
+
+        def gateway(**kw):
+            gw = start_gateway(address, "127.0.0.1", 0, local_router=servicer, **kw)
+            gateways.append(gw)
+            return gw
+        with RouterClient(address) as client:
+            handle = gateway()
+            yield {"gateway": gateway, "handle": handle, "url": handle.url, "grpc": client}
+    finally:
+        for gw in gateways:
+            gw.stop()
+        worker.stop()
+        watcher.stopped.set()
+        server.stop(0).wait(2)
+
+
+def _idle(client) -> bool:
+    s = client.stats()
+    return s.running == 0 and s.waiting == 0
+
+
+def test_the_in_process_call_gives_the_grpc_call_s_tokens_streamed_or_not(env):
+    from router.local_call import LocalRouterStub
+    assert isinstance(env["handle"].app.state.gateway.stub, LocalRouterStub)   # the path under test
+    want = [t for m in env["grpc"].stub.Generate(router_pb2.GenerateRequest(
+        prompt="w5 w6 w7", raw=True, max_new_tokens=12, temperature=0, ignore_eos=True), timeout=30)
+        for t in m.token_ids]
+    body = {"prompt": "w5 w6 w7", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(env["url"] + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want, r.text
+    with httpx.stream("POST", env["url"] + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert [t for e in events for t in e["choices"][0].get("token_ids") or []] == want and len(want) == 12
+    wait_for(lambda: env["grpc"].stats().completed >= 3, 10, what="three requests counted completed")
+
+
+def test_a_client_that_goes_away_frees_its_row_and_its_relay_thread(env):
+    client, before = env["grpc"], env["grpc"].stats()
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", env["url"] + "/v1/completions",
+                      json={"prompt": "w40 w41", "max_tokens": 1000, "temperature": 0, "stream": True,
+                            "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            assert r.status_code == 200 and any(next(lines).startswith("data: ") for _ in range(4))
+    wait_for(lambda: client.stats().cancelled > before.cancelled and _idle(client), 10, what="the cancel freed the row")
+    pool = env["handle"].app.state.gateway.stub._pool   # the relay ended too: no thread left waiting for tokens
+    wait_for(lambda: pool._work_queue.empty() and pool._idle_semaphore._value == len(pool._threads), 10,
+             what="every relay thread idle")
+    assert client.stats().failed == before.failed
+
+
+def test_a_deadline_ends_the_request_with_504_and_frees_its_row(env):
+    client, before = env["grpc"], env["grpc"].stats()
+    gw = env["gateway"](request_timeout_s=0.5)
+    r = httpx.post(gw.url + "/v1/completions", json={"prompt": "w9", "max_tokens": 1000, "ignore_eos": True},
+                   timeout=30)
+    assert r.status_code == 504, r.text
+    wait_for(lambda: _idle(client) and client.stats().completed == before.completed, 10, what="the row freed")
+
+
+def test_the_router_s_refusal_is_the_same_400_naming_the_field(env):
+    r = httpx.post(env["url"] + "/v1/completions", json={"prompt": "   ", "max_tokens": 4}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt" and err["type"] == "invalid_request_error", r.text
