@@ -9,6 +9,7 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 
 MAX_LOGPROBS = 20            # most likely tokens returned per token (OpenAI's top_logprobs cap)
 MAX_LOGIT_BIAS = 1024        # entries in logit_bias
@@ -55,7 +56,8 @@ class SamplingParams:
     regex: str = ""                   # "": free text; else a regular expression the whole output matches
     grammar: str = ""                 # "": free text; else an EBNF grammar (its `root` rule) the output follows
 
-    @property
+    # cached: the sampler asks every row's params at every step (a frozen dataclass: nothing changes them)
+    @cached_property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of what the output is held to: json_schema, regex or grammar; None for free text."""
         return next(((k, getattr(self, k)) for k in CONSTRAINTS if getattr(self, k)), None)
@@ -64,7 +66,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property
     def processed(self) -> bool:
         """Whether the logits are changed before the token is chosen (penalties, bias, min_tokens, a constraint)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0

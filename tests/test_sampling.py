@@ -1,4 +1,5 @@
 """Seeded sampling is independent of batch-mates; parameters are validated."""
+import dataclasses
 import random
 
 import pytest
@@ -22,7 +23,7 @@ def test_seeded_sampling_alone_equals_in_busy_batch(tiny):
     busy = Engine(tiny, EngineConfig(max_batch=4)).generate(others[:3] + [target] + others[3:],
                                                            other_params[:3] + [params] + other_params[3:])
     assert busy[3].output_ids == alone
-    again = Engine(tiny).generate([target], SamplingParams(**{**params.__dict__, "seed": 43}))[0].output_ids
+    again = Engine(tiny).generate([target], dataclasses.replace(params, seed=43))[0].output_ids
     assert again != alone  # the seed matters
 
 

@@ -1,6 +1,7 @@
 """The sampling features beyond temperature/top-k/top-p, against transformers' generate() on a tiny
 random Llama in float64: logprobs (log-softmax of the raw logits), logit_bias, min_tokens, the
 repetition / presence / frequency penalties; alone == in a batch == migrated mid-stream."""
+import dataclasses
 import random
 
 import pytest
@@ -88,7 +89,7 @@ def test_logprobs_are_log_softmax_of_generate_logits_in_float64(tiny):
 def test_logprobs_of_sampled_tokens_are_the_raw_distribution(tiny):
     p = SamplingParams(max_new_tokens=6, temperature=0.7, top_k=20, seed=5, ignore_eos=True, logprobs=0)
     req = run_alone(tiny, PROMPT, p)
-    plain = run_alone(tiny, PROMPT, SamplingParams(**{**p.__dict__, "logprobs": None}))
+    plain = run_alone(tiny, PROMPT, dataclasses.replace(p, logprobs=None))
     assert req.output_ids == plain.output_ids           # asking for logprobs changes nothing
     assert all(lp.top == () and lp.logprob <= 0 for lp in req.output_logprobs)
 
