@@ -173,9 +173,20 @@ class LocalRouterStub:
     def __init__(self, servicer, remote, max_streams: int):
         self._servicer, self._remote = servicer, remote
         self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="router-local")
+        self._lock = threading.Lock()
+        self.running = 0            # handlers not yet returned (a relay that outlives its call is a leak)
 
     def Generate(self, request, timeout: float | None = None, metadata=None) -> LocalCall:  # noqa: N802 - the stub's name
-        return LocalCall(self._servicer.Generate, request, metadata, timeout, self._pool)
+        return LocalCall(self._counted, request, metadata, timeout, self._pool)
+
+    def _counted(self, request, context):
+        with self._lock:
+            self.running += 1
+        try:
+            yield from self._servicer.Generate(request, context)
+        finally:
+            with self._lock:
+                self.running -= 1
 
     def __getattr__(self, name: str):
         return getattr(self._remote, name)

@@ -70,9 +70,8 @@ def test_a_client_that_goes_away_frees_its_row_and_its_relay_thread(env):
             lines = r.iter_lines()
             assert r.status_code == 200 and any(next(lines).startswith("data: ") for _ in range(4))
     wait_for(lambda: client.stats().cancelled > before.cancelled and _idle(client), 10, what="the cancel freed the row")
-    pool = env["handle"].app.state.gateway.stub._pool   # the relay ended too: no thread left waiting for tokens
-    wait_for(lambda: pool._work_queue.empty() and pool._idle_semaphore._value == len(pool._threads), 10,
-             what="every relay thread idle")
+    stub = env["handle"].app.state.gateway.stub   # the relay ended too: no thread left waiting for tokens
+    wait_for(lambda: stub.running == 0, 10, what="every relay returned")
     assert client.stats().failed == before.failed
 
 
@@ -89,3 +88,29 @@ def test_the_router_s_refusal_is_the_same_400_naming_the_field(env):
     r = httpx.post(env["url"] + "/v1/completions", json={"prompt": "   ", "max_tokens": 4}, timeout=30)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "prompt" and err["type"] == "invalid_request_error", r.text
+
+
+def test_stopping_the_gateway_with_an_open_stream_is_quick_and_frees_the_row(env):
+    import threading
+    import time
+    gw, seen, release = env["gateway"](), threading.Event(), threading.Event()
+
+    def reader():
+        try:
+            with httpx.stream("POST", gw.url + "/v1/completions", timeout=30,
+                              json={"prompt": "w60", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
+                for _ in r.iter_lines():
+                    seen.set()
+                    release.wait(10)   # a stalled reader: the server cannot finish this response
+        except httpx.HTTPError:
+            pass
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert seen.wait(10)
+    t0 = time.monotonic()
+    gw.stop()
+    assert time.monotonic() - t0 < 2.5
+    release.set()
+    t.join(5)
+    wait_for(lambda: _idle(env["grpc"]), 10, what="the stream's row freed")
+    wait_for(lambda: gw.app.state.gateway.stub.running == 0, 10, what="its relay returned")
