@@ -88,7 +88,7 @@ class ModelRunner:
     def qkv(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """h (..., hidden) -> q (..., Hq, D), k and v (..., Hkv, D); q and k rotated."""
         L = self.layers[li]
-        x = _linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias).contiguous()  # heads contiguous for attention
+        x = F.linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias)                # (..., (Hq + 2 Hkv) * D)
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qk = x[..., :(Hq + Hkv) * D].unflatten(-1, (Hq + Hkv, D))                # q's heads, then k's
         v = x[..., (Hq + Hkv) * D:].unflatten(-1, (Hkv, D))
@@ -100,9 +100,9 @@ class ModelRunner:
     def attn_out_mlp(self, li: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of a layer: h + o_proj(attn), then h + MLP(norm(h)). attn (..., Hq*D)."""
         L = self.layers[li]
-        h = h + _linear(attn, L.o, L.o_bias)
-        gate, up = _linear(self.norm(h, L.post_norm), L.gate_up, L.gate_up_bias).chunk(2, dim=-1)
-        return h + _linear(F.silu(gate) * up, L.down, L.down_bias)
+        h = h + F.linear(attn, L.o, L.o_bias)
+        gate, up = F.linear(self.norm(h, L.post_norm), L.gate_up, L.gate_up_bias).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, L.down, L.down_bias)
 
     def batch_attention(self, li: int, cache: BatchKVCache, step: StepInputs, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class ModelRunner:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., hidden) -> (..., V)."""
-        return _linear(self.norm(h, self.norm_weight), self.lm_head_weight)
+        return F.linear(self.norm(h, self.norm_weight), self.lm_head_weight)
 
     # ---- the step ------------------------------------------------------------------------------
     def new_kv(self, num_tokens: int) -> torch.Tensor:
@@ -165,17 +165,6 @@ class ModelRunner:
         logits = self.logits(h[wanted])                                    # (n + completed chunks, V)
         done = iter(logits[n:])
         return logits[:n], [next(done) if c.last else None for c in chunks]
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T as w @ x^T, returned as its transposed view (M, N). On CPU, MKL runs
-    this orientation 1.2-1.6x faster for the token counts of a step (M = 8..288, K = 576:
-    measured, docs/benchmarks.md); later elementwise ops keep the layout, the next linear
-    reads it without a copy. Other shapes go through F.linear."""
-    if x.dim() != 2:
-        return F.linear(x, w, b)
-    y = torch.mm(w, x.t()).t()                                            # (M, N), strides (1, M)
-    return y if b is None else y + b
 
 
 def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
