@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 # gRPC stubs are generated at build time into baton/v1/, never committed.
 protos: $(STAMP) $(STUBS)
 
-baton/v1/%_pb2.py: protos/baton/v1/%.proto $(STAMP)
+# every stub on every proto: one file's messages are another's imports (decode.proto uses common's)
+baton/v1/%_pb2.py: protos/baton/v1/%.proto $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
 
 serve: install

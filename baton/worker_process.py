@@ -1,6 +1,6 @@
 """What every worker process shares, whatever its role: its flags, its process set-up (CPU pinning,
 threads, logging) and the handle its service returns (`Served`). The roles themselves are built in
-prefill_service/main.py and decode_service/main.py; router/membership.py registers them."""
+prefill_service/main.py and decode_service/main.py; baton/membership.py registers them."""
 from __future__ import annotations
 
 import argparse

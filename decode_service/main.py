@@ -105,7 +105,7 @@ class Watchdog(threading.Thread):
 
 
 def main(argv=None) -> int:
-    from router.membership import run_worker
+    from baton.membership import run_worker
     args = parse_args("decode", argv, __doc__)
     set_up_process(args)
     return run_worker(args, build(args))

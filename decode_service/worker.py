@@ -38,7 +38,7 @@ from baton.kv_transport.base import Receiver, dtype_of, header_transport
 from baton.kv_transport.grpc import GrpcReceiver
 from baton.request import Request
 from baton.sampling import SamplingParams
-from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
+from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from baton.wire import events_to_pb, logprobs_from_pb, params_from_pb
 from prefill_service.worker import PrefillResult, PrefillWorker, transport_stats
 
@@ -277,7 +277,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id))
+        return common_pb2.AbortResponse(found=self.worker.abort(request.request_id))
 
     @grpc_util.rpc
     def Stats(self, request, context):
@@ -292,12 +292,12 @@ def _data(chunks) -> Iterator[bytes]:
         yield chunk.data
 
 
-def worker_stats(worker: DecodeWorker) -> prefill_pb2.WorkerStatsResponse:
+def worker_stats(worker: DecodeWorker) -> common_pb2.WorkerStatsResponse:
     s = worker.loop.stats
     if not s:   # the loop has not gone round yet
-        return prefill_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.info.config.max_batch,
+        return common_pb2.WorkerStatsResponse(pid=os.getpid(), max_batch=worker.loop.info.config.max_batch,
                                                max_len=worker.max_len, **transport_stats(*worker.transports))
-    return prefill_pb2.WorkerStatsResponse(
+    return common_pb2.WorkerStatsResponse(
         running=s["running"], waiting=s["waiting"], batch_width=s["batch_width"], kv_cache_bytes=s["kv_cache_bytes"],
         completed=s.get("completed", 0), cancelled=s.get("cancelled", 0), kv_transfers=worker.transfers["count"],
         kv_bytes=worker.transfers["bytes"], kv_transfer_s=worker.transfers["seconds"], pid=os.getpid(),

@@ -8,7 +8,7 @@ import os
 class WorkerActor:
     def __init__(self, role: str, argv: list[str]):
         from baton.worker_process import parse_args, set_up_process
-        from router.membership import Membership
+        from baton.membership import Membership
         if role == "prefill":
             from prefill_service.main import build
         else:

@@ -61,7 +61,7 @@ def serve(prefiller, max_len: int, host: str = "127.0.0.1", port: int = 0, *, au
 
 
 def main(argv=None) -> int:
-    from router.membership import run_worker
+    from baton.membership import run_worker
     args = parse_args("prefill", argv, __doc__)
     set_up_process(args)
     return run_worker(args, build(args))

@@ -20,7 +20,7 @@ from baton import faults, grammar, grpc_util
 from baton.engine.prefill import PrefillOutput, Prefiller
 from baton.errors import DecodeUnreachable, InvalidArgument, NotFound
 from baton.request import Request, Status
-from baton.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.wire import params_from_pb
 from prefill_service.kv_push import KVPusher
 
@@ -195,12 +195,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        return prefill_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.attempt))
+        return common_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.attempt))
 
     @grpc_util.rpc
     def Stats(self, request, context):
         s = self.worker.stats
-        return prefill_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
+        return common_pb2.WorkerStatsResponse(running=self.worker.load, kv_transfers=s["prefills"],
                                                kv_bytes=s["kv_bytes"], kv_transfer_s=s["transfer_s"],
                                                completed=s["prefills"], pid=os.getpid(),
                                                faults_fired=faults.injector().counts(),

@@ -29,7 +29,7 @@ from baton import grpc_util
 from baton.errors import BatonError, Cancelled, Unavailable
 from baton.request import Status
 from baton.sampling import SamplingParams
-from baton.v1 import prefill_pb2, router_pb2
+from baton.v1 import common_pb2, prefill_pb2, router_pb2
 from baton.wire import FINISH_NAMES, params_to_pb
 from router import metrics
 from router.books import Books
@@ -328,7 +328,7 @@ class RequestRun:
         if worker is None:
             return
         try:
-            worker.stub.Abort(prefill_pb2.AbortRequest(request_id=self.rid, attempt=attempt), timeout=2,
+            worker.stub.Abort(common_pb2.AbortRequest(request_id=self.rid, attempt=attempt), timeout=2,
                               metadata=self.auth)
         except grpc.RpcError:
             pass  # dead workers hold nothing

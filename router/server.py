@@ -12,7 +12,7 @@ from baton import grpc_util
 from baton.errors import FailedPrecondition, InvalidArgument
 from baton.model_files import encode_prompt
 from baton.sampling import SamplingParams
-from baton.v1 import prefill_pb2, router_pb2, router_pb2_grpc
+from baton.v1 import common_pb2, router_pb2, router_pb2_grpc
 from baton.wire import sampling_from_request
 from router import metrics
 from router.books import Books
@@ -139,7 +139,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _refresh_stats(self, w, timeout_s: float) -> None:
         """The worker's current Stats kept on its handle (the last ones stay if it does not answer)."""
         try:
-            w.stats = worker_stats(w.stub.Stats(prefill_pb2.WorkerStatsRequest(), timeout=timeout_s, metadata=self.auth))
+            w.stats = worker_stats(w.stub.Stats(common_pb2.WorkerStatsRequest(), timeout=timeout_s, metadata=self.auth))
         except grpc.RpcError:
             pass
 

@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 
 from deploy.procs import Proc, wait_for  # noqa: E402
 from listening import beyond_loopback, listeners, processes  # noqa: E402
-from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc  # noqa: E402
 from router.client import RouterClient  # noqa: E402
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama  # noqa: E402
 
@@ -85,11 +85,11 @@ def proc_usage(pid: int) -> dict:
             "threads": int(st["Threads"])}
 
 
-def worker_stats(role: str, address: str) -> prefill_pb2.WorkerStatsResponse | None:
+def worker_stats(role: str, address: str) -> common_pb2.WorkerStatsResponse | None:
     stub = prefill_pb2_grpc.PrefillStub if role == "prefill" else decode_pb2_grpc.DecodeStub
     with grpc.insecure_channel(address) as ch:
         try:
-            return stub(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5)
+            return stub(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5)
         except grpc.RpcError:
             return None
 

@@ -14,7 +14,7 @@ import torch
 from baton.faults import Faults
 from baton.kv_codec import KVAssembler, KVDamaged, checksum, encode, wire_bytes
 from deploy.procs import wait_for
-from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from loopback import kv_transports, loopback_cluster
 from router.client import RouterClient
 from tiny_model import EOS, engine_greedy, tiny_llama
@@ -59,13 +59,13 @@ def test_every_nth_and_off_by_default():
         Faults({"kv_explode": 2})
 
 
-def _worker_stats(c) -> list[prefill_pb2.WorkerStatsResponse]:
+def _worker_stats(c) -> list[common_pb2.WorkerStatsResponse]:
     """Stats of every prefill and decode worker, read from the workers themselves."""
     out = []
     for role, stub in (("prefill", prefill_pb2_grpc.PrefillStub), ("decode", decode_pb2_grpc.DecodeStub)):
         for w in c[role]:
             with grpc.insecure_channel(w.address) as ch:
-                out.append(stub(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5))
+                out.append(stub(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5))
     return out
 
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from baton.sampling import SamplingParams
-from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from baton.wire import params_to_pb
 from deploy.procs import wait_for
 from loopback import kv_transports, loopback_cluster
@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow(25)]
 MAX_NEW = 10
 
 
-def _stats(address: str) -> prefill_pb2.WorkerStatsResponse:
+def _stats(address: str) -> common_pb2.WorkerStatsResponse:
     with grpc.insecure_channel(address) as ch:
-        return decode_pb2_grpc.DecodeStub(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5)
+        return decode_pb2_grpc.DecodeStub(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5)
 
 
 def _prefill_there_decode_here(colocated: str, decode: str, prompt: list[int]) -> list[int]:

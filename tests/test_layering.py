@@ -16,8 +16,8 @@ def test_router_gateway_and_client_import_without_torch():
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ABOVE = {
     "baton": {"router", "prefill_service", "decode_service", "deploy"},
-    "prefill_service": {"decode_service", "deploy"},
-    "decode_service": {"deploy"},
+    "prefill_service": {"router", "decode_service", "deploy"},   # a worker reaches the router over gRPC only
+    "decode_service": {"router", "deploy"},
     "router": {"prefill_service", "decode_service", "deploy"},
 }
 

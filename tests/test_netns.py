@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from deploy.procs import wait_for
-from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from netlab import net_cluster, rx_tx_bytes, why_not_permitted
 from router.client import RouterClient
 from tiny_model import EOS, reference_greedy, save_tiny, tiny_llama
@@ -33,13 +33,13 @@ def model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _stats(workers) -> dict[str, prefill_pb2.WorkerStatsResponse]:
+def _stats(workers) -> dict[str, common_pb2.WorkerStatsResponse]:
     """Each worker's own Stats, read through its relay (across its veth)."""
     out = {}
     for name, w in workers.items():
         stub = prefill_pb2_grpc.PrefillStub if w.role == "prefill" else decode_pb2_grpc.DecodeStub
         with grpc.insecure_channel(w.address) as ch:
-            out[name] = stub(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5)
+            out[name] = stub(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5)
     return out
 
 

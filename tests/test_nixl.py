@@ -40,14 +40,14 @@ def cluster(model_dir):
 def _held(client) -> dict[str, int]:
     """K/V bytes each live worker's transport holds (the router's copy of their Stats is up to 1 s old:
     read the workers themselves)."""
-    from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+    from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
     out = {}
     for w in client.status().workers:
         if not w.alive:
             continue
         stub = (prefill_pb2_grpc.PrefillStub if w.role == "prefill" else decode_pb2_grpc.DecodeStub)
         with grpc.insecure_channel(w.address) as ch:
-            out[w.worker_id] = stub(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5).kv_transport_held_bytes
+            out[w.worker_id] = stub(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5).kv_transport_held_bytes
     return out
 
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from deploy.procs import wait_for
-from baton.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from loopback import kv_transports, loopback_cluster
 from router.client import RouterClient
 from tiny_model import save_tiny
@@ -22,7 +22,7 @@ STALL = {"BATON_FAULTS": "kv_stall:2", "BATON_FAULTS_TRANSFER_TIMEOUT_S": "20"}
 
 def _stats(stub_cls, address: str):
     with grpc.insecure_channel(address) as ch:
-        return stub_cls(ch).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5)
+        return stub_cls(ch).Stats(common_pb2.WorkerStatsRequest(), timeout=5)
 
 
 def _running(stub_cls, address: str) -> int:

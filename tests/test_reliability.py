@@ -142,7 +142,7 @@ def test_overload_is_rejected_at_once_and_recovers(limited, ref):
 
 
 def test_hostile_bytes_get_a_status_code_and_serving_goes_on(cluster):
-    from baton.v1 import decode_pb2, prefill_pb2, router_pb2  # noqa: F401  (descriptors for method names)
+    from baton.v1 import common_pb2, decode_pb2, prefill_pb2, router_pb2  # noqa: F401  (descriptors for method names)
     rng = random.Random(3)
     methods = {"router": [("/baton.v1.Router/Generate", "unary_stream"), ("/baton.v1.Router/Stats", "unary_unary"),
                           ("/baton.v1.Router/Scale", "unary_unary"), ("/baton.v1.Router/RegisterWorker", "unary_unary")],
@@ -195,11 +195,11 @@ def _raw_call(channel, method: str, kind: str, blobs: list[bytes]):
 
 
 def test_unknown_and_duplicate_request_ids(cluster):
-    from baton.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2
+    from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
     c = cluster
     with RouterClient(c["router"].address) as client:
         stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(c["decode"][0].address))
-        assert not stub.Abort(prefill_pb2.AbortRequest(request_id="nope"), timeout=5).found
+        assert not stub.Abort(common_pb2.AbortRequest(request_id="nope"), timeout=5).found
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Attach(decode_pb2.AttachRequest(request_id="never-sent", timeout_s=0.3), timeout=5))
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -268,13 +268,13 @@ def test_auth_token_on_every_link(model_dir):
     token = "s3cret"
     env = {"BATON_AUTH_TOKEN": token}
     with loopback_cluster(model_dir, env=env) as c:
-        from baton.v1 import prefill_pb2, prefill_pb2_grpc, decode_pb2_grpc
+        from baton.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
         for addr, stub_cls in ((c["prefill"][0].address, prefill_pb2_grpc.PrefillStub),
                                (c["decode"][0].address, decode_pb2_grpc.DecodeStub)):
             stub = stub_cls(grpc.insecure_channel(addr))
             for md in ((), (("authorization", "Bearer wrong"),)):
                 with pytest.raises(grpc.RpcError) as e:
-                    stub.Abort(prefill_pb2.AbortRequest(request_id="x"), timeout=5, metadata=md)
+                    stub.Abort(common_pb2.AbortRequest(request_id="x"), timeout=5, metadata=md)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert health(addr) == "SERVING"  # probes need no token
         with RouterClient(c["router"].address) as anon, pytest.raises(grpc.RpcError) as e:

@@ -47,7 +47,7 @@ def test_tls_everywhere(tmp_path):
 def test_mutual_tls_between_workers(tmp_path):
     """--tls-mutual: workers take calls only from peers whose certificate the CA signed."""
     from baton import grpc_util
-    from baton.v1 import decode_pb2_grpc, prefill_pb2
+    from baton.v1 import common_pb2, decode_pb2_grpc
     (tmp_path / "ca").mkdir()
     (tmp_path / "stranger").mkdir()
     cert, key = _self_signed(tmp_path / "ca")
@@ -55,12 +55,12 @@ def test_mutual_tls_between_workers(tmp_path):
     with tls_cluster(tmp_path, cert, key, ["--tls-mutual"]) as c:  # the router and prefill present their cert
         decode = c["decode"].address
         member = grpc_util.make_channel(decode, tls_root_cert=cert, tls_client_cert=cert, tls_client_key=key)
-        assert decode_pb2_grpc.DecodeStub(member).Stats(prefill_pb2.WorkerStatsRequest(), timeout=5).running == 0
+        assert decode_pb2_grpc.DecodeStub(member).Stats(common_pb2.WorkerStatsRequest(), timeout=5).running == 0
         member.close()
         for who in ({}, {"tls_client_cert": other_cert, "tls_client_key": other_key}):  # no cert; a cert the CA never signed
             channel = grpc_util.make_channel(decode, tls_root_cert=cert, **who)
             with pytest.raises(grpc.RpcError) as e:
-                decode_pb2_grpc.DecodeStub(channel).Stats(prefill_pb2.WorkerStatsRequest(), timeout=3)
+                decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.WorkerStatsRequest(), timeout=3)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, who
             channel.close()
 

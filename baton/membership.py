@@ -1,6 +1,7 @@
 """A worker's membership of the router's registry, from the worker's side: register once it
 serves, register again every period (a restarted router learns of it within seconds), deregister
-when it stops. Used by the worker processes (`python -m prefill_service`) and the Ray actors."""
+when it stops. Used by the worker processes (`python -m prefill_service`) and the Ray actors. The
+worker side owns its client of the router's two membership calls: workers import nothing of router/."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,10 @@ import os
 import socket
 import threading
 
+from baton import grpc_util
 from baton.signals import announce_ready, stop_event
-from baton.v1 import router_pb2
+from baton.v1 import router_pb2, router_pb2_grpc
 from baton.worker_process import Served
-from router.client import RouterClient
 
 
 class Membership:
@@ -21,21 +22,25 @@ class Membership:
                                           node=socket.gethostname(), address=f"{args.host}:{served.port}")
         self.stopping = threading.Event()
 
-    def _client(self) -> RouterClient:
-        return RouterClient(self.args.router, auth_token=self.args.auth_token, tls_root_cert=self.args.tls_root_cert)
+    def _call(self, method: str, request, timeout: float) -> None:
+        """One Router membership call on a channel of its own (a restarted router is reached anew)."""
+        with grpc_util.make_channel(self.args.router, tls_root_cert=self.args.tls_root_cert) as channel:
+            getattr(router_pb2_grpc.RouterStub(channel), method)(
+                request, timeout=timeout, metadata=grpc_util.auth_metadata(self.args.auth_token))
+
+    def _register(self) -> None:
+        self._call("RegisterWorker", router_pb2.RegisterWorkerRequest(worker=self.info), timeout=10)
 
     def join(self) -> None:
         """Register now (a router that cannot be reached fails the start), then keep registering."""
         if not self.args.router:
             return
-        with self._client() as c:
-            c.register_worker(self.info)
+        self._register()
 
         def beat():
             while not self.stopping.wait(self.period_s):
                 try:
-                    with self._client() as c:
-                        c.register_worker(self.info)
+                    self._register()
                 except Exception:
                     pass  # the router is down or restarting; try again next period
         threading.Thread(target=beat, name="register-heartbeat", daemon=True).start()
@@ -44,8 +49,8 @@ class Membership:
         self.stopping.set()
         if self.args.router:
             try:
-                with self._client() as c:
-                    c.deregister_worker(self.args.worker_id, timeout=2)
+                self._call("DeregisterWorker", router_pb2.DeregisterWorkerRequest(worker_id=self.args.worker_id),
+                           timeout=2)
             except Exception:
                 pass  # the router may be gone already
 
