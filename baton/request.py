@@ -24,9 +24,9 @@ class FinishReason(enum.IntEnum):  # values match baton.v1.FinishReason; a cance
     STOP = 2
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)   # not frozen: a frozen dataclass's __init__ costs 0.69 µs against 0.17, once per token
 class TokenEvent:
-    """One new token of one request (what the engine streams out)."""
+    """One new token of one request (what the engine streams out); nothing changes it once made."""
     request_id: str
     token_id: int
     text: str                                # new final text since the previous event
@@ -76,7 +76,7 @@ class Request:
         reason = None
         if (token_id in eos_ids and not self.params.ignore_eos) or (self.detok and self.detok.stopped):
             reason = FinishReason.STOP
-        elif len(self.output_ids) >= self.params.max_new_tokens or self.num_tokens >= max_len:
+        elif (n := len(self.output_ids)) >= self.params.max_new_tokens or len(self.prompt_ids) + n >= max_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             if self.detok:

@@ -62,7 +62,7 @@ class SamplingParams:
         """(kind, text) of what the output is held to: json_schema, regex or grammar; None for free text."""
         return next(((k, getattr(self, k)) for k in CONSTRAINTS if getattr(self, k)), None)
 
-    @property
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

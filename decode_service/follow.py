@@ -187,8 +187,12 @@ class Follow:
             else:
                 ids.append(rid)
                 counts.append(len(events))
-                tokens.extend(e.token_id for e in events)
-                texts.append(last.text if len(events) == 1 else "".join(e.text for e in events))
+                if len(events) == 1:   # the usual: one step's token (this loop runs for every token served)
+                    tokens.append(last.token_id)
+                    texts.append(last.text)
+                else:
+                    tokens.extend([e.token_id for e in events])
+                    texts.append("".join([e.text for e in events]))
                 finishes.append(int(last.finish_reason or 0))
             if last.finish_reason is not None:
                 del self.attached[rid]
