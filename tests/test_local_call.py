@@ -26,8 +26,8 @@ def env(tmp_path_factory):
     try:
         wait_for(lambda: watcher.serving, 60, what="the router serving")
 
-        def gateway(**kw):
-            gw = start_gateway(address, "127.0.0.1", 0, local_router=servicer, **kw)
+        def gateway(local: bool = True, **kw):
+            gw = start_gateway(address, "127.0.0.1", 0, local_router=servicer if local else None, **kw)
             gateways.append(gw)
             return gw
         with RouterClient(address) as client:
@@ -114,3 +114,51 @@ def test_stopping_the_gateway_with_an_open_stream_is_quick_and_frees_the_row(env
     t.join(5)
     wait_for(lambda: _idle(env["grpc"]), 10, what="the stream's row freed")
     wait_for(lambda: gw.app.state.gateway.stub.running == 0, 10, what="its relay returned")
+
+
+def _choices(body: dict) -> list:
+    return [{k: v for k, v in c.items()} for c in body["choices"]]
+
+
+def _streamed(url: str, body: dict) -> dict:
+    """index -> (text, finish_reason) of a streamed completion."""
+    out: dict = {}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    text, fin = out.get(c["index"], ("", None))
+                    out[c["index"]] = (text + c["text"], c["finish_reason"] or fin)
+    return out
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "w7 w8 w9", "max_tokens": 10, "temperature": 0, "logprobs": 2, "stop": ["w40"]},
+    {"prompt": ["w3 w4", "w5 w6 w7"], "max_tokens": 6, "temperature": 0.9, "seed": 11, "n": 2, "ignore_eos": True},
+])
+def test_the_in_process_gateway_answers_as_the_grpc_gateway_does(env, body):
+    """The same requests through a gateway that calls the router over gRPC and through the in-process
+    one: the same choices (texts, token logprobs, finish reasons), streamed or not, and every request
+    counted completed."""
+    remote = env["gateway"](local=False)
+    client, before = env["grpc"], env["grpc"].stats()
+    a = httpx.post(env["url"] + "/v1/completions", json=body, timeout=60)
+    b = httpx.post(remote.url + "/v1/completions", json=body, timeout=60)
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert _choices(a.json()) == _choices(b.json()) and a.json()["usage"] == b.json()["usage"]
+    assert _streamed(env["url"], body) == _streamed(remote.url, body) == {
+        c["index"]: (c["text"], c["finish_reason"]) for c in a.json()["choices"]}
+    wait_for(lambda: _idle(client), 10, what="every request settled")
+    assert client.stats().completed - before.completed == 4 * len(a.json()["choices"])
+    assert client.stats().failed == before.failed and client.stats().cancelled == before.cancelled
+
+
+def test_chat_streams_through_the_in_process_call(env):
+    body = {"model": "model", "messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", env["url"] + "/v1/chat/completions", json=body, timeout=60) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
