@@ -50,6 +50,7 @@ class Request:
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
     finish_s: float | None = None
+    attempt: int = 0                      # the router's prefill attempt this copy comes from (prefill.proto)
 
     @property
     def done(self) -> bool:

@@ -42,7 +42,7 @@ class Follow:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # FollowMessages, None when the router's side ended
         self.wake = threading.Event()
         self.attached: dict[str, TokenStream] = {}            # requests whose tokens go out here
-        self.waiting: dict[str, float] = {}                   # request -> deadline for its K/V
+        self.waiting: dict[str, tuple[float, int]] = {}       # request -> (deadline for its K/V, first attempt taken)
         self.ends: list[decode_pb2.RequestEnd] = []
         self.first = threading.Event()                        # the router's first message came (keepalive_s)
         self.error: BatonError | None = None                  # what ended the router's side, if not its close
@@ -81,7 +81,8 @@ class Follow:
             if self.colocated is None:
                 raise BatonError("this worker is not colocated: send the prompt to a prefill worker")
             faults.injector().check_call("prefill_fail")
-            req = Request(rid, list(p.prompt_token_ids), params_from_pb(p.params), output_ids=list(p.generated_token_ids))
+            req = Request(rid, list(p.prompt_token_ids), params_from_pb(p.params), output_ids=list(p.generated_token_ids),
+                          attempt=p.attempt)
             self.colocated.prefill(req, self.colocated.own_address, p.attempt)
             return None
         except BatonError as e:
@@ -150,7 +151,7 @@ class Follow:
             elif rid in self.attached or rid in self.waiting:
                 self._end(rid, "ALREADY_EXISTS", f"request {rid!r} already has a listener")
             else:
-                self.waiting[rid] = time.monotonic() + (m.timeout_s or self.attach_timeout_s)
+                self.waiting[rid] = (time.monotonic() + (m.timeout_s or self.attach_timeout_s), m.attempt)
                 try:
                     faults.injector().check_call("attach_fail")
                 except BatonError as e:
@@ -159,9 +160,9 @@ class Follow:
     def _collect(self) -> decode_pb2.StepTokens:
         """The step's message: new tokens of every attached request, and the requests that ended."""
         now = time.monotonic()
-        for rid, deadline in list(self.waiting.items()):
+        for rid, (deadline, attempt) in list(self.waiting.items()):
             try:
-                stream = self.worker.try_attach(rid, 0)
+                stream = self.worker.try_attach(rid, 0, attempt)
             except BatonError as e:
                 self._fail(rid, e)
                 continue

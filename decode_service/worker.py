@@ -8,7 +8,9 @@ Rules (one place frees a slot):
 - K/V that nobody attaches to within `lease_s` is aborted: its row or queue slot is freed.
 - An attach that no K/V reaches within its timeout ends with DEADLINE_EXCEEDED (the service asks
   `try_attach` in short waits, sending keep-alives between); the router then aborts it everywhere.
-- An abort before the K/V arrives leaves a tombstone, so the late K/V is refused, not run.
+- An abort before the K/V arrives leaves a tombstone, so the late K/V is refused, not run. An abort
+  of a request's attempts up to n (it migrated away) refuses only those: a later attempt that comes
+  back here (its other workers failed too) is served.
 
 A colocated worker (one process serving Decode and Prefill on one device) adds the Prefill role
 (ColocatedPrefill): a Prefill call that names this worker's own address hands the prompt to its
@@ -58,7 +60,17 @@ MAX_PACE_S = 0.25
 class _Slot:
     stream: TokenStream
     created_s: float
+    attempt: int = 0            # the router's prefill attempt its K/V or prompt came from
     attached: bool = False
+
+
+@dataclass
+class _Tombstone:
+    at_s: float
+    up_to: float                # attempts refused: those <= up_to (inf: every one, the request is over)
+
+    def refuses(self, attempt: int) -> bool:
+        return attempt <= self.up_to
 
 
 class DecodeWorker:
@@ -67,7 +79,7 @@ class DecodeWorker:
         self.loop, self.clock = loop, clock     # clock: leases and tombstones age by it (tests pass a fake)
         self.lease_s, self.tombstone_s = lease_s, tombstone_s
         self.slots: dict[str, _Slot] = {}
-        self.tombstones: dict[str, float] = {}     # request_id -> when it was aborted
+        self.tombstones: dict[str, _Tombstone] = {}   # request_id -> when it was aborted, up to which attempt
         self.listening = 0                         # slots with a listener (attached), for pace_s
         self.stream_msgs_per_s = stream_msgs_per_s
         self.cond = threading.Condition()
@@ -81,7 +93,7 @@ class DecodeWorker:
 
     # ---- K/V side --------------------------------------------------------------------------
     def check_header(self, request_id: str, dtype: torch.dtype, shape: tuple[int, ...],
-                     num_tokens: int, params: SamplingParams) -> None:
+                     num_tokens: int, params: SamplingParams, attempt: int = 0) -> None:
         """Refuse a transfer before any bytes are read: wrong model shape, dtype, or a dead id."""
         L, two, H, D = self.kv_shape
         if not request_id:
@@ -96,10 +108,15 @@ class DecodeWorker:
             raise InvalidArgument(f"{num_tokens} tokens do not fit the model context of {self.max_len}", field="prompt")
         grammar.check_request(params, self.vocab_size, self.grammars)
         with self.cond:
-            if request_id in self.tombstones:
-                raise NotFound(f"request {request_id!r} was aborted")
+            self._check_alive(request_id, attempt)
             if request_id in self.slots:
                 raise AlreadyExists(f"request {request_id!r} is already on this worker")
+
+    def _check_alive(self, request_id: str, attempt: int) -> None:
+        """NotFound when an abort refuses this attempt of the request (under self.cond)."""
+        tomb = self.tombstones.get(request_id)
+        if tomb is not None and tomb.refuses(attempt):
+            raise NotFound(f"request {request_id!r} was aborted")
 
     def admit(self, req: Request, pre: PrefillOutput, transfer_s: float = 0.0) -> None:
         """A complete, validated transfer: the request joins the batch's queue."""
@@ -116,21 +133,20 @@ class DecodeWorker:
 
     def _admit(self, req: Request, submit) -> None:
         with self.cond:
-            if req.request_id in self.tombstones:
-                raise NotFound(f"request {req.request_id!r} was aborted")
+            self._check_alive(req.request_id, req.attempt)
             if req.request_id in self.slots:
                 raise AlreadyExists(f"request {req.request_id!r} is already on this worker")
-            self.slots[req.request_id] = _Slot(submit(), self.clock())   # QueueFull / duplicates raise here
+            self.slots[req.request_id] = _Slot(submit(), self.clock(), req.attempt)   # QueueFull / duplicates raise here
             self.cond.notify_all()
 
     # ---- router side -------------------------------------------------------------------------
-    def try_attach(self, request_id: str, wait_s: float) -> TokenStream | None:
-        """The request's token stream if its K/V arrives within wait_s, else None (ask again)."""
+    def try_attach(self, request_id: str, wait_s: float, attempt: int = 0) -> TokenStream | None:
+        """The request's token stream if its K/V arrives within wait_s, else None (ask again). A
+        listener for `attempt` (and later) is refused when an abort refuses that attempt."""
         deadline = time.monotonic() + max(0.0, wait_s)
         with self.cond:
             while request_id not in self.slots:
-                if request_id in self.tombstones:
-                    raise NotFound(f"request {request_id!r} was aborted")
+                self._check_alive(request_id, attempt)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -159,13 +175,18 @@ class DecodeWorker:
             self._drop(request_id)
         self.loop.abort(request_id)  # a no-op for a finished request
 
-    def abort(self, request_id: str) -> bool:
-        """Drop the request here, now or when its K/V arrives; True if it was here."""
+    def abort(self, request_id: str, attempt: int = 0) -> bool:
+        """Drop the request here, now or when its K/V arrives: every attempt, or (attempt > 0) those up
+        to `attempt` only, so that a later one may still come here. True if it was here."""
+        up_to = attempt or float("inf")
         with self.cond:
-            self.tombstones[request_id] = self.clock()
-            found = self._drop(request_id)
+            old = self.tombstones.get(request_id)
+            self.tombstones[request_id] = _Tombstone(self.clock(), max(up_to, old.up_to if old else 0))
+            slot = self.slots.get(request_id)
+            found = slot is not None and slot.attempt <= up_to and self._drop(request_id)
             self.cond.notify_all()
-        self.loop.abort(request_id)
+        if found or slot is None:   # a later attempt's row stays
+            self.loop.abort(request_id)
         return found
 
     def end_follows(self) -> None:
@@ -179,7 +200,7 @@ class DecodeWorker:
         now = self.clock()
         with self.cond:
             stale = [rid for rid, s in self.slots.items() if not s.attached and now - s.created_s > self.lease_s]
-            for rid in [r for r, t in self.tombstones.items() if now - t > self.tombstone_s]:
+            for rid in [r for r, t in self.tombstones.items() if now - t.at_s > self.tombstone_s]:
                 del self.tombstones[rid]
         for rid in stale:
             self.abort(rid)
@@ -209,7 +230,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         h = first.header
         dtype, params = dtype_of(h.dtype), params_from_pb(h.params)
         num_tokens = len(h.prompt_token_ids) + len(h.generated_token_ids)
-        self.worker.check_header(h.request_id, dtype, tuple(h.shape), num_tokens, params)
+        self.worker.check_header(h.request_id, dtype, tuple(h.shape), num_tokens, params, h.attempt)
         vocab = self.worker.vocab_size
         if h.next_token >= vocab:
             raise InvalidArgument(f"next_token must be in [0, {vocab})")
@@ -220,7 +241,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self.attach_timeout_s)
         kv = self.receivers[kind].receive(h, _data(request_iterator), dtype, tuple(h.shape), deadline, context.is_active)
-        req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids))
+        req = Request(h.request_id, list(h.prompt_token_ids), params, output_ids=list(h.generated_token_ids),
+                      attempt=h.attempt)
         try:
             lp = logprobs_from_pb(h.next_token_logprobs) if h.HasField("next_token_logprobs") else None
             self.worker.admit(req, PrefillOutput(h.next_token, kv, lp), time.monotonic() - t0)
@@ -277,7 +299,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @grpc_util.rpc
     def Abort(self, request, context):
-        return common_pb2.AbortResponse(found=self.worker.abort(request.request_id))
+        return common_pb2.AbortResponse(found=self.worker.abort(request.request_id, request.attempt))
 
     @grpc_util.rpc
     def Stats(self, request, context):
@@ -347,4 +369,4 @@ class ColocatedPrefill:
         self.remote.cancel_transfer(request_id, address)
 
     def abort(self, request_id: str, attempt: int = 0) -> bool:
-        return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id)])   # both, whatever the first says
+        return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id, attempt)])   # both, whatever the first says

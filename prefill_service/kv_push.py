@@ -30,7 +30,8 @@ def control_header(req: Request, pre: PrefillOutput) -> decode_pb2.KVHeader:
     kv = pre.kv
     header = decode_pb2.KVHeader(
         request_id=req.request_id, prompt_token_ids=req.prompt_ids, generated_token_ids=req.output_ids,
-        next_token=pre.token_id, params=params_to_pb(req.params), dtype=dtype_name(kv.dtype), shape=list(kv.shape))
+        next_token=pre.token_id, params=params_to_pb(req.params), dtype=dtype_name(kv.dtype), shape=list(kv.shape),
+        attempt=req.attempt)
     if pre.logprobs is not None:
         header.next_token_logprobs.CopyFrom(logprobs_to_pb(pre.logprobs))
     return header

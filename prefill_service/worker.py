@@ -175,7 +175,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgument("decode_address must name the decode worker (host:port)")
         params = params_from_pb(request.params)
         req = Request(request.request_id, list(request.prompt_token_ids), params,
-                      output_ids=list(request.generated_token_ids))
+                      output_ids=list(request.generated_token_ids), attempt=request.attempt)
         # The router cancels this call when its client goes away or a worker is marked dead: the
         # push stops then, not at its own deadline (add_callback runs when the call ends, however).
         answered = threading.Event()

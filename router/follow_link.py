@@ -127,8 +127,9 @@ class FollowLink:
         while (m := self.out.get()) is not None:
             yield m
 
-    def attach(self, request_id: str, timeout_s: float, prefill=None) -> Subscription:
-        """Listen to the request; with `prefill` (a PrefillRequest), have the colocated worker prefill it too."""
+    def attach(self, request_id: str, timeout_s: float, prefill=None, attempt: int = 0) -> Subscription:
+        """Listen to the request's K/V from prefill `attempt` on; with `prefill` (a PrefillRequest), have the
+        colocated worker prefill it too."""
         sub = Subscription(self, request_id)
         with self.lock:
             if self.ended is not None:
@@ -138,7 +139,8 @@ class FollowLink:
                 sub.fail(StreamEnd(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} already has a listener"))
                 return sub
             self.subs[request_id] = sub
-        self.out.put(decode_pb2.FollowMessage(request_id=request_id, timeout_s=timeout_s, prefill=prefill))
+        self.out.put(decode_pb2.FollowMessage(request_id=request_id, timeout_s=timeout_s, prefill=prefill,
+                                              attempt=attempt))
         return sub
 
     def release(self, request_id: str) -> None:
@@ -205,13 +207,13 @@ class FollowLinks:
         self.lock = threading.Lock()
         self.links: dict[tuple[str, str], FollowLink] = {}
 
-    def attach(self, handle, request_id: str, timeout_s: float, prefill=None) -> Subscription:
+    def attach(self, handle, request_id: str, timeout_s: float, prefill=None, attempt: int = 0) -> Subscription:
         key = (handle.worker_id, handle.address)
         with self.lock:
             link = self.links.get(key)
             if link is None or link.ended is not None:
                 link = self.links[key] = FollowLink(handle, self.auth, self.keepalive_s, self._forget)
-        return link.attach(request_id, timeout_s, prefill)
+        return link.attach(request_id, timeout_s, prefill, attempt)
 
     def following(self) -> int:
         """Requests subscribed on all links (each relaying, or waiting for its first token)."""

@@ -96,12 +96,15 @@ class Registry:
             kinds = {"colocated" if w.role == "colocated" else "disaggregated" for w in self.workers.values()}
         return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
 
-    def pick(self, role: str, exclude: set[str] = frozenset(), prefer: WorkerHandle | None = None) -> WorkerHandle:
+    def pick(self, role: str, avoid: set[str] = frozenset(), prefer: WorkerHandle | None = None) -> WorkerHandle:
         """The least-loaded live worker that serves a role, or `prefer` when it can (a colocated
-        worker prefills for its own batch, in memory). Its load is counted now (call release())."""
+        worker prefills for its own batch, in memory). Its load is counted now (call release()).
+        Workers in `avoid` (they failed this request) only when no other is live: a transient fault on
+        each of two decode workers in turn need not fail a request (the attempts a worker failed are
+        aborted there, not the request: decode_service/worker.py)."""
         with self.lock:
-            cands = [w for w in self.workers.values()
-                     if _serves(w, role) and w.alive and not w.draining and w.worker_id not in exclude]
+            live = [w for w in self.workers.values() if _serves(w, role) and w.alive and not w.draining]
+            cands = [w for w in live if w.worker_id not in avoid] or live
             if not cands:
                 raise Unavailable(f"no live {role} worker")
             w = prefer if prefer in cands else min(cands, key=lambda w: w.load)

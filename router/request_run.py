@@ -91,11 +91,13 @@ class RequestRun:
     def relay(self) -> Iterator[router_pb2.GenerateResponse]:
         while True:
             self._check_client()
-            decode = self.decode = self._pick("decode", exclude=self.failed_decodes)
+            decode = self.decode = self._pick("decode", avoid=self.failed_decodes)
             try:
                 self.silent, self.heard_s = False, None
                 prefill = self._own_prefill(decode)   # a colocated worker's prompt rides on its stream
-                self.attach = self.links.attach(decode, self.rid, self.config.attach_timeout_s, prefill)
+                # the K/V it takes: from this attempt on (a worker this request left may serve a later one)
+                attempt = self.prefill_attempts if prefill is not None else self.prefill_attempts + 1
+                self.attach = self.links.attach(decode, self.rid, self.config.attach_timeout_s, prefill, attempt)
                 if self.queue_s is None:
                     self.queue_s = time.monotonic() - self.arrival
                 if prefill is None:
@@ -189,7 +191,7 @@ class RequestRun:
             if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
                 self.status = Status.PREFILLING
         for _ in range(self.config.max_prefill_attempts):
-            worker = self.prefill = self._pick("prefill", exclude=tried,
+            worker = self.prefill = self._pick("prefill", avoid=tried,
                                                prefer=decode if decode.role == "colocated" else None)
             self.prefill_attempts += 1
             req.attempt = attempt = self.prefill_attempts

@@ -99,3 +99,27 @@ def test_release_frees_the_slot_and_aborts_in_the_engine(env):
 def test_attach_waits_no_longer_than_asked(env):
     worker, loop, clock = env
     assert worker.try_attach("never", 0.05) is None
+
+
+def test_an_abort_of_attempts_up_to_n_refuses_those_and_serves_a_later_one(env):
+    """A request migrated away (the router aborts its attempts up to n here) may come back with a
+    later attempt when its other workers failed too: its K/V, prompt and listener are taken then; an
+    abort of the whole request (attempt 0) refuses every attempt."""
+    worker, loop, clock = env
+    first = _req("a")
+    first.attempt = 1
+    worker.admit_prompt(first)
+    assert worker.abort("a", attempt=1) and loop.aborted == ["a"] and "a" not in worker.slots
+    with pytest.raises(NotFound):
+        worker.check_header("a", None, (2, 2, 2, 3, 4), 3, SamplingParams(), attempt=1)   # its late K/V
+    with pytest.raises(NotFound):
+        worker.try_attach("a", 0, attempt=1)
+    worker.check_header("a", None, (2, 2, 2, 3, 4), 3, SamplingParams(), attempt=2)
+    again = _req("a")
+    again.attempt = 2
+    worker.admit_prompt(again)
+    assert worker.try_attach("a", 0, attempt=2) == "stream-of-a"
+    assert not worker.abort("a", attempt=1) and loop.aborted == ["a"] and "a" in worker.slots   # a later attempt's row stays
+    assert worker.abort("a") and loop.aborted == ["a", "a"]                                  # the request is over
+    with pytest.raises(NotFound):
+        worker.try_attach("a", 0, attempt=3)

@@ -4,8 +4,10 @@ it back."""
 from __future__ import annotations
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
+from baton.errors import Unavailable
 from router.registry import HEALTH_MISSES, Registry, WorkerHandle
 
 
@@ -63,3 +65,16 @@ def test_refused_or_not_serving_marks_dead_at_once_and_serving_brings_it_back():
     assert not w.alive
     reg.poll_health()
     assert w.alive
+
+
+def test_a_worker_the_request_avoids_is_picked_only_when_no_other_is_live():
+    reg = Registry()
+    for wid in ("d1", "d2"):
+        reg.workers[wid] = WorkerHandle("decode", wid, 1, "n", "127.0.0.1:1", channel=None, stub=None, health=None)
+    assert reg.pick("decode", avoid={"d1"}).worker_id == "d2"
+    assert reg.pick("decode", avoid={"d1", "d2"}).worker_id in ("d1", "d2")   # both failed it once: one again
+    reg.workers["d2"].alive = False
+    assert reg.pick("decode", avoid={"d1"}).worker_id == "d1"                 # the only live one
+    reg.workers["d1"].alive = False
+    with pytest.raises(Unavailable):
+        reg.pick("decode", avoid={"d1"})
