@@ -51,7 +51,8 @@ def serve(loop, host: str, port: int, *, auth_token=None, tls_cert=None, tls_key
     reaches it (baton/kv_transport/)."""
     from baton import faults, kv_transport as transports
     from baton.v1 import decode_pb2_grpc
-    from decode_service.worker import SERVICE, STALL_S, ColocatedPrefill, DecodeServicer, DecodeWorker
+    from decode_service.colocated import ColocatedPrefill
+    from decode_service.worker import SERVICE, STALL_S, DecodeServicer, DecodeWorker
     from prefill_service.worker import SERVICE as PREFILL_SERVICE, add_servicer, prefill_worker
     worker = DecodeWorker(loop, lease_s=lease_s)
     cfg = loop.info.config

@@ -12,11 +12,8 @@ Rules (one place frees a slot):
   of a request's attempts up to n (it migrated away) refuses only those: a later attempt that comes
   back here (its other workers failed too) is served.
 
-A colocated worker (one process serving Decode and Prefill on one device) adds the Prefill role
-(ColocatedPrefill): a Prefill call that names this worker's own address hands the prompt to its
-engine, which prefills it in chunks inside its decode steps and puts the K/V into the running
-batch by vector shaping, in memory; a Prefill for another decode worker is computed and pushed
-over gRPC, as a dedicated prefill worker would.
+A colocated worker (one process serving Decode and Prefill on one device) adds the Prefill role:
+decode_service/colocated.py.
 """
 from __future__ import annotations
 
@@ -42,7 +39,7 @@ from baton.request import Request
 from baton.sampling import SamplingParams
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from baton.wire import events_to_pb, logprobs_from_pb, params_from_pb
-from prefill_service.worker import PrefillResult, PrefillWorker, transport_stats
+from prefill_service.worker import transport_stats
 
 SERVICE = "baton.v1.Decode"
 STALL_S = 15.0   # an engine loop that has not gone round for this long, with work to do, is stalled
@@ -214,7 +211,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.attach_timeout_s, self.stall_s = attach_timeout_s, stall_s
         L, _, H, D = worker.kv_shape
         self.max_kv_bytes = token_bytes(L, H, D, worker.dtype) * worker.max_len
-        self.colocated: ColocatedPrefill | None = None   # set where this worker serves Prefill too
+        self.colocated = None   # decode_service/colocated.py's ColocatedPrefill where this worker serves Prefill too
         # the transports K/V may come by (baton/kv_transport/): grpc always, nixl where it was loaded
         self.receivers = receivers or {"grpc": GrpcReceiver(self.max_kv_bytes)}
 
@@ -327,46 +324,3 @@ def worker_stats(worker: DecodeWorker) -> common_pb2.WorkerStatsResponse:
         faults_fired=faults.injector().counts(), max_batch=worker.loop.info.config.max_batch,
         prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"], prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
         max_len=worker.max_len, **transport_stats(*worker.transports))
-
-
-class ColocatedPrefill:
-    """The Prefill role of a colocated worker (the interface PrefillServicer drives)."""
-
-    def __init__(self, decode: DecodeWorker, remote: PrefillWorker, own_address: str):
-        self.decode, self.remote, self.own_address = decode, remote, own_address
-        self.handed = 0                      # prompts handed to the own batch in memory
-
-    @property
-    def load(self) -> int:
-        return self.remote.load
-
-    @property
-    def active(self) -> set[str]:
-        return self.remote.active
-
-    @property
-    def transport(self):
-        return self.remote.transport
-
-    @property
-    def stats(self) -> dict:
-        return {**self.remote.stats, "prefills": self.remote.stats["prefills"] + self.handed}
-
-    def prefix_stats(self) -> dict:
-        """The engine's prefix cache (the remote prefills share it), as the loop last published."""
-        return self.decode.loop.stats
-
-    def prefill(self, req: Request, decode_address: str, attempt: int = 0) -> PrefillResult:
-        if decode_address != self.own_address:
-            return self.remote.prefill(req, decode_address, attempt)
-        self.remote.check(req)
-        self.decode.admit_prompt(req)
-        self.handed += 1
-        return PrefillResult(num_tokens=req.num_tokens, kv_bytes=0, compute_s=0.0, transfer_s=0.0)
-
-    def cancel_transfer(self, request_id: str, address: str | None = None) -> None:
-        """Stop a push to another decode worker (one to this worker's own batch is in memory)."""
-        self.remote.cancel_transfer(request_id, address)
-
-    def abort(self, request_id: str, attempt: int = 0) -> bool:
-        return any([self.remote.abort(request_id, attempt), self.decode.abort(request_id, attempt)])   # both, whatever the first says

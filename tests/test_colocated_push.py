@@ -1,5 +1,5 @@
 """A colocated worker that prefills for another decode worker pushes the K/V over the cluster's K/V
-transport (decode_service/worker.py ColocatedPrefill -> prefill_service/kv_push.py), as a dedicated
+transport (decode_service/colocated.py ColocatedPrefill -> prefill_service/kv_push.py), as a dedicated
 prefill worker would (issue 21: untested over NIXL). A mixed cluster of one colocated and one decode
 worker, over grpc and NIXL: the colocated worker's Prefill for the decode worker, then the decode
 worker's Attach, give generate()'s greedy tokens; requests through the router, spread over both

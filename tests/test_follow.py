@@ -239,7 +239,7 @@ def test_the_link_gives_each_request_its_rows_and_a_failure_to_all():
 
 class _OwnPrefill:
     """A colocated worker's Prefill role as Follow drives it: refuses what its check refuses, else
-    hands the prompt to the worker's own batch (decode_service/worker.py ColocatedPrefill)."""
+    hands the prompt to the worker's own batch (decode_service/colocated.py ColocatedPrefill)."""
 
     own_address = "me:1"
 
