@@ -189,7 +189,7 @@ def _rows(m: decode_pb2.StepTokens):
     tuple a Subscription queues, built per token, so no object beyond it (the router's hottest loop:
     every token of every request passes here)."""
     ids = m.token_ids
-    if len(ids) == len(m.request_ids):   # one token a row: a single step's message
+    if len(ids) == len(m.request_ids):   # one token a row (each has at least one): a single step's message
         yield from zip(m.request_ids, zip(([t] for t in ids), m.texts, m.finish_reasons, repeat(())))
     else:
         at = 0
