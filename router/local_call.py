@@ -76,6 +76,12 @@ class LocalContext:
     def abort(self, code: grpc.StatusCode, details: str):
         raise LocalRpcError(code, details, self.trailing)
 
+    def why_ended(self) -> LocalRpcError:
+        """The error of a call that is no longer active: past its deadline, or cancelled."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+
     def end(self) -> None:
         """The call is over: the callbacks run, once."""
         with self._lock:
@@ -118,6 +124,8 @@ class LocalCall:
             log.exception("local Generate failed")
             result = LocalRpcError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
+            if result is grpc.aio.EOF and not ctx.is_active():   # it stopped for the deadline or a cancel, not
+                result = ctx.why_ended()                          # at its end (the handler saw it first)
             ctx.end()
             self._put(result)
 
@@ -142,7 +150,7 @@ class LocalCall:
                 self._timer.cancel()
 
     def _expire(self) -> None:
-        self._finish(LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+        self._finish(self.context.why_ended())
         self.context.end()   # the router's callback frees the request's row (its worker calls run in the background)
 
     def cancel(self) -> bool:

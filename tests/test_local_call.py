@@ -162,3 +162,33 @@ def test_chat_streams_through_the_in_process_call(env):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[-1]["usage"]["completion_tokens"] == 5
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_a_handler_that_sees_its_deadline_first_still_ends_the_call_deadline_exceeded():
+    """The handler stops at its deadline (is_active turns false) and returns, as the router's does; its
+    end reaches the event loop before the loop's own deadline timer: the reader must get
+    DEADLINE_EXCEEDED, not an end of stream (a 502 'ended before the finish' instead of a 504)."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    import grpc.aio
+
+    from router.local_call import LocalCall
+
+    def handler(request, context):
+        while context.is_active():
+            yield request
+            time.sleep(0.01)
+
+    async def main():
+        call = LocalCall(handler, "msg", (), 0.1, ThreadPoolExecutor(1))
+        time.sleep(0.3)   # the loop busy: the handler's end is queued before the timer can fire
+        got = [await call.read() for _ in range(3)]
+        with pytest.raises(grpc.RpcError) as e:
+            while (m := await call.read()) is not grpc.aio.EOF:
+                got.append(m)
+        return got, e.value.code(), await call.code()
+    got, code, final = asyncio.run(main())
+    assert got[:3] == ["msg"] * 3 and code == final == grpc.StatusCode.DEADLINE_EXCEEDED
