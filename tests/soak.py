@@ -54,8 +54,12 @@ class Pool:
         self.workers: list[tuple[str, Proc]] = []
         self.lock = threading.Lock()
         self.original: set[int] = {self.router.pid}
-        for role in ("prefill", "prefill", "decode", "decode"):
-            self.start(role)
+        try:
+            for role in ("prefill", "prefill", "decode", "decode"):
+                self.start(role)
+        except BaseException:   # one did not start: stop the router and the workers that did (a run left them)
+            self.stop()
+            raise
         self.original |= {p.pid for _, p in self.workers}
 
     def start(self, role: str) -> None:
