@@ -203,12 +203,14 @@ def test_unknown_and_duplicate_request_ids(cluster):
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Attach(decode_pb2.AttachRequest(request_id="never-sent", timeout_s=0.3), timeout=5))
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        first = client.generate_stream([1, 2, 3], request_id="dup", max_new_tokens=300, ignore_eos=True)
+        # Long enough to be running still when the second arrives on a loaded machine (300 tokens were
+        # done within the test's own pause once decode got faster: the second was then served).
+        first = client.generate_stream([1, 2, 3], request_id="dup", max_new_tokens=1000, ignore_eos=True)
         head = next(first)   # one or more tokens
         with pytest.raises(grpc.RpcError) as e:
             client.complete([1, 2, 3], request_id="dup", max_new_tokens=2)
         assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert len(head.token_ids) + sum(len(r.token_ids) for r in first) == 300  # the first was not disturbed
+        assert len(head.token_ids) + sum(len(r.token_ids) for r in first) == 1000  # the first was not disturbed
 
 
 def test_health_follows_a_stopped_decode_worker(cluster):
