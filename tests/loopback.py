@@ -64,3 +64,34 @@ def kill_with_work_in_flight(client, worker_id: str, pid: int, timeout: float = 
                  interval=0.01, what=f"a request dispatched to {worker_id}")
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def stop_with_a_stalled_stream(gw) -> float:
+    """Stop the HTTP gateway `gw` while a client holds a stream open and reads nothing more (the server
+    cannot finish that response); returns how long gw.stop() took. The reader is let go and joined."""
+    import threading
+    import time
+
+    import httpx2 as httpx
+    seen, release = threading.Event(), threading.Event()
+
+    def reader():
+        try:
+            with httpx.stream("POST", gw.url + "/v1/completions", timeout=30,
+                              json={"prompt": "w60", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
+                for _ in r.iter_lines():
+                    if not seen.is_set():
+                        seen.set()
+                        release.wait(10)   # a stalled reader
+        except httpx.HTTPError:
+            pass
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert seen.wait(10)
+    t0 = time.monotonic()
+    gw.stop()
+    took = time.monotonic() - t0
+    release.set()
+    t.join(5)
+    assert not t.is_alive()
+    return took

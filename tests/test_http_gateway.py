@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 
 import httpx2 as httpx
@@ -13,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from deploy.procs import Proc, wait_for
-from loopback import loopback_cluster
+from loopback import loopback_cluster, stop_with_a_stalled_stream
 from tiny_model import EOS, reference_greedy, save_tiny, save_tokenizer, tiny_llama
 
 
@@ -369,27 +368,7 @@ def test_queue_full_is_429_and_no_workers_is_503(env):
 def test_stop_is_quick_with_an_open_stream(env):
     from router.http_gateway import start_gateway
     gw = start_gateway(env["router"].address, "127.0.0.1", 0)
-    seen, release = threading.Event(), threading.Event()
-
-    def reader():
-        try:
-            with httpx.stream("POST", f"http://127.0.0.1:{gw.port}/v1/completions", timeout=30,
-                              json={"prompt": "w60", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
-                for _ in r.iter_lines():
-                    if not seen.is_set():
-                        seen.set()
-                        release.wait(10)   # a stalled reader: the server cannot finish this response
-        except httpx.HTTPError:
-            pass
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    assert seen.wait(10)
-    t0 = time.monotonic()
-    gw.stop()
-    assert time.monotonic() - t0 < 2.5
-    release.set()
-    t.join(5)
-    assert not t.is_alive()
+    assert stop_with_a_stalled_stream(gw) < 2.5
     wait_for(lambda: (s := env["grpc"].stats()).running == 0 and s.waiting == 0, 10, what="the stream's slot freed")
 
 

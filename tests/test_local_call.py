@@ -8,7 +8,8 @@ import pytest
 
 from baton.v1 import router_pb2
 from deploy.procs import Proc, wait_for
-from tests.tiny_model import save_tiny, save_tokenizer
+from loopback import stop_with_a_stalled_stream
+from tiny_model import save_tiny, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,27 +92,8 @@ def test_the_router_s_refusal_is_the_same_400_naming_the_field(env):
 
 
 def test_stopping_the_gateway_with_an_open_stream_is_quick_and_frees_the_row(env):
-    import threading
-    import time
-    gw, seen, release = env["gateway"](), threading.Event(), threading.Event()
-
-    def reader():
-        try:
-            with httpx.stream("POST", gw.url + "/v1/completions", timeout=30,
-                              json={"prompt": "w60", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
-                for _ in r.iter_lines():
-                    seen.set()
-                    release.wait(10)   # a stalled reader: the server cannot finish this response
-        except httpx.HTTPError:
-            pass
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    assert seen.wait(10)
-    t0 = time.monotonic()
-    gw.stop()
-    assert time.monotonic() - t0 < 2.5
-    release.set()
-    t.join(5)
+    gw = env["gateway"]()
+    assert stop_with_a_stalled_stream(gw) < 2.5
     wait_for(lambda: _idle(env["grpc"]), 10, what="the stream's row freed")
     wait_for(lambda: gw.app.state.gateway.stub.running == 0, 10, what="its relay returned")
 
