@@ -77,7 +77,7 @@ class Request:
         reason = None
         if (token_id in eos_ids and not self.params.ignore_eos) or (self.detok and self.detok.stopped):
             reason = FinishReason.STOP
-        elif (n := len(self.output_ids)) >= self.params.max_new_tokens or len(self.prompt_ids) + n >= max_len:
+        elif len(self.output_ids) >= self.params.max_new_tokens or self.num_tokens >= max_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             if self.detok:

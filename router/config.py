@@ -25,5 +25,10 @@ class RouterConfig:
     max_message_bytes: int = grpc_util.MAX_MESSAGE_BYTES
 
     @property
+    def handler_threads(self) -> int:
+        """Threads that run the router's calls: one per running stream, and room for the short calls."""
+        return self.max_running + 32
+
+    @property
     def keepalive_s(self) -> float:
         return min(1.0, self.worker_silence_s / 4)

@@ -42,6 +42,10 @@ class LocalRpcError(grpc.RpcError):
         return self._trailing
 
 
+def _cancelled() -> LocalRpcError:
+    return LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")   # grpc.aio's words
+
+
 class LocalContext:
     """The handler's side of one local call."""
 
@@ -80,7 +84,7 @@ class LocalContext:
         """The error of a call that is no longer active: past its deadline, or cancelled."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        return LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        return _cancelled()
 
     def end(self) -> None:
         """The call is over: the callbacks run, once."""
@@ -156,7 +160,7 @@ class LocalCall:
     def cancel(self) -> bool:
         if self._end.done():
             return False
-        self._finish(LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
+        self._finish(_cancelled())
         self.context.end()
         return True
 

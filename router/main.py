@@ -33,7 +33,7 @@ def start_router(model: str, host: str = "127.0.0.1", port: int = 50051, *, conf
     registry = Registry(tls_root_cert, tls_cert, tls_key)
     servicer = RouterServicer(registry, tokenizer, context, model, config, limits, scaler)
     server, bound = grpc_util.make_server(host, port, auth_token=config.auth_token, tls_cert=tls_cert,
-                                          tls_key=tls_key, max_workers=config.max_running + 32,
+                                          tls_key=tls_key, max_workers=config.handler_threads,
                                           max_message_bytes=config.max_message_bytes)
     from baton.v1 import router_pb2_grpc
     router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

@@ -70,7 +70,7 @@ class Gateway:
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         if self.local_router is not None:
             from router.local_call import LocalRouterStub
-            self.stub = LocalRouterStub(self.local_router, self.stub, self.local_router.config.max_running + 32)
+            self.stub = LocalRouterStub(self.local_router, self.stub, self.local_router.config.handler_threads)
 
     async def close(self) -> None:
         if self.channel is not None:
