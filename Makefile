@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	# torch and numpy (already in the lock), so --no-deps keeps pip from swapping in a CUDA torch
 	$(PIP) install -q --no-deps nixl-cu13==1.5.1
 	$(PIP) install -q --no-deps -e .
+	# baton's CPU kernels, compiled for this machine's vector width (ninja, from the lock, drives the build)
+	$(PY) -m baton.engine.kernels
 	touch $(STAMP)
 
 # gRPC stubs are generated at build time into baton/v1/, never committed.

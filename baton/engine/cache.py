@@ -97,6 +97,7 @@ class StepInputs:
     positions: torch.Tensor     # (n,) position id of each row's new token (a device view, no sync)
     col: int                    # the step's column in `layer_views` (its K/V is written there)
     mask: torch.Tensor          # (n, 1, 1, T) additive: 0 on a row's own tokens and the step's column
+    lengths: torch.Tensor       # (n,) columns each row attends over: its own tokens and the step's, right-aligned
 
 
 class BatchKVCache:
@@ -226,7 +227,7 @@ class BatchKVCache:
         cols = torch.arange(self.start, self.end + 1, device=self.device)
         hidden = cols[None, :] < (self.end - positions)[:, None]      # (n, T): a row's padding
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-        return StepInputs(positions, self.end - self.start, mask[:, None, None, :])
+        return StepInputs(positions, self.end - self.start, mask[:, None, None, :], positions + 1)
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer over the live rows and columns [start, end + 1): (n, Hkv, T, D) views."""

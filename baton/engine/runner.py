@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from baton.engine.cache import BatchKVCache, StepInputs
+from baton.engine.kernels import cpu_kernels
+from baton.engine.linear import LayerLinears, Linear
 from baton.engine.models import layer_reader
 
 
@@ -66,6 +68,10 @@ class ModelRunner:
         half = self.head_dim // 2   # rotate_half's sign folded into sin: x*cos + roll(x)*sin, exactly HF's values
         self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)   # (positions, D)
         self.layers = [read_layer(layer) for layer in body.layers]   # Q/K/V and gate/up fused
+        self.linears = [LayerLinears.of(L) for L in self.layers]
+        self.lm_head = Linear(self.lm_head_weight)
+        self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
+        self.cpu_kernels = self.lm_head.packed and self._attention.__name__ == "kernel"   # baton's own, on a CPU
 
     # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ class ModelRunner:
     def qkv(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """h (..., hidden) -> q (..., Hq, D), k and v (..., Hkv, D); q and k rotated."""
         L = self.layers[li]
-        x = F.linear(self.norm(h, L.in_norm), L.qkv, L.qkv_bias)                # (..., (Hq + 2 Hkv) * D)
+        x = self.linears[li].qkv(self.norm(h, L.in_norm))                          # (..., (Hq + 2 Hkv) * D)
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qk = x[..., :(Hq + Hkv) * D].unflatten(-1, (Hq + Hkv, D))                # q's heads, then k's
         v = x[..., (Hq + Hkv) * D:].unflatten(-1, (Hkv, D))
@@ -99,10 +105,10 @@ class ModelRunner:
 
     def attn_out_mlp(self, li: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of a layer: h + o_proj(attn), then h + MLP(norm(h)). attn (..., Hq*D)."""
-        L = self.layers[li]
-        h = h + F.linear(attn, L.o, L.o_bias)
-        gate, up = F.linear(self.norm(h, L.post_norm), L.gate_up, L.gate_up_bias).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, L.down, L.down_bias)
+        L, P = self.layers[li], self.linears[li]
+        h = h + P.o(attn)
+        gate, up = P.gate_up(self.norm(h, L.post_norm)).chunk(2, dim=-1)
+        return h + P.down(F.silu(gate) * up)
 
     def batch_attention(self, li: int, cache: BatchKVCache, step: StepInputs, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -114,11 +120,11 @@ class ModelRunner:
         values[:, :, step.col] = v
         # GQA without repeating K/V: the group's query heads act as query positions.
         qd = q.unflatten(1, (self.num_kv_heads, self.group))               # (n, Hkv, G, D)
-        return _decode_attention(qd, keys, values, step.mask, self.scale).flatten(1)
+        return self._attention(qd, keys, values, step, self.scale).flatten(1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., hidden) -> (..., V)."""
-        return F.linear(self.norm(h, self.norm_weight), self.lm_head_weight)
+        return self.lm_head(self.norm(h, self.norm_weight))
 
     # ---- the step ------------------------------------------------------------------------------
     def new_kv(self, num_tokens: int) -> torch.Tensor:
@@ -176,14 +182,23 @@ def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
     return torch.ones(m, c.end, dtype=torch.bool, device=device).tril(c.start)
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """q (n, Hkv, G, D) over keys/values (n, Hkv, T, D) strided views, additive mask (n, 1, 1, T), the
-    group's query heads as query positions (GQA without repeating K/V). torch's CPU flash kernel now
-    beats the two batched matmuls this was (119 -> 116 ms a SmolLM2 step of 32 ragged rows at context
-    256, 76 -> 75 at 8, measured 2026-12-05; it was ~10 % slower under an older torch), and it reads
-    the cache views in place."""
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)   # (n, Hkv, G, D)
+def decode_attention_for(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """How a decode step attends: q (n, Hkv, G, D) over keys/values (n, Hkv, T, D) strided views of the
+    batch cache, the group's query heads as query positions (GQA without repeating K/V) -> (n, Hkv, G, D).
+
+    On a CPU (float32/64), baton's kernel (baton/engine/kernels/attention.cpp): each row over its own
+    `step.lengths` columns only, not the batch's padded width; 30 SmolLM2 layers at 32 rows of 136-256
+    tokens: 18-19 ms against 27-28 for torch's CPU flash SDPA with the mask (measured 2026-12-05).
+    Elsewhere torch's SDPA with the step's additive mask (flash on CUDA), reading the views in place."""
+    kernels = cpu_kernels() if device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
+    if kernels is not None and head_dim % (kernels.vector_bytes() // dtype.itemsize) == 0:
+        def kernel(q, keys, values, step: StepInputs, scale: float) -> torch.Tensor:
+            return kernels.decode_attention(q, keys, values, step.lengths, scale)
+        return kernel
+
+    def sdpa(q, keys, values, step: StepInputs, scale: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=scale)
+    return sdpa
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

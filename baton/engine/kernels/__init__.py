@@ -1,0 +1,60 @@
+"""baton's CPU kernels: C++ compiled on this machine for its own vector width (-march=native).
+
+`linear.cpp`: the decode step's matmuls by the weights (see baton/engine/linear.py for when they run).
+`make install` builds them (`python -m baton.engine.kernels`); otherwise the first use does, once
+per machine, into torch's extension cache. Where they cannot be built (no C++ compiler) or
+`BATON_CPU_KERNELS=0` is set, torch's own ops run instead, and the log says so once.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / f for f in ("bindings.cpp", "linear.cpp", "attention.cpp")]
+FLAGS = ["-O3", "-march=native", "-fopenmp"]    # OpenMP: at::parallel_for splits a matmul over torch's threads
+
+
+def _build_name() -> str:
+    """A name per CPU and per source: -march=native differs between machines that share a home, and a
+    changed header must rebuild too (torch's loader hashes only the .cpp files)."""
+    try:
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    digest = hashlib.sha1(cpu.encode())
+    for path in sorted(HERE.glob("*.[ch]*")):
+        digest.update(path.read_bytes())
+    return f"baton_cpu_{digest.hexdigest()[:12]}"
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module (vector_bytes, pack, linear, decode_attention), or None where it cannot be
+    had (logged once)."""
+    if os.environ.get("BATON_CPU_KERNELS", "1") == "0":
+        log.info("BATON_CPU_KERNELS=0: torch's CPU ops run the step")
+        return None
+    name = _build_name()
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+        built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        if built.exists():   # import it as it is: no rebuild check, no wait on a lock a killed build left
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    verbose=False)
+    except Exception as e:   # no compiler, no ninja, a read-only cache: serve with torch's ops
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.warning("baton's CPU kernels could not be built (%s); torch's ops run the step", reason[:300])
+        return None

@@ -1,0 +1,130 @@
+// One decode step's attention for each (row, K/V head) of BATON's batch cache: the group's query heads
+// over the row's own tokens only (right-aligned, the last `len` columns of the window), never over the
+// padding a shorter row has in a wide batch. A row's result depends on its own q, K, V and length only.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "vec.h"
+
+namespace baton {
+
+// exp, lane by lane: float by Cephes' expf polynomial (range-reduced by ln 2; ~1 ulp), double by libm.
+static inline Vec<float> vexp(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(VBYTES)));
+  x = x < -87.3f ? Vec<float>{} - 87.3f : x;
+  Vec<float> fx = x * 1.44269504088896341f + 0.5f;
+  VI n = __builtin_convertvector(fx, VI);
+  n += (VI)(__builtin_convertvector(n, Vec<float>) > fx);      // truncation -> floor (true is -1)
+  Vec<float> fn = __builtin_convertvector(n, Vec<float>);
+  Vec<float> r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  Vec<float> y = r * 1.9875691500E-4f + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r * r + r + 1.0f;
+  return y * (Vec<float>)((n + 127) << 23);
+}
+static inline Vec<double> vexp(Vec<double> x) {
+  double a[lanes<double>()];
+  store(a, x);
+  for (double& e : a) e = std::exp(e);
+  return load(a);
+}
+
+// One (row, K/V head): q (G, D) over k, v (len, D) rows `tstride` apart -> out (G, D). s: G * len scratch.
+template <typename T, int DV>
+static void attend(const T* q, int G, const T* k, const T* v, int64_t tstride, int64_t len, T scale, T* s, T* out) {
+  constexpr int L = lanes<T>(), D = DV * L;
+  for (int64_t t = 0; t < len; t++) {
+    const T* kt = k + t * tstride;
+    Vec<T> kv[DV];
+    for (int i = 0; i < DV; i++) kv[i] = load(kt + i * L);
+    for (int g = 0; g < G; g++) {
+      Vec<T> acc{};
+      for (int i = 0; i < DV; i++) acc += load(q + g * D + i * L) * kv[i];
+      s[g * len + t] = hsum<T>(acc) * scale;
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    T* sg = s + g * len;
+    T m = *std::max_element(sg, sg + len);
+    Vec<T> sum{};
+    int64_t t = 0;
+    for (; t + L <= len; t += L) {
+      Vec<T> p = vexp(load(sg + t) - m);
+      store(sg + t, p);
+      sum += p;
+    }
+    T total = hsum<T>(sum);
+    if (t < len) {   // the tail: a vector of the last scores, padded with what exp sends to ~0
+      T tail[L];
+      std::fill_n(tail, L, m - T(1000));
+      std::copy(sg + t, sg + len, tail);
+      Vec<T> p = vexp(load(tail) - m);
+      store(tail, p);
+      for (int64_t i = 0; t + i < len; i++) { sg[t + i] = tail[i]; total += tail[i]; }
+    }
+    Vec<T> acc[DV] = {};
+    for (int64_t u = 0; u < len; u++) {
+      const T* vt = v + u * tstride;
+      for (int i = 0; i < DV; i++) acc[i] += sg[u] * load(vt + i * L);
+    }
+    for (int i = 0; i < DV; i++) store(out + g * D + i * L, acc[i] / total);
+  }
+}
+
+template <typename T>
+static void attend_dispatch(int64_t D, const T* q, int G, const T* k, const T* v, int64_t ts, int64_t len, T scale,
+                            T* s, T* out) {
+  switch (D / lanes<T>()) {
+    case 1: return attend<T, 1>(q, G, k, v, ts, len, scale, s, out);
+    case 2: return attend<T, 2>(q, G, k, v, ts, len, scale, s, out);
+    case 4: return attend<T, 4>(q, G, k, v, ts, len, scale, s, out);
+    case 8: return attend<T, 8>(q, G, k, v, ts, len, scale, s, out);
+    case 16: return attend<T, 16>(q, G, k, v, ts, len, scale, s, out);
+    default: TORCH_CHECK(false, "decode_attention: head_dim ", D, " is not 1, 2, 4, 8 or 16 vectors");
+  }
+}
+
+// q (n, Hkv, G, D) contiguous; keys, values (n, Hkv, T, D) with D contiguous (BatchKVCache.layer_views);
+// lens (n,) int64: row r attends over columns [T - lens[r], T). -> (n, Hkv, G, D)
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                               const torch::Tensor& lens, double scale) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && keys.sizes() == values.sizes() && keys.strides() == values.strides(),
+              "decode_attention: q (n, Hkv, G, D), keys/values (n, Hkv, T, D) alike");
+  int64_t n = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), T = keys.size(2);
+  TORCH_CHECK(keys.size(0) == n && keys.size(1) == H && keys.size(3) == D && keys.stride(3) == 1,
+              "decode_attention: keys (n, Hkv, T, D) with D contiguous");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == n, "decode_attention: lens (n,) int64");
+  auto qc = q.contiguous();
+  auto lc = lens.contiguous();
+  auto out = torch::empty_like(qc);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_attention", [&] {
+    constexpr int L = lanes<scalar_t>();
+    TORCH_CHECK(D % L == 0, "decode_attention: head_dim a multiple of ", L);
+    const scalar_t *qp = qc.data_ptr<scalar_t>(), *kp = keys.data_ptr<scalar_t>(), *vp = values.data_ptr<scalar_t>();
+    const int64_t* lp = lc.data_ptr<int64_t>();
+    for (int64_t r = 0; r < n; r++) TORCH_CHECK(lp[r] >= 1 && lp[r] <= T, "decode_attention: a row's length outside the window");
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int64_t rs = keys.stride(0), hs = keys.stride(1), ts = keys.stride(2);
+    at::parallel_for(0, n * H, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> s(G * T);
+      for (int64_t b = b0; b < b1; b++) {
+        int64_t r = b / H, h = b % H, len = lp[r];
+        int64_t off = r * rs + h * hs + (T - len) * ts;
+        const scalar_t* qb = qp + b * G * D;
+        scalar_t* ob = op + b * G * D;
+        attend_dispatch<scalar_t>(D, qb, G, kp + off, vp + off, ts, len, scalar_t(scale), s.data(), ob);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace baton

@@ -1,0 +1,116 @@
+"""baton's CPU kernels (baton/engine/kernels/): the same numbers as torch's ops, and a row's numbers
+do not depend on its batch-mates, bit for bit, in float32 too; the CPU step runs on them."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baton.engine.cache import BatchKVCache
+from baton.engine.decode_graphs import DecodeGraphs
+from baton.engine.kernels import cpu_kernels
+from baton.engine.linear import MAX_ROWS, Linear
+from baton.engine.runner import ModelRunner, PromptChunk
+from tiny_model import EOS, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = cpu_kernels()
+    assert k is not None, "baton's CPU kernels were not built (make install builds them; see the log's warning)"
+    return k
+
+
+def test_the_cpu_step_runs_on_batons_kernels(tiny, kernels):
+    runner = ModelRunner(tiny.model)
+    assert runner.cpu_kernels
+    assert all(lin.packed for L in runner.linears for lin in (L.qkv, L.o, L.gate_up, L.down)) and runner.lm_head.packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_equals_torch_for_every_shape(kernels, dtype):
+    g = torch.Generator().manual_seed(0)
+    tol = dict(rtol=0, atol=1e-11) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for N, K in [(1, 1), (17, 5), (33, 300), (100, 520), (64, 64)]:   # panels and k blocks cut mid-way
+        w, b = torch.randn(N, K, generator=g, dtype=dtype), torch.randn(N, generator=g, dtype=dtype)
+        lin, biased = Linear(w), Linear(w, b)
+        for M in (1, 2, 13, 25, MAX_ROWS):
+            x = torch.randn(M, 2 * K, generator=g, dtype=dtype)[:, ::2]            # not contiguous
+            torch.testing.assert_close(lin(x), F.linear(x, w), **tol)
+            torch.testing.assert_close(biased(x), F.linear(x, w, b), **tol)
+        x3 = torch.randn(2, 3, K, generator=g, dtype=dtype)
+        assert biased(x3).shape == (2, 3, N)
+        torch.testing.assert_close(biased(x3), F.linear(x3, w, b), **tol)
+
+
+def test_linear_rows_do_not_depend_on_their_batch_mates(kernels):
+    g = torch.Generator().manual_seed(1)
+    lin = Linear(torch.randn(200, 576, generator=g))
+    x = torch.randn(40, 576, generator=g)
+    full = lin(x)
+    for n in (1, 2, 7, 12, 13, 31):
+        assert torch.equal(lin(x[:n]), full[:n])
+        assert torch.equal(lin(x[n:n + 1])[0], full[n])
+
+
+def _masked_sdpa(q, keys, values, lens, scale):
+    T = keys.shape[2]
+    hidden = torch.arange(T)[None] < (T - lens)[:, None]
+    mask = torch.zeros(hidden.shape, dtype=q.dtype).masked_fill_(hidden, float("-inf"))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_attention_reads_only_each_rows_own_columns(kernels, dtype):
+    """Equal to torch's SDPA under the step's mask; what a row does not own (NaN here) is never read,
+    and a row gives the same bits alone as in the batch."""
+    g = torch.Generator().manual_seed(2)
+    n, H, G, D, cols, start, T = 6, 2, 3, 64, 300, 40, 211
+    buf = torch.randn(2, n, H, cols, D, generator=g, dtype=dtype)
+    keys, values = buf[0, :, :, start:start + T], buf[1, :, :, start:start + T]      # strided, as the cache's views
+    lens = torch.tensor([T, 1, 2, 17, 150, 64])
+    q = torch.randn(n, H, G, D, generator=g, dtype=dtype)
+    expected = _masked_sdpa(q, keys, values, lens, D ** -0.5)
+    for r, length in enumerate(lens.tolist()):
+        buf[:, r, :, start:start + T - length] = float("nan")                     # columns row r does not own
+    out = kernels.decode_attention(q, keys, values, lens, D ** -0.5)
+    tol = dict(rtol=0, atol=1e-12) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, **tol)
+    for r in range(n):
+        assert torch.equal(kernels.decode_attention(q[r:r + 1], keys[r:r + 1], values[r:r + 1], lens[r:r + 1],
+                                                    D ** -0.5)[0], out[r])
+
+
+def test_decode_attention_refuses_a_length_outside_the_window(kernels):
+    q, kv = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="outside the window"):
+        kernels.decode_attention(q, kv, kv, torch.tensor([9]), 0.25)
+
+
+def test_a_float32_rows_logits_are_the_same_bits_alone_and_in_any_batch(kernels):
+    """The whole CPU decode step, float32: a row's logits alone equal its logits among longer and
+    shorter batch-mates (its padding differs), bit for bit."""
+    model = tiny_llama(dtype=torch.float32)
+    runner = ModelRunner(model.model)
+    graphs = DecodeGraphs(runner, max_rows=8)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (23, 90, 4, 51, 23)]
+    kvs = []
+    for p in prompts:
+        chunk = PromptChunk(p, 0, runner.new_kv(len(p)))
+        runner.forward([], None, [chunk])
+        kvs.append(chunk.kv)
+
+    def step_logits(rows: list[int]) -> torch.Tensor:
+        cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim, dtype=torch.float32,
+                             max_rows=8, max_cols=256)
+        for i in rows:
+            cache.join(f"r{i}", None, kvs[i])
+        out = []
+        for t in (7, 11, 13):                          # three steps: every row's own column grows
+            out.append(graphs.step([t + i for i in rows], cache).clone())
+        return torch.stack(out, 1)                     # (rows, steps, V)
+
+    alone = step_logits([0])[0]
+    for rows in ([1, 0, 2], [2, 3, 0, 4, 1], [0, 4]):
+        assert torch.equal(step_logits(rows)[rows.index(0)], alone), rows
