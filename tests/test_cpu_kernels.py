@@ -10,6 +10,7 @@ from baton.engine.cache import BatchKVCache
 from baton.engine.decode_graphs import DecodeGraphs
 from baton.engine.kernels import cpu_kernels
 from baton.engine.linear import MAX_ROWS, Linear
+from baton.engine.pointwise import KernelPointwise, TorchPointwise
 from baton.engine.runner import ModelRunner, PromptChunk
 from tiny_model import EOS, tiny_llama
 
@@ -51,6 +52,30 @@ def test_linear_rows_do_not_depend_on_their_batch_mates(kernels):
     for n in (1, 2, 7, 12, 13, 31):
         assert torch.equal(lin(x[:n]), full[:n])
         assert torch.equal(lin(x[n:n + 1])[0], full[n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointwise_kernels_equal_torchs_ops(kernels, dtype):
+    """RMSNorm (with and without the residual add), SiLU-and-mul and RoPE by the kernels equal torch's
+    as the runner calls them, SiLU far into both tails too (RMSNorm is computed in float32 whatever
+    the dtype, as HF's)."""
+    g = torch.Generator().manual_seed(3)
+    ref, ours = TorchPointwise(1e-5), KernelPointwise(1e-5, kernels)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    h, delta, w = (torch.randn(*s, generator=g, dtype=dtype) for s in ((7, 579), (7, 579), (579,)))
+    torch.testing.assert_close(ours.rms_norm(h, w), ref.rms_norm(h, w), **tol)
+    h1, h2 = h.clone(), h.clone()
+    torch.testing.assert_close(ours.add_rms_norm(h1, delta, w), ref.add_rms_norm(h2, delta, w), **tol)
+    torch.testing.assert_close(h1, h2, **tol)                                       # the residual, in place
+    gate_up = torch.randn(5, 2 * 77, generator=g, dtype=dtype) * 4
+    gate_up[0, :6] = torch.tensor([-200.0, -90.0, -20.0, 20.0, 90.0, 200.0], dtype=dtype)
+    torch.testing.assert_close(ours.silu_mul(gate_up), ref.silu_mul(gate_up), **tol)
+    qkv = torch.randn(6, 8 * 64, generator=g, dtype=dtype)
+    qk = qkv[:, :5 * 64].unflatten(-1, (5, 64))                                      # a strided view, as in qkv()
+    cos, sin = (torch.randn(6, 1, 64, generator=g, dtype=dtype) for _ in range(2))
+    expected = ref.rope(qk, cos, sin)
+    assert ours.rope(qk, cos, sin).data_ptr() == qkv.data_ptr()                      # rotated in place
+    torch.testing.assert_close(qk, expected, **tol)
 
 
 def _masked_sdpa(q, keys, values, lens, scale):

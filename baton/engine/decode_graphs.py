@@ -69,13 +69,12 @@ class DecodeGraphs:
         projection and MLP; then layer li's QKV (or, after the last layer, the logits)."""
         r = self.r
         if li == 0:
-            h = r.embed(self.ids[:b])                                          # (b, hidden)
+            self.h[:b].copy_(r.embed(self.ids[:b]))                            # (b, hidden)
             cos, sin = r.rope(self.pos[:b])                                    # (b, 1, D)
             self.cos[:b].copy_(cos)
             self.sin[:b].copy_(sin)
         else:
-            h = r.attn_out_mlp(li - 1, self.h[:b], self.attn[:b])
-        self.h[:b].copy_(h)
+            r.attn_out_mlp(li - 1, self.h[:b], self.attn[:b])                  # h updated in place
         if li < r.num_layers:
             q, k, v = r.qkv(li, self.h[:b], (self.cos[:b], self.sin[:b]))
             self.q[:b].copy_(q)

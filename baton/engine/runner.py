@@ -20,6 +20,7 @@ from baton.engine.cache import BatchKVCache, StepInputs
 from baton.engine.kernels import cpu_kernels
 from baton.engine.linear import LayerLinears, Linear
 from baton.engine.models import layer_reader
+from baton.engine.pointwise import KernelPointwise, pointwise_for
 
 
 @dataclass
@@ -71,7 +72,9 @@ class ModelRunner:
         self.linears = [LayerLinears.of(L) for L in self.layers]
         self.lm_head = Linear(self.lm_head_weight)
         self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
-        self.cpu_kernels = self.lm_head.packed and self._attention.__name__ == "kernel"   # baton's own, on a CPU
+        self.pointwise = pointwise_for(self.device, self.dtype, self.eps)
+        # baton's own CPU kernels run the step (all of them, or none: they come from one build)
+        self.cpu_kernels = self.lm_head.packed and isinstance(self.pointwise, KernelPointwise)
 
     # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -82,14 +85,12 @@ class ModelRunner:
         """pos (...,) -> cos, signed sin (..., 1, D), to broadcast over heads: a gather from tables the
         model's own rotary module computed once for its whole context (so the values equal what
         `generate()` uses, and a step never reads a position back to the host). The sin's first half
-        is negated: what `_rotate` takes."""
+        is negated: what `pointwise.rope` takes."""
         return self._cos[pos].unsqueeze(-2), self._sin[pos].unsqueeze(-2)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm as HF computes it: in float32, scaled by the weight in the model dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        """RMSNorm as HF computes it (baton/engine/pointwise.py)."""
+        return self.pointwise.rms_norm(x, weight)
 
     def qkv(self, li: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """h (..., hidden) -> q (..., Hq, D), k and v (..., Hkv, D); q and k rotated."""
@@ -100,15 +101,14 @@ class ModelRunner:
         v = x[..., (Hq + Hkv) * D:].unflatten(-1, (Hkv, D))
         if L.q_norm is not None:  # a family with per-head q/k norms (qwen3): before RoPE
             qk = torch.cat((self.norm(qk[..., :Hq, :], L.q_norm), self.norm(qk[..., Hq:, :], L.k_norm)), dim=-2)
-        qk = _rotate(qk, *rope)                                                   # q and k in one pass
+        qk = self.pointwise.rope(qk, *rope)                                       # q and k in one pass
         return qk[..., :Hq, :], qk[..., Hq:, :], v
 
     def attn_out_mlp(self, li: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The rest of a layer: h + o_proj(attn), then h + MLP(norm(h)). attn (..., Hq*D)."""
-        L, P = self.layers[li], self.linears[li]
-        h = h + P.o(attn)
-        gate, up = P.gate_up(self.norm(h, L.post_norm)).chunk(2, dim=-1)
-        return h + P.down(F.silu(gate) * up)
+        """The rest of a layer: h += o_proj(attn), then h += MLP(norm(h)), in place; returns h. attn (..., Hq*D)."""
+        L, P, ops = self.layers[li], self.linears[li], self.pointwise
+        normed = ops.add_rms_norm(h, P.o(attn), L.post_norm)
+        return h.add_(P.down(ops.silu_mul(P.gate_up(normed))))
 
     def batch_attention(self, li: int, cache: BatchKVCache, step: StepInputs, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -199,9 +199,3 @@ def decode_attention_for(device: torch.device, dtype: torch.dtype, head_dim: int
     def sdpa(q, keys, values, step: StepInputs, scale: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=scale)
     return sdpa
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as HF applies it, x * cos + rotate_half(x) * sin, with rotate_half's sign in `signed_sin`
-    (ModelRunner.rope): the same products, bit for bit, in one op fewer and no concatenation."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin

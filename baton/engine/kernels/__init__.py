@@ -19,7 +19,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f for f in ("bindings.cpp", "linear.cpp", "attention.cpp")]
+SOURCES = [HERE / f for f in ("bindings.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]    # OpenMP: at::parallel_for splits a matmul over torch's threads
 
 

@@ -5,37 +5,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "vec.h"
 
 namespace baton {
-
-// exp, lane by lane: float by Cephes' expf polynomial (range-reduced by ln 2; ~1 ulp), double by libm.
-static inline Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(VBYTES)));
-  x = x < -87.3f ? Vec<float>{} - 87.3f : x;
-  Vec<float> fx = x * 1.44269504088896341f + 0.5f;
-  VI n = __builtin_convertvector(fx, VI);
-  n += (VI)(__builtin_convertvector(n, Vec<float>) > fx);      // truncation -> floor (true is -1)
-  Vec<float> fn = __builtin_convertvector(n, Vec<float>);
-  Vec<float> r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  Vec<float> y = r * 1.9875691500E-4f + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * r * r + r + 1.0f;
-  return y * (Vec<float>)((n + 127) << 23);
-}
-static inline Vec<double> vexp(Vec<double> x) {
-  double a[lanes<double>()];
-  store(a, x);
-  for (double& e : a) e = std::exp(e);
-  return load(a);
-}
 
 // One (row, K/V head): q (G, D) over k, v (len, D) rows `tstride` apart -> out (G, D). s: G * len scratch.
 template <typename T, int DV>

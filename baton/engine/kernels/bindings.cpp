@@ -8,6 +8,10 @@ torch::Tensor pack(const torch::Tensor& w);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lens, double scale);
+torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+                           double eps);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &baton::linear, "x (..., K) @ W^T with W packed -> (..., N)");
   m.def("decode_attention", &baton::decode_attention,
         "q (n, Hkv, G, D) over each row's last lens[r] columns of keys/values (n, Hkv, T, D) -> (n, Hkv, G, D)");
+  m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");
+  m.def("silu_mul", &baton::silu_mul, "gate_up (rows, 2I) -> silu(gate) * up (rows, I)");
+  m.def("rope_", &baton::rope_, "x (rows, heads, D) rotated in place by cos, signed sin (rows, D)");
 }

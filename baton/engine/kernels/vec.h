@@ -2,6 +2,7 @@
 // (-march=native), so one source serves AVX-512 and AVX2 machines.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace baton {
@@ -34,5 +35,30 @@ static inline T hsum_bytes(const void* v) {
   }
 }
 template <typename T> static inline T hsum(Vec<T> v) { return hsum_bytes<T, VBYTES>(&v); }
+
+// exp, lane by lane: float by Cephes' expf polynomial (range-reduced by ln 2; ~1 ulp), double by libm.
+static inline Vec<float> vexp(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(VBYTES)));
+  x = x < -87.3f ? Vec<float>{} - 87.3f : x;   // exp(-87.3) is near FLT_MIN, exp(88.7) near FLT_MAX
+  x = x > 88.7f ? Vec<float>{} + 88.7f : x;
+  Vec<float> fx = x * 1.44269504088896341f + 0.5f;
+  VI n = __builtin_convertvector(fx, VI);
+  n += (VI)(__builtin_convertvector(n, Vec<float>) > fx);      // truncation -> floor (true is -1)
+  Vec<float> fn = __builtin_convertvector(n, Vec<float>);
+  Vec<float> r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  Vec<float> y = r * 1.9875691500E-4f + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r * r + r + 1.0f;
+  return y * (Vec<float>)((n + 127) << 23);
+}
+static inline Vec<double> vexp(Vec<double> x) {
+  double a[lanes<double>()];
+  store(a, x);
+  for (double& e : a) e = std::exp(e);
+  return load(a);
+}
 
 }  // namespace baton
