@@ -53,7 +53,8 @@ class Engine:
 
     def describe(self) -> str:
         """What the engine holds, for the start-up log: its cache's size and how it steps."""
-        return f"{self.capacity.describe()}; {self.batch.decode.describe()}; {self.budget.describe()}"
+        return (f"{self.capacity.describe()}; {self.runner.describe()}; {self.batch.decode.describe()}; "
+                f"{self.budget.describe()}")
 
     @property
     def max_len(self) -> int:

@@ -76,6 +76,14 @@ class ModelRunner:
         # baton's own CPU kernels run the step (all of them, or none: they come from one build)
         self.cpu_kernels = self.lm_head.packed and isinstance(self.pointwise, KernelPointwise)
 
+    def describe(self) -> str:
+        """How the step computes, for the start-up log."""
+        if self.cpu_kernels:
+            packed = sum(lin.packed_bytes for L in self.linears for lin in L) + self.lm_head.packed_bytes
+            return (f"step on baton's CPU kernels ({8 * cpu_kernels().vector_bytes()}-bit vectors; "
+                    f"packed weights {packed / 2 ** 20:.0f} MiB)")
+        return "step on torch's CPU ops" if self.device.type == "cpu" else f"step on torch's {self.device.type} ops"
+
     # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...,) -> hidden states (..., hidden)."""
