@@ -1,7 +1,11 @@
 // One decode step's attention for each (row, K/V head) of BATON's batch cache: the group's query heads
 // over the row's own tokens only (right-aligned, the last `len` columns of the window), never over the
 // padding a shorter row has in a wide batch. A row's result depends on its own q, K, V and length only.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -69,8 +73,8 @@ static void attend_dispatch(int64_t D, const T* q, int G, const T* k, const T* v
 
 // q (n, Hkv, G, D) contiguous; keys, values (n, Hkv, T, D) with D contiguous (BatchKVCache.layer_views);
 // lens (n,) int64: row r attends over columns [T - lens[r], T). -> (n, Hkv, G, D)
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               const torch::Tensor& lens, double scale) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                               const at::Tensor& lens, double scale) {
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && keys.sizes() == values.sizes() && keys.strides() == values.strides(),
               "decode_attention: q (n, Hkv, G, D), keys/values (n, Hkv, T, D) alike");
   int64_t n = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), T = keys.size(2);
@@ -79,7 +83,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.numel() == n, "decode_attention: lens (n,) int64");
   auto qc = q.contiguous();
   auto lc = lens.contiguous();
-  auto out = torch::empty_like(qc);
+  auto out = at::empty_like(qc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decode_attention", [&] {
     constexpr int L = lanes<scalar_t>();
     TORCH_CHECK(D % L == 0, "decode_attention: head_dim a multiple of ", L);

@@ -1,7 +1,11 @@
 // The small per-token operations around a layer's matmuls, each one pass over a token's vector instead
 // of torch's several kernels (RMSNorm alone is six): residual add + RMSNorm, SiLU(gate) * up, RoPE.
 // Every token row is computed alone, in a fixed order, whatever the rows beside it.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -27,13 +31,13 @@ static inline T sum_squares(const T* x, int64_t n) {
 
 // h (rows, H) += delta (when given), then out = weight * h / sqrt(mean(h^2) + eps): RMSNorm as HF's
 // (a model in float32 or float64 computes it in its own dtype). Returns out; h is updated in place.
-torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
+at::Tensor add_rms_norm(at::Tensor& h, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                            double eps) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && weight.numel() == h.size(1), "add_rms_norm: h (rows, H) contiguous");
-  auto d = delta.has_value() ? delta->contiguous() : torch::Tensor();
+  auto d = delta.has_value() ? delta->contiguous() : at::Tensor();
   TORCH_CHECK(!d.defined() || d.sizes() == h.sizes(), "add_rms_norm: delta shaped as h");
   auto w = weight.contiguous();
-  auto out = torch::empty_like(h);
+  auto out = at::empty_like(h);
   int64_t rows = h.size(0), H = h.size(1);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "add_rms_norm", [&] {
     scalar_t *hp = h.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
@@ -53,11 +57,11 @@ torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>&
 }
 
 // gate_up (rows, 2I): gate then up -> silu(gate) * up (rows, I)
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: (rows, 2I)");
   auto gu = gate_up.contiguous();
   int64_t rows = gu.size(0), I = gu.size(1) / 2;
-  auto out = torch::empty({rows, I}, gu.options());
+  auto out = at::empty({rows, I}, gu.options());
   AT_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "silu_mul", [&] {
     using T = scalar_t;
     constexpr int L = lanes<T>();
@@ -81,7 +85,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 
 // x (rows, heads, D) rotated in place by RoPE with cos, signed sin (rows, D) (ModelRunner.rope: the sin's
 // first half negated): x * cos + rotate(x) * sin, rotate swapping the halves.
-void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope_: x (rows, heads, D), D contiguous");
   int64_t rows = x.size(0), heads = x.size(1), D = x.size(2), half = D / 2;
   auto c = cos.reshape({rows, D}).contiguous(), s = sin.reshape({rows, D}).contiguous();

@@ -1,7 +1,11 @@
 // y = x @ W^T for a CPU decode step: W packed once into panels, each panel streamed from memory once
 // per step, and every output summed over k = 0..K-1 in the same order whatever the number of rows:
 // a row's result does not depend on its batch-mates, bit for bit.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,12 +23,12 @@ template <typename T> constexpr int panel() { return NV * lanes<T>(); }         
 template <typename T> constexpr int row_block() { return VBYTES == 64 ? 12 : 6; }       // MR: NV*MR accumulators
 
 // W (N, K) -> panels (ceil(N / NR), K, NR): panel p holds W[p*NR : (p+1)*NR, :] transposed, zero-padded.
-torch::Tensor pack(const torch::Tensor& w) {
+at::Tensor pack(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu(), "pack: a 2-D CPU weight");
   int64_t NR = 0;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pack", [&] { NR = panel<scalar_t>(); });
   int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  auto padded = torch::zeros({P * NR, K}, w.options());
+  auto padded = at::zeros({P * NR, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({P, NR, K}).transpose(1, 2).contiguous();
 }
@@ -86,13 +90,13 @@ static void gemm(const T* x, int64_t M, int64_t K, const T* packed, int64_t P, T
 }
 
 // x (..., K) @ W^T with W packed by `pack` from an (N, K) weight -> (..., N).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == packed.scalar_type(), "linear: CPU tensors of one dtype");
   int64_t K = x.size(-1);
   TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K, "linear: packed weight (P, K, NR) with K = ", K);
   auto x2 = x.reshape({-1, K}).contiguous();
   int64_t M = x2.size(0);
-  auto out = torch::empty({M, N}, x.options());
+  auto out = at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
     TORCH_CHECK(packed.size(2) == panel<scalar_t>() && packed.size(0) * panel<scalar_t>() >= N, "linear: packing");
     gemm<scalar_t>(x2.data_ptr<scalar_t>(), M, K, packed.data_ptr<scalar_t>(), packed.size(0), out.data_ptr<scalar_t>(), N);
