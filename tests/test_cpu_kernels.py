@@ -24,7 +24,7 @@ def kernels():
 
 def test_the_cpu_step_runs_on_batons_kernels(tiny, kernels):
     runner = ModelRunner(tiny.model)
-    assert runner.cpu_kernels
+    assert runner.uses_cpu_kernels
     assert all(lin.packed for L in runner.linears for lin in L) and runner.lm_head.packed
     assert "baton's CPU kernels" in runner.describe()
 

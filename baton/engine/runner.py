@@ -74,11 +74,11 @@ class ModelRunner:
         self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
         self.pointwise = pointwise_for(self.device, self.dtype, self.eps)
         # baton's own CPU kernels run the step (all of them, or none: they come from one build)
-        self.cpu_kernels = self.lm_head.packed and isinstance(self.pointwise, KernelPointwise)
+        self.uses_cpu_kernels = self.lm_head.packed and isinstance(self.pointwise, KernelPointwise)
 
     def describe(self) -> str:
         """How the step computes, for the start-up log."""
-        if self.cpu_kernels:
+        if self.uses_cpu_kernels:
             packed = sum(lin.packed_bytes for L in self.linears for lin in L) + self.lm_head.packed_bytes
             return (f"step on baton's CPU kernels ({8 * cpu_kernels().vector_bytes()}-bit vectors; "
                     f"packed weights {packed / 2 ** 20:.0f} MiB)")
