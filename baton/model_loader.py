@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from baton.grammar import Grammars
 from baton.kv_codec import DTYPES  # noqa: F401 (re-exported) a model serves in a dtype its K/V can travel in
-from baton.model_files import has_tokenizer, model_dir
+from baton.model_files import gguf_of, has_tokenizer, model_dir
 
 
 @dataclass
@@ -18,6 +19,7 @@ class LoadedModel:
     model: torch.nn.Module        # a transformers causal LM, eval mode, on its device
     tokenizer: object
     eos_ids: frozenset[int]
+    gguf: Path | None = None      # the GGUF its weights were widened from (the built-in smollm2)
 
     @functools.cached_property
     def grammars(self) -> Grammars:
@@ -67,7 +69,7 @@ def load_model(name: str = "smollm2", dtype: str = "float32", device: str = "aut
     hf_logging.disable_progress_bar()  # loading a safetensors copy is quick; the conversion keeps its bar
     tok = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None  # tiny test models have none
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device)).eval()
-    return LoadedModel(name=name, model=model, tokenizer=tok, eos_ids=eos_ids_of(model, tok))
+    return LoadedModel(name=name, model=model, tokenizer=tok, eos_ids=eos_ids_of(model, tok), gguf=gguf_of(name))
 
 
 def eos_ids_of(model, tokenizer) -> frozenset[int]:

@@ -22,7 +22,7 @@ def build(args: argparse.Namespace) -> Served:
     model = device.run(load_model, args.model, args.dtype, args.device)
     # the tokenizer's EOS too; grammars for constrained requests
     prefixes = PrefixCache(args.prefix_cache_mb << 20)
-    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model), model.eos_ids, model.grammars, prefixes))
+    prefiller = device.run(lambda: Prefiller(ModelRunner(model.model, model.gguf), model.eos_ids, model.grammars, prefixes))
     max_len = min(model.max_len, args.max_model_len or model.max_len)   # --max-model-len caps the context
     timeout_s = faults.transfer_timeout_s(TRANSFER_TIMEOUT_S)    # faults: tests only (baton/faults.py)
     transport = faults.wrap_transport(kv_transport.sending(args.kv_transport, kv_transport.agent_name(

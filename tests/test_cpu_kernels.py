@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from baton.engine.cache import BatchKVCache
 from baton.engine.decode_graphs import DecodeGraphs
+from baton.engine.gguf_weights import Q4_1, Q8_0, QuantRows, _matched
 from baton.engine.kernels import cpu_kernels
 from baton.engine.linear import Linear, max_rows
 from baton.engine.pointwise import KernelPointwise, TorchPointwise
@@ -77,6 +78,42 @@ def test_pointwise_kernels_equal_torchs_ops(kernels, dtype):
     expected = ref.rope(qk, cos, sin)
     assert ours.rope(qk, cos, sin).data_ptr() == qkv.data_ptr()                      # rotated in place
     torch.testing.assert_close(qk, expected, **tol)
+
+
+def _random_rows(kind: str, N: int, K: int, g: torch.Generator) -> QuantRows:
+    """GGUF's blocks: d and m are float16 values (so d * q is exact in float32, as the kernel relies on)."""
+    d = (torch.rand(N, K // 32, generator=g) * 0.01).half().float()
+    if kind == Q4_1:
+        return QuantRows(kind, torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8), d,
+                         (torch.rand(N, K // 32, generator=g) - 0.5).half().float())
+    return QuantRows(kind, torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), d, None)
+
+
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0])
+def test_a_linear_over_gguf_blocks_gives_the_float32_weights_bits(kernels, kind):
+    """Kept as GGUF blocks and widened a panel block at a time, a weight gives exactly what its float32
+    widening gives through the float32 kernel (every row count, panels cut mid-way)."""
+    g = torch.Generator().manual_seed(4)
+    for N, K in [(33, 64), (100, 576), (17, 1536)]:
+        rows = _random_rows(kind, N, K, g)
+        weight = rows.widened()
+        quantized, widened = Linear(weight, quant=rows), Linear(weight)
+        assert quantized.quantized and quantized.packed_bytes < widened.packed_bytes / 2
+        for M in (1, 3, 12, 13, 40):
+            x = torch.randn(M, K, generator=g)
+            assert torch.equal(quantized(x), widened(x)), (N, K, M)
+
+
+def test_gguf_rows_are_matched_to_the_loaded_weight_bit_for_bit():
+    """Rows are found wherever the converter moved them; a weight with one value off is not matched."""
+    g = torch.Generator().manual_seed(5)
+    rows = _random_rows(Q4_1, 48, 64, g)
+    order = torch.randperm(48, generator=g)
+    weight = rows.widened()[order]                     # Q/K's rows come permuted from the converter
+    found = _matched(rows, weight)
+    assert found is not None and torch.equal(found.widened(), weight)
+    weight[7, 3] += 1e-3
+    assert _matched(rows, weight) is None
 
 
 def _masked_sdpa(q, keys, values, lens, scale):

@@ -31,6 +31,19 @@ def test_smollm2_batched_equals_generate(smollm2):
     assert "Paris" in smollm2.tokenizer.decode(reqs[0].output_ids)
 
 
+def test_the_default_model_is_served_from_its_gguf_blocks_with_the_same_bits(smollm2):
+    """On a CPU every linear of the Q4_1 model reads its GGUF blocks (a fifth of the float32 bytes),
+    and gives what the float32 weights give, bit for bit."""
+    from baton.engine.linear import Linear
+    from baton.engine.runner import ModelRunner
+    runner = ModelRunner(smollm2.model, smollm2.gguf)
+    linears = [lin for L in runner.linears for lin in L] + [runner.lm_head]
+    assert all(lin.quantized for lin in linears) and "121 of 121 as GGUF blocks" in runner.describe()
+    x = torch.randn(9, 576)
+    for lin in (runner.linears[0].qkv, runner.linears[29].gate_up, runner.lm_head):
+        assert torch.equal(lin(x), Linear(lin.weight)(x))
+
+
 def test_streamed_text_is_the_decoded_output(smollm2):
     from baton.engine.loop import EngineLoop
     from baton.request import Request

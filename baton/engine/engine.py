@@ -35,7 +35,7 @@ class Engine:
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
-        self.runner = ModelRunner(model.model)
+        self.runner = ModelRunner(model.model, model.gguf)
         self.prefixes = PrefixCache(config.prefix_cache_mb << 20)   # shared with the prefiller: one thread runs both
         self.prefiller = Prefiller(self.runner, model.eos_ids, model.grammars, self.prefixes)
         self.capacity = default_capacity(self.runner, model, config.max_batch, config)

@@ -7,7 +7,10 @@ do not depend on its batch-mates, bit for bit. SmolLM2's 30 layers' projections,
 threads, an AVX-512 Xeon; docs/benchmarks.md): 8 rows 21.6 ms against MKL's 34.9, 32 rows 34.1 against
 44.0, equal at 128, slower at 512, so longer prompt steps keep MKL. Built for AVX2 (8-float vectors) on
 the same machine: 8 rows 22.4 against 33.4, equal at 32, 1.4x slower at 128. The packed copy costs the
-weights' memory once more. Elsewhere (GPU, bfloat16, no compiler) it is torch's `F.linear`.
+weights' memory once more. A float32 weight that came from GGUF blocks (the built-in smollm2) is
+packed from those instead, still quantized (0.75 bytes a weight, baton/engine/gguf_weights.py): the
+kernel widens a panel block at a time to exactly the float32 values, so the results are the same bits
+and a step streams a fifth of the bytes. Elsewhere (GPU, bfloat16, no compiler) it is torch's `F.linear`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baton.engine.gguf_weights import Q4_1, QuantRows
 from baton.engine.kernels import cpu_kernels
 from baton.engine.models.layer import LayerWeights
 
@@ -27,30 +31,55 @@ def max_rows(kernels) -> int:
     return MAX_ROWS[kernels.vector_bytes()]
 
 
+def pack_quantized(rows: QuantRows, panel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QuantRows (N rows) -> the kernel's panels of `panel` columns: q (P, K, panel/2) uint8 two 4-bit
+    values a byte (column c low, c + panel/2 high) or (P, K, panel) int8; d, m (P, K/32, panel) (m empty
+    for Q8_0). Padding columns are zeros."""
+    N, K = rows.q.shape
+    P = -(-N // panel)
+
+    def panels(t: torch.Tensor) -> torch.Tensor:            # (N, X) -> (P, X, panel), padded with zeros
+        padded = t.new_zeros(P * panel, t.shape[1])
+        padded[:N] = t
+        return padded.view(P, panel, -1).transpose(1, 2).contiguous()
+    q = panels(rows.q)
+    if rows.kind == Q4_1:
+        q = (q[..., :panel // 2] | (q[..., panel // 2:] << 4)).contiguous()
+    m = panels(rows.m) if rows.m is not None else torch.empty(0)
+    return q, panels(rows.d), m
+
+
 class Linear:
     """x (..., K) -> x @ weight.T + bias (..., N). `weight` (N, K) stays the caller's (HF's modules
-    keep running on it); the kernel reads its own packed copy."""
-    __slots__ = ("weight", "bias", "_kernels", "_packed", "_max_rows")
+    keep running on it); the kernel reads its own packed copy, from `quant` when given (float32 only)."""
+    __slots__ = ("weight", "bias", "_kernels", "_packed", "_quant", "_max_rows")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: QuantRows | None = None):
         self.weight, self.bias = weight, bias
         cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
-        self._kernels = cpu_kernels() if cpu else None
-        self._packed = self._kernels.pack(weight.detach()) if self._kernels else None
-        self._max_rows = max_rows(self._kernels) if self._kernels else 0
+        k = self._kernels = cpu_kernels() if cpu else None
+        self._quant = pack_quantized(quant, k.panel(False)) if k and quant and weight.dtype == torch.float32 else None
+        self._packed = k.pack(weight.detach()) if k and self._quant is None else None
+        self._max_rows = max_rows(k) if k else 0
 
     @property
     def packed(self) -> bool:
-        return self._packed is not None
+        return self._packed is not None or self._quant is not None
+
+    @property
+    def quantized(self) -> bool:
+        return self._quant is not None
 
     @property
     def packed_bytes(self) -> int:
-        return self._packed.nbytes if self._packed is not None else 0
+        return sum(t.nbytes for t in self._quant) if self._quant else self._packed.nbytes if self.packed else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None or x.numel() > self._max_rows * x.shape[-1]:
+        if not self.packed or x.numel() > self._max_rows * x.shape[-1]:
             return F.linear(x, self.weight, self.bias)
-        y = self._kernels.linear(x, self._packed, self.weight.shape[0])
+        N = self.weight.shape[0]
+        y = (self._kernels.linear_quantized(x, *self._quant, N) if self._quant
+             else self._kernels.linear(x, self._packed, N))
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -66,6 +95,8 @@ class LayerLinears:
         return iter((self.qkv, self.o, self.gate_up, self.down))
 
     @classmethod
-    def of(cls, w: LayerWeights) -> LayerLinears:
-        return cls(Linear(w.qkv, w.qkv_bias), Linear(w.o, w.o_bias), Linear(w.gate_up, w.gate_up_bias),
-                   Linear(w.down, w.down_bias))
+    def of(cls, w: LayerWeights, quant: dict[str, QuantRows] | None = None) -> LayerLinears:
+        """`quant`: the products' GGUF rows where the model came from a GGUF (gguf_weights.read)."""
+        q = quant or {}
+        return cls(Linear(w.qkv, w.qkv_bias, q.get("qkv")), Linear(w.o, w.o_bias, q.get("o")),
+                   Linear(w.gate_up, w.gate_up_bias, q.get("gate_up")), Linear(w.down, w.down_bias, q.get("down")))

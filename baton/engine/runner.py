@@ -12,10 +12,12 @@ The supported architectures and how each one's layer weights are read: baton/eng
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from baton.engine import gguf_weights
 from baton.engine.cache import BatchKVCache, StepInputs
 from baton.engine.kernels import cpu_kernels
 from baton.engine.linear import LayerLinears, Linear
@@ -45,7 +47,9 @@ class PromptChunk:
 
 
 class ModelRunner:
-    def __init__(self, hf_model: torch.nn.Module):
+    def __init__(self, hf_model: torch.nn.Module, gguf: Path | None = None):
+        """`gguf`: the GGUF file the weights were widened from (LoadedModel.gguf): on a CPU in float32 the
+        kernels read its quantized blocks instead (the same values; baton/engine/gguf_weights.py)."""
         cfg = hf_model.config
         read_layer = layer_reader(cfg.model_type)       # ValueError naming the supported types
         self.hf = hf_model.eval().requires_grad_(False)
@@ -69,8 +73,11 @@ class ModelRunner:
         half = self.head_dim // 2   # rotate_half's sign folded into sin: x*cos + roll(x)*sin, exactly HF's values
         self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)   # (positions, D)
         self.layers = [read_layer(layer) for layer in body.layers]   # Q/K/V and gate/up fused
-        self.linears = [LayerLinears.of(L) for L in self.layers]
-        self.lm_head = Linear(self.lm_head_weight)
+        quant, head = [None] * self.num_layers, None
+        if gguf is not None and self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels():
+            quant, head = gguf_weights.read(hf_model, gguf)
+        self.linears = [LayerLinears.of(L, q) for L, q in zip(self.layers, quant)]
+        self.lm_head = Linear(self.lm_head_weight, quant=head)
         self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
         self.pointwise = pointwise_for(self.device, self.dtype, self.eps)
         # baton's own CPU kernels run the step (all of them, or none: they come from one build)
@@ -79,9 +86,11 @@ class ModelRunner:
     def describe(self) -> str:
         """How the step computes, for the start-up log."""
         if self.uses_cpu_kernels:
-            packed = sum(lin.packed_bytes for L in self.linears for lin in L) + self.lm_head.packed_bytes
-            return (f"step on baton's CPU kernels ({8 * cpu_kernels().vector_bytes()}-bit vectors; "
-                    f"packed weights {packed / 2 ** 20:.0f} MiB)")
+            linears = [lin for L in self.linears for lin in L] + [self.lm_head]
+            packed = sum(lin.packed_bytes for lin in linears)
+            gguf = sum(lin.quantized for lin in linears)
+            return (f"step on baton's CPU kernels ({8 * cpu_kernels().vector_bytes()}-bit vectors; packed weights "
+                    f"{packed / 2 ** 20:.0f} MiB{f', {gguf} of {len(linears)} as GGUF blocks' if gguf else ''})")
         return "step on torch's CPU ops" if self.device.type == "cpu" else f"step on torch's {self.device.type} ops"
 
     # ---- layer primitives (public: the benchmark's baselines build their schemes from them) ----

@@ -5,7 +5,10 @@
 
 namespace baton {
 torch::Tensor pack(const torch::Tensor& w);
+template <typename T> int panel_width();
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
+torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                               const torch::Tensor& m, int64_t N);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lens, double scale);
 torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
@@ -18,6 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bytes", [] { return baton::VBYTES; }, "the vector width the kernels were built for: 64 (AVX-512) or 32");
   m.def("pack", &baton::pack, "W (N, K) -> panels (P, K, NR)");
   m.def("linear", &baton::linear, "x (..., K) @ W^T with W packed -> (..., N)");
+  m.def("linear_quantized", &baton::linear_quantized,
+        "x (..., K) @ W^T with W as GGUF Q4_1 (q, d, m) or Q8_0 (q, d, empty m) panels -> (..., N), float32");
+  m.def("panel", [](bool double_precision) { return double_precision ? baton::panel_width<double>() : baton::panel_width<float>(); },
+        "columns of a packed panel");
   m.def("decode_attention", &baton::decode_attention,
         "q (n, Hkv, G, D) over each row's last lens[r] columns of keys/values (n, Hkv, T, D) -> (n, Hkv, G, D)");
   m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");
