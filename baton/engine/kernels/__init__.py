@@ -4,8 +4,9 @@
 `attention.cpp`: a decode step's attention over each row's own tokens (baton/engine/runner.py);
 `elementwise.cpp`: residual add + RMSNorm, SiLU-and-mul, RoPE (baton/engine/pointwise.py).
 `make install` builds them (`python -m baton.engine.kernels`) into the virtual environment, as an
-installed package's files (elsewhere: torch's extension cache); otherwise the first use does, once. Where they cannot be built (no C++ compiler) or
-`BATON_CPU_KERNELS=0` is set, torch's own ops run instead, and the log says so once.
+installed package's files (elsewhere: torch's extension cache); otherwise the first use does, once.
+Where they cannot be built (no C++ compiler) or `BATON_CPU_KERNELS=0` is set, torch's own ops run
+instead, and the log says so once.
 """
 from __future__ import annotations
 
