@@ -3,10 +3,12 @@ batch and prompt chunks of newcomers.
 
 At load the Hugging Face weights are regrouped for fewer, larger matmuls: Q/K/V into one
 projection and gate/up into one (baton/engine/models/layer.py: the HF modules' weights become views of
-the fused tensors, so nothing is stored twice and `generate()` still runs on the same numbers). The layer
+the fused tensors, so the fusion stores nothing twice and `generate()` still runs on the same numbers). The layer
 itself is plain tensor code over a flat token axis (no module wrappers): per-op overhead is
 what dominated small steps (profiled, docs/benchmarks.md). Attention is ours, because the
-batch's K/V lives in BATON's shared cache (see cache.py).
+batch's K/V lives in BATON's shared cache (see cache.py). On a CPU the products (linear.py), the
+decode attention (`decode_attention_for`) and the small ops (pointwise.py) run baton's own kernels
+(kernels/); elsewhere torch's.
 The supported architectures and how each one's layer weights are read: baton/engine/models/.
 """
 from __future__ import annotations
