@@ -23,12 +23,15 @@ from baton.engine.gguf_weights import Q4_1, QuantRows
 from baton.engine.kernels import cpu_kernels
 from baton.engine.models.layer import LayerWeights
 
-MAX_ROWS = {64: 128, 32: 32}   # vector bytes -> rows (tokens) of a step up to which the kernel beats MKL
+# (vector bytes, from GGUF blocks) -> rows (tokens) of a step up to which the kernel beats MKL on float32
+# weights: measured above; SmolLM2's layers from GGUF blocks, AVX-512: 91.8 vs 102.5 ms at 128 rows,
+# 177.4 vs 191.3 at 256, 287.9 vs 269.7 at 384 (docs/benchmarks.md). AVX2 from GGUF blocks is unmeasured.
+MAX_ROWS = {(64, False): 128, (64, True): 256, (32, False): 32, (32, True): 32}
 
 
-def max_rows(kernels) -> int:
-    """Rows up to which the kernel runs a product (measured above), by the vector width it was built for."""
-    return MAX_ROWS[kernels.vector_bytes()]
+def max_rows(kernels, quantized: bool = False) -> int:
+    """Rows up to which the kernel runs a product, by the vector width it was built for."""
+    return MAX_ROWS[kernels.vector_bytes(), quantized]
 
 
 def pack_quantized(rows: QuantRows, panel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +63,7 @@ class Linear:
         k = self._kernels = cpu_kernels() if cpu else None
         self._quant = pack_quantized(quant, k.panel(False)) if k and quant and weight.dtype == torch.float32 else None
         self._packed = k.pack(weight.detach()) if k and self._quant is None else None
-        self._max_rows = max_rows(k) if k else 0
+        self._max_rows = max_rows(k, self._quant is not None) if k else 0
 
     @property
     def packed(self) -> bool:
