@@ -72,7 +72,10 @@ def _matched(rows: QuantRows, weight: torch.Tensor) -> QuantRows | None:
     w = weight.detach().float().contiguous()
     if rows.q.shape != w.shape:
         return None
-    index = {r.tobytes(): i for i, r in enumerate(rows.widened().numpy())}
+    widened = rows.widened()
+    if torch.equal(widened, w):          # most tensors: the same order (only Q and K are permuted)
+        return rows
+    index = {r.tobytes(): i for i, r in enumerate(widened.numpy())}
     order = [index.get(r.tobytes()) for r in w.numpy()]
     if any(i is None for i in order):
         return None
