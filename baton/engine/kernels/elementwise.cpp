@@ -30,7 +30,8 @@ static inline T sum_squares(const T* x, int64_t n) {
 }
 
 // h (rows, H) += delta (when given), then out = weight * h / sqrt(mean(h^2) + eps): RMSNorm as HF's
-// (a model in float32 or float64 computes it in its own dtype). Returns out; h is updated in place.
+// in h's dtype (the runner calls it for float32 only: HF computes RMSNorm in float32, so a float64 model
+// keeps torch's). Returns out; h is updated in place.
 at::Tensor add_rms_norm(at::Tensor& h, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                            double eps) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && weight.numel() == h.size(1), "add_rms_norm: h (rows, H) contiguous");
