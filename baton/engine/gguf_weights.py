@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32                                  # weights a GGUF block scales together
 Q4_1, Q8_0 = "Q4_1", "Q8_0"
+# LayerWeights' stacked products: (the layer's submodule, its linears in stacking order)
+PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+            "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
 HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -97,12 +100,10 @@ def read(hf_model: torch.nn.Module, path: Path) -> tuple[list[dict[str, QuantRow
 
     layers = []
     for i, layer in enumerate(hf_model.model.layers):
-        a, mlp = layer.self_attn, layer.mlp
-        groups = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "o": [a.o_proj],
-                  "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
         found = {}
-        for product, modules in groups.items():
-            parts = [rows(f"blk.{i}.{HF_TO_GGUF[_name(layer, m)]}.weight", m.weight) for m in modules]
+        for product, (block, names) in PRODUCTS.items():
+            modules = getattr(layer, block)
+            parts = [rows(f"blk.{i}.{HF_TO_GGUF[n]}.weight", getattr(modules, n).weight) for n in names]
             if all(p is not None for p in parts):
                 found[product] = QuantRows.cat(parts)
         layers.append(found)
@@ -111,7 +112,3 @@ def read(hf_model: torch.nn.Module, path: Path) -> tuple[list[dict[str, QuantRow
     log.info("%s: %d of %d layer products and %s LM head kept as GGUF blocks", path.name,
              sum(len(f) for f in layers), 4 * len(layers), "the" if lm_head is not None else "not the")
     return layers, lm_head
-
-
-def _name(layer: torch.nn.Module, module: torch.nn.Module) -> str:
-    return next(n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if m is module)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from baton.engine.gguf_weights import Q4_1, QuantRows
-from baton.engine.kernels import cpu_kernels
+from baton.engine.kernels import cpu_kernels_for
 from baton.engine.models.layer import LayerWeights
 
 # (vector bytes, from GGUF blocks) -> rows (tokens) of a step up to which the kernel beats MKL on float32
@@ -59,9 +59,8 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: QuantRows | None = None):
         self.weight, self.bias = weight, bias
-        cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
-        k = self._kernels = cpu_kernels() if cpu else None
-        self._quant = pack_quantized(quant, k.panel(False)) if k and quant and weight.dtype == torch.float32 else None
+        k = self._kernels = cpu_kernels_for(weight.device, weight.dtype)
+        self._quant = pack_quantized(quant, k.float_panel()) if k and quant and weight.dtype == torch.float32 else None
         self._packed = k.pack(weight.detach()) if k and self._quant is None else None
         self._max_rows = max_rows(k, self._quant is not None) if k else 0
 

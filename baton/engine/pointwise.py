@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from baton.engine.kernels import cpu_kernels
+from baton.engine.kernels import cpu_kernels_for
 
 
 class TorchPointwise:
@@ -71,5 +71,5 @@ class KernelPointwise(TorchPointwise):
 
 
 def pointwise_for(device: torch.device, dtype: torch.dtype, eps: float) -> TorchPointwise:
-    kernels = cpu_kernels() if device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
+    kernels = cpu_kernels_for(device, dtype)
     return KernelPointwise(eps, kernels) if kernels is not None else TorchPointwise(eps)

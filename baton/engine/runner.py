@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from baton.engine import gguf_weights
 from baton.engine.cache import BatchKVCache, StepInputs
-from baton.engine.kernels import cpu_kernels
+from baton.engine.kernels import cpu_kernels, cpu_kernels_for
 from baton.engine.linear import LayerLinears, Linear
 from baton.engine.models import layer_reader
 from baton.engine.pointwise import KernelPointwise, pointwise_for
@@ -76,7 +76,7 @@ class ModelRunner:
         self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)   # (positions, D)
         self.layers = [read_layer(layer) for layer in body.layers]   # Q/K/V and gate/up fused
         quant, head = [None] * self.num_layers, None
-        if gguf is not None and self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels():
+        if gguf is not None and self.dtype == torch.float32 and cpu_kernels_for(self.device, self.dtype):
             quant, head = gguf_weights.read(hf_model, gguf)
         self.linears = [LayerLinears.of(L, q) for L, q in zip(self.layers, quant)]
         self.lm_head = Linear(self.lm_head_weight, quant=head)
@@ -209,7 +209,7 @@ def decode_attention_for(device: torch.device, dtype: torch.dtype, head_dim: int
     `step.lengths` columns only, not the batch's padded width; 30 SmolLM2 layers at 32 rows of 136-256
     tokens: 18-19 ms against 27-28 for torch's CPU flash SDPA with the mask (measured 2026-12-05).
     Elsewhere torch's SDPA with the step's additive mask (flash on CUDA), reading the views in place."""
-    kernels = cpu_kernels() if device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
+    kernels = cpu_kernels_for(device, dtype)
     if kernels is not None and head_dim % (kernels.vector_bytes() // dtype.itemsize) == 0:
         def kernel(q, keys, values, step: StepInputs, scale: float) -> torch.Tensor:
             return kernels.decode_attention(q, keys, values, step.lengths, scale)

@@ -74,3 +74,11 @@ def cpu_kernels() -> ModuleType | None:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.warning("baton's CPU kernels could not be built (%s); torch's ops run the step", reason[:300])
         return None
+
+
+def cpu_kernels_for(device, dtype) -> ModuleType | None:
+    """The kernels where they apply, to tensors on a CPU in float32 or float64; else None."""
+    import torch
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return None
+    return cpu_kernels()

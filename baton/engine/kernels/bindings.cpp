@@ -5,7 +5,7 @@
 
 namespace baton {
 torch::Tensor pack(const torch::Tensor& w);
-template <typename T> int panel_width();
+int float_panel();
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
 torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                                const torch::Tensor& m, int64_t N);
@@ -23,8 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &baton::linear, "x (..., K) @ W^T with W packed -> (..., N)");
   m.def("linear_quantized", &baton::linear_quantized,
         "x (..., K) @ W^T with W as GGUF Q4_1 (q, d, m) or Q8_0 (q, d, empty m) panels -> (..., N), float32");
-  m.def("panel", [](bool double_precision) { return double_precision ? baton::panel_width<double>() : baton::panel_width<float>(); },
-        "columns of a packed panel");
+  m.def("float_panel", &baton::float_panel, "columns of a packed float32 panel (linear_quantized's layout)");
   m.def("decode_attention", &baton::decode_attention,
         "q (n, Hkv, G, D) over each row's last lens[r] columns of keys/values (n, Hkv, T, D) -> (n, Hkv, G, D)");
   m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");

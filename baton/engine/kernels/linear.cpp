@@ -22,9 +22,7 @@ constexpr int PREFETCH = 32; // k rows ahead: the panel is streamed from memory,
 template <typename T> constexpr int panel() { return NV * lanes<T>(); }                  // NR: columns a panel
 template <typename T> constexpr int row_block() { return VBYTES == 64 ? 12 : 6; }       // MR: NV*MR accumulators
 
-template <typename T> int panel_width() { return panel<T>(); }
-template int panel_width<float>();
-template int panel_width<double>();
+int float_panel() { return panel<float>(); }
 
 // W (N, K) -> panels (ceil(N / NR), K, NR): panel p holds W[p*NR : (p+1)*NR, :] transposed, zero-padded.
 at::Tensor pack(const at::Tensor& w) {
