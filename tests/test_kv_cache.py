@@ -80,28 +80,33 @@ def test_the_buffer_is_never_reallocated_and_compaction_keeps_every_row():
     assert c.begin_step().positions.tolist() == c.lens
 
 
-def test_an_empty_batch_starts_again_at_column_zero():
+def test_an_empty_batch_starts_again_with_room_for_longer_newcomers():
     c = _cache(cols=64)
     _join(c, "a", 10, 1)
     for _ in range(20):
         _step(c)
     c.leave("a")
     assert (c.start, c.end) == (0, 0)
-    _join(c, "b", 20, 1)
-    assert (c.start, c.end) == (0, 20)
+    _join(c, "b", 12, 1)
+    assert (c.start, c.end) == (12, 24)       # room left of the row for one up to twice as long
+    _join(c, "c", 24, 2)
+    assert c.moves == 0 and c.width == 24 and c.lens == [12, 24]
 
 
 def test_reserve_moves_the_window_once_for_a_group_of_newcomers():
     c = _cache(rows=8, cols=64)
     _join(c, "a", 4, 1)
     _step(c)
-    c.reserve(4, 30)                          # one move: the window ends at column 30 now
-    assert c.end == 30 and torch.equal(c.row_kv("a")[..., :4, :], _kv(4, 1))
-    for i, P in enumerate([30, 7, 12]):
+    c.reserve(4, 30)                          # one move: to the first half's end, room for rows up to 32 tokens
+    assert (c.moves, c.end) == (1, 32) and torch.equal(c.row_kv("a")[..., :5, :], torch.cat((_kv(4, 1), _kv(1, 100)), 3))
+    for i, P in enumerate([30, 7, 12, 32]):
         _join(c, i, P, 10 + i)
-    assert c.end == 30 and c.lens == [5, 30, 7, 12]
+    assert (c.moves, c.end) == (1, 32) and c.lens == [5, 30, 7, 12, 32]
+    _join(c, "long", 40, 5)                   # longer than the room: one more move, every row kept
+    assert (c.moves, c.end) == (2, 40) and c.lens == [5, 30, 7, 12, 32, 40]
+    assert torch.equal(c.row_kv(1)[..., :7, :], _kv(7, 11)) and torch.equal(c.row_kv("long"), _kv(40, 5))
     with pytest.raises(ValueError, match="does not fit"):
-        c.reserve(5, 64)                      # a row must leave a column to step into
+        c.reserve(7, 64)                      # a row must leave a column to step into
 
 
 def test_capacity_comes_from_the_budget_and_caps_the_context():
