@@ -16,12 +16,41 @@
 
 namespace baton {
 
-// One (row, K/V head): q (G, D) over k, v (len, D) rows `tstride` apart -> out (G, D). s: G * len scratch.
+constexpr int AHEAD = 16;   // rows of K or V prefetched ahead: a (row, head)'s tokens cross a 4 KiB page every 16
+
+template <typename T, int DV>
+static inline void prefetch_row(const T* p) {
+  for (int c = 0; c < DV * VBYTES; c += 64) __builtin_prefetch((const char*)p + c, 0, 3);
+}
+
+// out (GB, D) = the softmax weights s (GB, len) over v (len, D) rows `tstride` apart, / each head's total:
+// GB query heads at once, so each row of V is read once for all of them. Each output still sums over
+// u = 0..len-1 in order.
+template <typename T, int DV, int GB>
+static void weigh(const T* s, int64_t len, const T* v, int64_t tstride, const T* totals, T* out) {
+  constexpr int L = lanes<T>(), D = DV * L;
+  Vec<T> acc[GB][DV] = {};
+  for (int64_t u = 0; u < len; u++) {
+    const T* vt = v + u * tstride;
+    prefetch_row<T, DV>(vt + AHEAD * tstride);
+    for (int i = 0; i < DV; i++) {
+      Vec<T> x = load(vt + i * L);
+      for (int g = 0; g < GB; g++) acc[g][i] += s[g * len + u] * x;
+    }
+  }
+  for (int g = 0; g < GB; g++)
+    for (int i = 0; i < DV; i++) store(out + g * D + i * L, acc[g][i] / totals[g]);
+}
+
+// One (row, K/V head): q (G, D) over k, v (len, D) rows `tstride` apart -> out (G, D). s: G * (len + 1)
+// scratch (the scores, then each head's total).
 template <typename T, int DV>
 static void attend(const T* q, int G, const T* k, const T* v, int64_t tstride, int64_t len, T scale, T* s, T* out) {
   constexpr int L = lanes<T>(), D = DV * L;
+  T* totals = s + G * len;
   for (int64_t t = 0; t < len; t++) {
     const T* kt = k + t * tstride;
+    prefetch_row<T, DV>(kt + AHEAD * tstride);
     Vec<T> kv[DV];
     for (int i = 0; i < DV; i++) kv[i] = load(kt + i * L);
     for (int g = 0; g < G; g++) {
@@ -49,12 +78,18 @@ static void attend(const T* q, int G, const T* k, const T* v, int64_t tstride, i
       store(tail, p);
       for (int64_t i = 0; t + i < len; i++) { sg[t + i] = tail[i]; total += tail[i]; }
     }
-    Vec<T> acc[DV] = {};
-    for (int64_t u = 0; u < len; u++) {
-      const T* vt = v + u * tstride;
-      for (int i = 0; i < DV; i++) acc[i] += sg[u] * load(vt + i * L);
+    totals[g] = total;
+  }
+  for (int g0 = 0; g0 < G; g0 += 4) {
+    int gb = std::min(4, G - g0);
+    const T *sg = s + g0 * len, *tg = totals + g0;
+    T* og = out + g0 * D;
+    switch (gb) {
+      case 1: weigh<T, DV, 1>(sg, len, v, tstride, tg, og); break;
+      case 2: weigh<T, DV, 2>(sg, len, v, tstride, tg, og); break;
+      case 3: weigh<T, DV, 3>(sg, len, v, tstride, tg, og); break;
+      default: weigh<T, DV, 4>(sg, len, v, tstride, tg, og);
     }
-    for (int i = 0; i < DV; i++) store(out + g * D + i * L, acc[i] / total);
   }
 }
 
@@ -93,7 +128,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     scalar_t* op = out.data_ptr<scalar_t>();
     int64_t rs = keys.stride(0), hs = keys.stride(1), ts = keys.stride(2);
     at::parallel_for(0, n * H, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> s(G * T);
+      std::vector<scalar_t> s(G * (T + 1));
       for (int64_t b = b0; b < b1; b++) {
         int64_t r = b / H, h = b % H, len = lp[r];
         int64_t off = r * rs + h * hs + (T - len) * ts;
