@@ -231,7 +231,7 @@ class BatchKVCache:
     # ---- one decode step -------------------------------------------------------------------
     def begin_step(self) -> StepInputs:
         """The inputs of a step of every row; makes room for its column (compacting the window
-        back to column 0 when it reached the buffer's end)."""
+        back left when it reached the buffer's end)."""
         if self.end >= self.max_cols:
             self._move(self._headroom(self.width))
             self.compactions += 1
