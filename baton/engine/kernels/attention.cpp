@@ -18,9 +18,9 @@ namespace baton {
 
 constexpr int AHEAD = 16;   // rows of K or V prefetched ahead: a (row, head)'s tokens cross a 4 KiB page every 16
 
-template <typename T, int DV>
+template <typename T, int DV, int LOCALITY = 3>
 static inline void prefetch_row(const T* p) {
-  for (int c = 0; c < DV * VBYTES; c += 64) __builtin_prefetch((const char*)p + c, 0, 3);
+  for (int c = 0; c < DV * VBYTES; c += 64) __builtin_prefetch((const char*)p + c, 0, LOCALITY);
 }
 
 // out (GB, D) = the softmax weights s (GB, len) over v (len, D) rows `tstride` apart, / each head's total:
@@ -51,6 +51,7 @@ static void attend(const T* q, int G, const T* k, const T* v, int64_t tstride, i
   for (int64_t t = 0; t < len; t++) {
     const T* kt = k + t * tstride;
     prefetch_row<T, DV>(kt + AHEAD * tstride);
+    prefetch_row<T, DV, 2>(v + (t + AHEAD) * tstride);   // V into L2 meanwhile: two streams in flight, not one
     Vec<T> kv[DV];
     for (int i = 0; i < DV; i++) kv[i] = load(kt + i * L);
     for (int g = 0; g < G; g++) {
