@@ -74,7 +74,9 @@ class Linear:
 
     @property
     def packed_bytes(self) -> int:
-        return sum(t.nbytes for t in self._quant) if self._quant else self._packed.nbytes if self.packed else 0
+        if self._quant is not None:
+            return sum(t.nbytes for t in self._quant)
+        return self._packed.nbytes if self._packed is not None else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or x.numel() > self._max_rows * x.shape[-1]:
