@@ -151,6 +151,43 @@ def test_a_cancel_during_a_transfer_frees_both_sides_at_once():
         recv.close()
 
 
+def test_idle_agents_spin_no_core():
+    """NIXL's Python agent would start UCX's progress thread with a zero poll timeout (a core spun for
+    good); the transport progresses UCX itself, only while a transfer is on."""
+    from baton.kv_transport.nixl import NixlReceiver, NixlTransport
+    send, recv = NixlTransport("idle-send"), NixlReceiver("idle-recv", 1 << 20, "cpu")
+    try:
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.2     # a spinning thread alone takes ~1 s of it
+    finally:
+        send.close()
+        recv.close()
+
+
+def test_a_read_over_tcp_completes_on_the_lenders_own_progress(monkeypatch):
+    """Over TCP a READ needs the lender's UCX progress (over shared memory it does not): with no
+    progress thread, the lender's reaper gives it while the region is lent, every PROGRESS_S; a
+    lender that progressed only at its idle pace (0.5 s) would miss the reads' deadline."""
+    from baton.kv_transport.nixl import NixlReceiver, NixlTransport
+    from baton.v1 import decode_pb2
+    monkeypatch.setenv("UCX_TLS", "tcp")            # read by each agent's UCX context as it is made
+    send, recv = NixlTransport("tcp-send"), NixlReceiver("tcp-recv", 1 << 30, "cpu")
+    try:
+        for n in (3, 400):                          # a small read and one past UCX's eager sizes
+            kv = torch.randn(2, 2, 3, n, 16, dtype=torch.float32)
+            header = decode_pb2.KVHeader(request_id=f"t{n}", dtype="float32", shape=list(kv.shape))
+            out = send.prepare(header, kv)
+            got = recv.receive(header, iter(()), torch.float32, tuple(kv.shape), time.monotonic() + 0.4, lambda: True)
+            assert torch.equal(got, kv)
+            out.finish(True)
+            del got
+        wait_for(lambda: send.held_bytes() == 0 and recv.held_bytes() == 0, 2, interval=0.005, what="both free")
+    finally:
+        send.close()
+        recv.close()
+
+
 def test_refused_at_start_where_nixl_cannot_load(monkeypatch):
     import subprocess
     import sys

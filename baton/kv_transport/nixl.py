@@ -35,6 +35,13 @@ it hands on what it read only while the call is still alive (so the region was s
 failed or abandoned read's buffer goes back to the pool and is never handed on. One transfer is
 one READ of one contiguous region: no Python loop per chunk.
 
+Progress. NIXL's Python agent starts UCX's progress thread with a poll timeout of 0 (its
+`pthrDelay` is fixed at 0), a thread that spins a core for the agent's whole life: an idle agent
+used 3.0 s of CPU in 3 s here, the core a CPU engine's step needs. So the agents run without it and
+baton progresses UCX itself, only while a transfer is on: the reader in the loop that polls its
+read's state, the lender in its reaper every PROGRESS_S while it lends a region (over shared memory
+or cma a READ needs nothing of the lender, over TCP the lender's progress serves it).
+
 By default, on a worker bound to loopback, UCX uses only the loopback network device
 (UCX_NET_DEVICES=lo unless set), so nothing listens beyond the machine.
 """
@@ -58,6 +65,7 @@ from baton.kv_transport.staging import POOL_BYTES, StagingPool
 log = logging.getLogger(__name__)
 RELEASE_GRACE_S = 2.0          # a lent region whose reader never said it let go is freed after this
 PREFIX = b"released:"
+PROGRESS_S = 0.0005            # how often a lender progresses UCX (and takes notifications) while it lends
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -85,8 +93,9 @@ def make_agent(name: str, host: str):
     if host in LOOPBACK:
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
     try:
-        sync = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-        agent = nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"], sync_mode=sync))
+        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"],   # see Progress above
+                                        sync_mode=nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        agent = nixl.nixl_agent(name, config)
     except Exception as e:
         raise TransportUnavailable(f"--kv-transport nixl: no NIXL agent with UCX here: {type(e).__name__}: {e}") from e
     if "UCX" not in agent.backends:
@@ -133,6 +142,7 @@ class NixlTransport(Transport):
             reg = self.agent.register_memory(kv)
             metadata = self.agent.get_partial_agent_metadata(reg, True)
             self.lent[tid] = _Lent(kv, reg, nbytes)
+            self.cond.notify_all()                        # the reaper progresses UCX while it lends
         header.nbytes = nbytes
         header.nixl.agent, header.nixl.metadata, header.nixl.transfer_id = self.agent_name, metadata, tid
         header.nixl.address, header.nixl.nbytes = kv.data_ptr(), nbytes
@@ -154,12 +164,12 @@ class NixlTransport(Transport):
             self.agent.deregister_memory(lent.reg)
 
     def _reap(self) -> None:
-        """Frees regions whose reader let go (its notification) or whose grace ran out; drains the
-        notifications of transfers already freed, so they do not pile up."""
+        """Progresses UCX while a region is lent; frees regions whose reader let go (its notification)
+        or whose grace ran out; drains the notifications of transfers already freed, so they do not
+        pile up."""
         while True:
             with self.cond:
-                waiting = any(x.free_by is not None for x in self.lent.values())
-                self.cond.wait(0.002 if waiting else 0.5)
+                self.cond.wait(PROGRESS_S if self.lent else 0.5)
                 if self.closed:
                     return
                 for msgs in self.agent.get_new_notifs().values():
