@@ -145,6 +145,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::
               [&](int64_t p, int64_t k0, int64_t k1, float* buf) {
     constexpr int L = lanes<float>();   // NR = 2 L: a panel row is two vectors
     typedef uint8_t U8 __attribute__((vector_size(L)));
+    typedef uint16_t U16 __attribute__((vector_size(L)));
     typedef int32_t I32 __attribute__((vector_size(VBYTES)));
     for (int64_t b0 = k0; b0 < k1; b0 += QB) {   // one block of 32 k: one d (and m) per column
       const float* db = dp + (p * (K / QB) + b0 / QB) * NR;
@@ -157,8 +158,9 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::
         for (int k = 0; k < QB; k++) {
           U8 bytes;
           __builtin_memcpy(&bytes, qk + k * L, L);
+          U8 high = (U8)((U16)bytes >> 4) & 15;   // shifted as 16-bit lanes: x86 has no byte shift (GCC scalarises one)
           Vec<float> lo = __builtin_convertvector(__builtin_convertvector(bytes & 15, I32), Vec<float>);
-          Vec<float> hi = __builtin_convertvector(__builtin_convertvector(bytes >> 4, I32), Vec<float>);
+          Vec<float> hi = __builtin_convertvector(__builtin_convertvector(high, I32), Vec<float>);
           store(buf + (b0 - k0 + k) * NR, lo * d0 + m0);
           store(buf + (b0 - k0 + k) * NR + L, hi * d1 + m1);
         }
