@@ -6,7 +6,8 @@ and each output is summed in the same order whatever the number of rows, so a de
 do not depend on its batch-mates, bit for bit. SmolLM2's 30 layers' projections, weights cold (2
 threads, an AVX-512 Xeon; docs/benchmarks.md): 8 rows 21.6 ms against MKL's 34.9, 32 rows 34.1 against
 44.0, equal at 128, slower at 512, so longer prompt steps keep MKL. Built for AVX2 (8-float vectors) on
-the same machine: 8 rows 22.4 against 33.4, equal at 32, 1.4x slower at 128. The packed copy costs the
+the same machine, against MKL held to AVX2 as well (what an AVX2 machine runs): 8 rows 24.3 against
+40.9, 32 rows 49.8 against 68.5, 128 rows 142.0 against 149.2, equal at 192. The packed copy costs the
 weights' memory once more. A float32 weight that came from GGUF blocks (the built-in smollm2) is
 packed from those instead, still quantized (0.75 bytes a weight, baton/engine/gguf_weights.py): the
 kernel widens a panel block at a time to exactly the float32 values, so the results are the same bits
@@ -25,8 +26,9 @@ from baton.engine.models.layer import LayerWeights
 
 # (vector bytes, from GGUF blocks) -> rows (tokens) of a step up to which the kernel beats MKL on float32
 # weights: measured above; SmolLM2's layers from GGUF blocks, AVX-512: 91.8 vs 102.5 ms at 128 rows,
-# 177.4 vs 191.3 at 256, 287.9 vs 269.7 at 384 (docs/benchmarks.md). AVX2 from GGUF blocks is unmeasured.
-MAX_ROWS = {(64, False): 128, (64, True): 256, (32, False): 32, (32, True): 32}
+# 177.4 vs 191.3 at 256, 287.9 vs 269.7 at 384; AVX2 (MKL held to AVX2): 136.2 vs 149.2 at 128, 223.2
+# vs 225.1 at 192, 289.0 vs 285.5 at 256 (docs/benchmarks.md).
+MAX_ROWS = {(64, False): 128, (64, True): 256, (32, False): 128, (32, True): 128}
 
 
 def max_rows(kernels, quantized: bool = False) -> int:
