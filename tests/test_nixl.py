@@ -173,12 +173,13 @@ def test_a_read_over_tcp_completes_on_the_lenders_own_progress(monkeypatch):
     from baton.v1 import decode_pb2
     monkeypatch.setenv("UCX_TLS", "tcp")            # read by each agent's UCX context as it is made
     send, recv = NixlTransport("tcp-send"), NixlReceiver("tcp-recv", 1 << 30, "cpu")
-    try:
-        for n in (3, 400):                          # a small read and one past UCX's eager sizes
+    try:   # the first read also connects the two agents: it may take its time
+        for i, (n, deadline_s) in enumerate(((3, 10.0), (3, 0.4), (400, 0.4))):   # then one past UCX's eager sizes
             kv = torch.randn(2, 2, 3, n, 16, dtype=torch.float32)
-            header = decode_pb2.KVHeader(request_id=f"t{n}", dtype="float32", shape=list(kv.shape))
+            header = decode_pb2.KVHeader(request_id=f"t{i}", dtype="float32", shape=list(kv.shape))
             out = send.prepare(header, kv)
-            got = recv.receive(header, iter(()), torch.float32, tuple(kv.shape), time.monotonic() + 0.4, lambda: True)
+            got = recv.receive(header, iter(()), torch.float32, tuple(kv.shape), time.monotonic() + deadline_s,
+                               lambda: True)
             assert torch.equal(got, kv)
             out.finish(True)
             del got
