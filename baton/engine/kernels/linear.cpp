@@ -35,14 +35,25 @@ at::Tensor pack(const at::Tensor& w) {
   return padded.view({P, NR, K}).transpose(1, 2).contiguous();
 }
 
-// MR rows of x (row stride K, from column k0) against kn rows of a panel (from its row k0): the
-// accumulators start from `out` after the first k block, so each output's sum runs over k in order,
-// exactly as if there were no blocks.
-template <typename T, int MR>
-static inline void tile(const T* __restrict x, int64_t K, int64_t kn, bool first,
-                        const T* __restrict p, T* __restrict out, int64_t ldo) {
+// Where a tile's panel rows come from: packed (or already widened) floats, prefetched PREFETCH rows ahead.
+template <typename T>
+struct Floats {
+  const T* p;   // (kn, NR) panel rows
+  inline void operator()(int64_t k, Vec<T>* w) const {
+    constexpr int L = lanes<T>(), NR = panel<T>();
+    for (int v = 0; v < NV; v++) __builtin_memcpy(&w[v], p + k * NR + v * L, sizeof(Vec<T>));
+    for (int c = 0; c < NR * (int)sizeof(T); c += 64) __builtin_prefetch((const char*)(p + (k + PREFETCH) * NR) + c, 0, 3);
+  }
+};
+
+// MR rows of x (row stride K, from column k0) against kn panel rows from `src`: the accumulators start
+// from `out` after the first k block, so each output's sum runs over k in order, exactly as if there
+// were no blocks.
+template <typename T, int MR, typename Src>
+static inline void tile(const T* __restrict x, int64_t K, int64_t kn, bool first, Src src, T* __restrict out,
+                        int64_t ldo) {
   typedef Vec<T> V;
-  constexpr int L = lanes<T>(), NR = panel<T>();
+  constexpr int L = lanes<T>();
   V acc[MR][NV];
   for (int r = 0; r < MR; r++)
     for (int v = 0; v < NV; v++) {
@@ -51,8 +62,7 @@ static inline void tile(const T* __restrict x, int64_t K, int64_t kn, bool first
     }
   for (int64_t k = 0; k < kn; k++) {
     V w[NV];
-    for (int v = 0; v < NV; v++) __builtin_memcpy(&w[v], p + k * NR + v * L, sizeof(V));
-    for (int c = 0; c < NR * (int)sizeof(T); c += 64) __builtin_prefetch((const char*)(p + (k + PREFETCH) * NR) + c, 0, 3);
+    src(k, w);
     for (int r = 0; r < MR; r++) {
       T s = x[r * K + k];
       for (int v = 0; v < NV; v++) acc[r][v] += s * w[v];
@@ -62,36 +72,44 @@ static inline void tile(const T* __restrict x, int64_t K, int64_t kn, bool first
     for (int v = 0; v < NV; v++) __builtin_memcpy(out + r * ldo + v * L, &acc[r][v], sizeof(V));
 }
 
-template <typename T, int R>
-static void tile_rows(int rows, const T* x, int64_t K, int64_t kn, bool first, const T* p, T* out, int64_t ldo) {
+template <typename T, int R, typename Src>
+static void tile_rows(int rows, const T* x, int64_t K, int64_t kn, bool first, const Src& src, T* out, int64_t ldo) {
   if constexpr (R > 0) {
-    if (rows == R) return tile<T, R>(x, K, kn, first, p, out, ldo);
-    tile_rows<T, R - 1>(rows, x, K, kn, first, p, out, ldo);
+    if (rows == R) return tile<T, R>(x, K, kn, first, src, out, ldo);
+    tile_rows<T, R - 1>(rows, x, K, kn, first, src, out, ldo);
   }
+}
+
+// Runs each(p, dst, ld, scratch) for every panel p, split over torch's threads: dst (M, NR) with row
+// stride ld is the panel's columns of out (M, N), or for the last panel an edge buffer whose real
+// columns are copied out after (the padded ones land nowhere); scratch: KC * NR of the thread's own.
+template <typename T, typename Each>
+static void for_panels(int64_t M, int64_t P, T* out, int64_t N, Each each) {
+  constexpr int NR = panel<T>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<T> edge;
+    std::vector<T> scratch(KC * NR);
+    for (int64_t p = p0; p < p1; p++) {
+      bool full = (p + 1) * NR <= N;
+      if (!full) edge.assign(M * NR, T(0));
+      each(p, full ? out + p * NR : edge.data(), full ? N : NR, scratch.data());
+      if (!full)
+        for (int64_t r = 0; r < M; r++) std::copy_n(edge.data() + r * NR, N - p * NR, out + r * N + p * NR);
+    }
+  });
 }
 
 // out (M, N) = x (M, K) @ W^T, W's panels given by rows: rows(p, k0, k1, scratch) -> rows k0..k1 of
 // panel p in the (K, NR) layout, either the packed weight itself or `scratch` filled from another form.
 template <typename T, typename Rows>
 static void gemm(const T* x, int64_t M, int64_t K, int64_t P, T* out, int64_t N, Rows rows) {
-  constexpr int NR = panel<T>(), MR = row_block<T>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<T> edge;   // the last panel's padded columns land here, not past the output's rows
-    std::vector<T> scratch(KC * NR);
-    for (int64_t p = p0; p < p1; p++) {
-      bool full = (p + 1) * NR <= N;
-      if (!full) edge.assign(M * NR, T(0));
-      T* dst = full ? out + p * NR : edge.data();
-      int64_t ld = full ? N : NR;
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        int64_t k1 = std::min<int64_t>(K, k0 + KC);
-        const T* block = rows(p, k0, k1, scratch.data());
-        for (int64_t m = 0; m < M; m += MR)
-          tile_rows<T, MR>(int(std::min<int64_t>(MR, M - m)), x + m * K + k0, K, k1 - k0, k0 == 0, block,
-                           dst + m * ld, ld);
-      }
-      if (!full)
-        for (int64_t r = 0; r < M; r++) std::copy_n(edge.data() + r * NR, N - p * NR, out + r * N + p * NR);
+  constexpr int MR = row_block<T>();
+  for_panels<T>(M, P, out, N, [&](int64_t p, T* dst, int64_t ld, T* scratch) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      int64_t k1 = std::min<int64_t>(K, k0 + KC);
+      Floats<T> block{rows(p, k0, k1, scratch)};
+      for (int64_t m = 0; m < M; m += MR)
+        tile_rows<T, MR>(int(std::min<int64_t>(MR, M - m)), x + m * K + k0, K, k1 - k0, k0 == 0, block, dst + m * ld, ld);
     }
   });
 }
@@ -123,63 +141,101 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   return shaped_as(out, x, N);
 }
 
-// GGUF's quantized weights, kept quantized in memory and widened to float32 a panel block at a time, to
-// exactly the values GGUF's dequantisation gives (d * q + m: d * q is exact in float32, so one rounding):
-//   q  (P, K, NR/2) uint8: column c's 4-bit q in the low nibble, column c + NR/2's in the high (Q4_1), or
-//      (P, K, NR) int8 (Q8_0);
-//   d, m (P, K/32, NR) float32: each 32-weight block's scale and minimum (m empty for Q8_0: d * q).
-// The float32 block then meets x exactly as a packed float32 weight would: the same bits out.
+// The rows of a GGUF panel (from some k0 on, a multiple of 32), widened to float32 on the way: d * q + m
+// (Q4_1: column c's 4-bit q in the low nibble of byte c, column c + L's in the high) or d * q (Q8_0),
+// each 32-k block with its own d (and m). d * q is exact in float32 (d is a float16 value), so each
+// widened weight is GGUF's dequantisation, one rounding. Read in order of k (it keeps its block's d, m).
+constexpr int QB = 32;
+
+struct Q4Rows {
+  static constexpr int L = lanes<float>();
+  typedef uint8_t U8 __attribute__((vector_size(L)));
+  typedef uint16_t U16 __attribute__((vector_size(L)));
+  typedef int32_t I32 __attribute__((vector_size(VBYTES)));
+  const uint8_t* q;          // (k, L) bytes
+  const float *d, *m;        // (k / 32, 2L)
+  Vec<float> d0, d1, m0, m1;
+  inline void operator()(int64_t k, Vec<float>* w) {
+    if (k % QB == 0) {
+      d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
+      m0 = load(m + k / QB * 2 * L), m1 = load(m + k / QB * 2 * L + L);
+      __builtin_prefetch(q + (k + 8 * QB) * L, 0, 3);
+    }
+    U8 bytes;
+    __builtin_memcpy(&bytes, q + k * L, L);
+    U8 high = (U8)((U16)bytes >> 4) & 15;   // shifted as 16-bit lanes: x86 has no byte shift (GCC scalarises one)
+    w[0] = __builtin_convertvector(__builtin_convertvector(bytes & 15, I32), Vec<float>) * d0 + m0;
+    w[1] = __builtin_convertvector(__builtin_convertvector(high, I32), Vec<float>) * d1 + m1;
+  }
+};
+
+struct Q8Rows {
+  static constexpr int L = lanes<float>();
+  typedef uint8_t U8 __attribute__((vector_size(L)));
+  typedef int32_t I32 __attribute__((vector_size(VBYTES)));
+  const int8_t* q;           // (k, 2L) int8
+  const float* d;            // (k / 32, 2L)
+  Vec<float> d0, d1;
+  inline void operator()(int64_t k, Vec<float>* w) {   // int8 through uint8 (x ^ 0x80 = x + 128): one widening instruction
+    if (k % QB == 0) {
+      d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
+      __builtin_prefetch(q + (k + 4 * QB) * 2 * L, 0, 3);
+    }
+    U8 a, b;
+    __builtin_memcpy(&a, q + k * 2 * L, L);
+    __builtin_memcpy(&b, q + k * 2 * L + L, L);
+    w[0] = __builtin_convertvector(__builtin_convertvector(a ^ 0x80, I32) - 128, Vec<float>) * d0;
+    w[1] = __builtin_convertvector(__builtin_convertvector(b ^ 0x80, I32) - 128, Vec<float>) * d1;
+  }
+};
+
+// GGUF's quantized weights, kept quantized in memory and widened to float32 as a step meets them:
+//   q  (P, K, NR/2) uint8, two 4-bit values a byte (Q4_1), or (P, K, NR) int8 (Q8_0);
+//   d, m (P, K/32, NR) float32: each 32-weight block's scale and minimum (m empty for Q8_0).
+// Up to one row block of x (a decode step of a few rows) multiplies the widened rows straight from
+// registers; more rows widen a panel block of KC rows into scratch once, for every row block to read.
+// Either way each weight is the same float32 and each output sums over k in order: the same bits as the
+// float32 weights give, whatever the number of rows. Measured on SmolLM2's 30 layers (2 threads, an
+// AVX-512 Xeon; docs/benchmarks.md): from registers 6.3-7.3 ms against 7.8-9.4 through scratch at 3-6
+// rows, 8.6 against 11.6 at 8, but 8.1-9.6 against 6.5-7.1 at 1-2 rows on 512-bit vectors; an AVX2
+// build gains from 1 row on (8.8 against 11.2 ms at 1 row, 9.7 against 13.0 at 3).
+constexpr int FROM_REGISTERS_MIN_ROWS = VBYTES == 64 ? 3 : 1;
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m,
                             int64_t N) {
-  constexpr int NR = panel<float>(), QB = 32;
+  constexpr int NR = panel<float>(), L = lanes<float>(), MR = row_block<float>();
+  static_assert(NV == 2, "a GGUF panel row is two vectors");
   bool q4 = m.numel() > 0;
   int64_t P = q.size(0), K = q.size(1);
   TORCH_CHECK(x.scalar_type() == at::kFloat && K % QB == 0 && KC % QB == 0, "linear_quantized: float32 x, K of whole blocks");
   TORCH_CHECK(q.size(2) == (q4 ? NR / 2 : NR) && d.sizes() == at::IntArrayRef({P, K / QB, NR}) && P * NR >= N &&
               (!q4 || m.sizes() == d.sizes()), "linear_quantized: packing");
   auto x2 = rows_of(x, K);
-  auto out = at::empty({x2.size(0), N}, x.options());
+  int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x.options());
   const uint8_t* qp = (const uint8_t*)q.data_ptr();
-  const float *dp = d.data_ptr<float>(), *mp = q4 ? m.data_ptr<float>() : nullptr;
-  gemm<float>(x2.data_ptr<float>(), x2.size(0), K, P, out.data_ptr<float>(), N,
-              [&](int64_t p, int64_t k0, int64_t k1, float* buf) {
-    constexpr int L = lanes<float>();   // NR = 2 L: a panel row is two vectors
-    typedef uint8_t U8 __attribute__((vector_size(L)));
-    typedef uint16_t U16 __attribute__((vector_size(L)));
-    typedef int32_t I32 __attribute__((vector_size(VBYTES)));
-    for (int64_t b0 = k0; b0 < k1; b0 += QB) {   // one block of 32 k: one d (and m) per column
-      const float* db = dp + (p * (K / QB) + b0 / QB) * NR;
-      Vec<float> d0 = load(db), d1 = load(db + L);
-      if (q4) {
-        const float* mb = mp + (p * (K / QB) + b0 / QB) * NR;
-        Vec<float> m0 = load(mb), m1 = load(mb + L);
-        const uint8_t* qk = qp + (p * K + b0) * L;
-        __builtin_prefetch(qk + 8 * QB * L, 0, 3);
-        for (int k = 0; k < QB; k++) {
-          U8 bytes;
-          __builtin_memcpy(&bytes, qk + k * L, L);
-          U8 high = (U8)((U16)bytes >> 4) & 15;   // shifted as 16-bit lanes: x86 has no byte shift (GCC scalarises one)
-          Vec<float> lo = __builtin_convertvector(__builtin_convertvector(bytes & 15, I32), Vec<float>);
-          Vec<float> hi = __builtin_convertvector(__builtin_convertvector(high, I32), Vec<float>);
-          store(buf + (b0 - k0 + k) * NR, lo * d0 + m0);
-          store(buf + (b0 - k0 + k) * NR + L, hi * d1 + m1);
+  const float *dp = d.data_ptr<float>(), *mp = q4 ? m.data_ptr<float>() : nullptr, *xp = x2.data_ptr<float>();
+  auto with_rows = [&](int64_t p, int64_t k0, auto&& f) {   // f(panel p's rows from k0 on)
+    int64_t s = (p * (K / QB) + k0 / QB) * NR;
+    if (q4) f(Q4Rows{qp + (p * K + k0) * L, dp + s, mp + s});
+    else f(Q8Rows{(const int8_t*)qp + (p * K + k0) * NR, dp + s});
+  };
+  if (M >= FROM_REGISTERS_MIN_ROWS && M <= MR) {
+    for_panels<float>(M, P, out.data_ptr<float>(), N, [&](int64_t p, float* dst, int64_t ld, float*) {
+      with_rows(p, 0, [&](auto src) { tile_rows<float, MR>(int(M), xp, K, K, true, src, dst, ld); });
+    });
+  } else {
+    gemm<float>(xp, M, K, P, out.data_ptr<float>(), N, [&](int64_t p, int64_t k0, int64_t k1, float* buf) {
+      with_rows(p, k0, [&](auto src) {
+        for (int64_t k = 0; k < k1 - k0; k++) {
+          Vec<float> w[NV];
+          src(k, w);
+          store(buf + k * NR, w[0]);
+          store(buf + k * NR + L, w[1]);
         }
-      } else {
-        const int8_t* qk = (const int8_t*)qp + (p * K + b0) * NR;
-        __builtin_prefetch(qk + 4 * QB * NR, 0, 3);
-        for (int k = 0; k < QB; k++) {   // int8 through uint8 (x ^ 0x80 = x + 128): what GCC widens in one instruction
-          U8 a, b;
-          __builtin_memcpy(&a, qk + k * NR, L);
-          __builtin_memcpy(&b, qk + k * NR + L, L);
-          Vec<float> lo = __builtin_convertvector(__builtin_convertvector(a ^ 0x80, I32) - 128, Vec<float>);
-          Vec<float> hi = __builtin_convertvector(__builtin_convertvector(b ^ 0x80, I32) - 128, Vec<float>);
-          store(buf + (b0 - k0 + k) * NR, lo * d0);
-          store(buf + (b0 - k0 + k) * NR + L, hi * d1);
-        }
-      }
-    }
-    return (const float*)buf;
-  });
+      });
+      return (const float*)buf;
+    });
+  }
   return shaped_as(out, x, N);
 }
 
