@@ -91,10 +91,9 @@ def _random_rows(kind: str, N: int, K: int, g: torch.Generator) -> QuantRows:
 
 @pytest.mark.parametrize("kind", [Q4_1, Q8_0])
 def test_a_linear_over_gguf_blocks_gives_the_float32_weights_bits(kernels, kind):
-    """Kept as GGUF blocks and widened as a step meets them (in registers for a few rows, through a panel
-    block for more: an AVX-512 build takes 3 and 12 rows the first way, an AVX2 build 1 and 3), a weight
-    gives exactly what its float32 widening gives through the float32 kernel (every row count, panels
-    cut mid-way)."""
+    """Kept as GGUF blocks and widened as a step meets them (in registers up to a row block: 1, 3 and,
+    with AVX-512, 12 rows; through a panel block beyond), a weight gives exactly what its float32
+    widening gives through the float32 kernel (every row count, panels cut mid-way)."""
     g = torch.Generator().manual_seed(4)
     for N, K in [(33, 64), (100, 576), (17, 1536)]:
         rows = _random_rows(kind, N, K, g)

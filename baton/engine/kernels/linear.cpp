@@ -39,7 +39,7 @@ at::Tensor pack(const at::Tensor& w) {
 template <typename T>
 struct Floats {
   const T* p;   // (kn, NR) panel rows
-  inline void operator()(int64_t k, Vec<T>* w) const {
+  __attribute__((always_inline)) inline void operator()(int64_t k, Vec<T>* w) const {
     constexpr int L = lanes<T>(), NR = panel<T>();
     for (int v = 0; v < NV; v++) __builtin_memcpy(&w[v], p + k * NR + v * L, sizeof(Vec<T>));
     for (int c = 0; c < NR * (int)sizeof(T); c += 64) __builtin_prefetch((const char*)(p + (k + PREFETCH) * NR) + c, 0, 3);
@@ -146,6 +146,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
 // each 32-k block with its own d (and m). d * q is exact in float32 (d is a float16 value), so each
 // widened weight is GGUF's dequantisation, one rounding. Read in order of k (it keeps its block's d, m).
 constexpr int QB = 32;
+constexpr int AHEAD_BLOCKS = 4;   // blocks of a panel prefetched ahead, every cache line of them
+
+__attribute__((always_inline)) static inline void prefetch_block(const void* p, int bytes) {
+  for (int c = 0; c < bytes; c += 64) __builtin_prefetch((const char*)p + c, 0, 2);
+}
 
 struct Q4Rows {
   static constexpr int L = lanes<float>();
@@ -155,11 +160,13 @@ struct Q4Rows {
   const uint8_t* q;          // (k, L) bytes
   const float *d, *m;        // (k / 32, 2L)
   Vec<float> d0, d1, m0, m1;
-  inline void operator()(int64_t k, Vec<float>* w) {
+  __attribute__((always_inline)) inline void operator()(int64_t k, Vec<float>* w) {
     if (k % QB == 0) {
       d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
       m0 = load(m + k / QB * 2 * L), m1 = load(m + k / QB * 2 * L + L);
-      __builtin_prefetch(q + (k + 8 * QB) * L, 0, 3);
+      prefetch_block(q + (k + AHEAD_BLOCKS * QB) * L, QB * L);
+      prefetch_block(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
+      prefetch_block(m + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
     }
     U8 bytes;
     __builtin_memcpy(&bytes, q + k * L, L);
@@ -176,10 +183,11 @@ struct Q8Rows {
   const int8_t* q;           // (k, 2L) int8
   const float* d;            // (k / 32, 2L)
   Vec<float> d0, d1;
-  inline void operator()(int64_t k, Vec<float>* w) {   // int8 through uint8 (x ^ 0x80 = x + 128): one widening instruction
+  __attribute__((always_inline)) inline void operator()(int64_t k, Vec<float>* w) {   // int8 through uint8 (x ^ 0x80 = x + 128): one widening instruction
     if (k % QB == 0) {
       d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
-      __builtin_prefetch(q + (k + 4 * QB) * 2 * L, 0, 3);
+      prefetch_block(q + (k + AHEAD_BLOCKS * QB) * 2 * L, QB * 2 * L);
+      prefetch_block(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
     }
     U8 a, b;
     __builtin_memcpy(&a, q + k * 2 * L, L);
@@ -195,11 +203,10 @@ struct Q8Rows {
 // Up to one row block of x (a decode step of a few rows) multiplies the widened rows straight from
 // registers; more rows widen a panel block of KC rows into scratch once, for every row block to read.
 // Either way each weight is the same float32 and each output sums over k in order: the same bits as the
-// float32 weights give, whatever the number of rows. Measured on SmolLM2's 30 layers (2 threads, an
-// AVX-512 Xeon; docs/benchmarks.md): from registers 6.3-7.3 ms against 7.8-9.4 through scratch at 3-6
-// rows, 8.6 against 11.6 at 8, but 8.1-9.6 against 6.5-7.1 at 1-2 rows on 512-bit vectors; an AVX2
-// build gains from 1 row on (8.8 against 11.2 ms at 1 row, 9.7 against 13.0 at 3).
-constexpr int FROM_REGISTERS_MIN_ROWS = VBYTES == 64 ? 3 : 1;
+// float32 weights give, whatever the number of rows. SmolLM2's 30 layers (2 threads, an AVX-512 Xeon;
+// docs/benchmarks.md): 1 row 4.0 ms from registers (the blocks' stream) against 7.2 through scratch, 8
+// rows 7.0 against 11.2; an AVX2 build 5.2 against 11.9 at 1 row. (The sources must inline: a call per
+// k row made the register path slower than scratch at some row counts.)
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m,
                             int64_t N) {
   constexpr int NR = panel<float>(), L = lanes<float>(), MR = row_block<float>();
@@ -219,7 +226,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::
     if (q4) f(Q4Rows{qp + (p * K + k0) * L, dp + s, mp + s});
     else f(Q8Rows{(const int8_t*)qp + (p * K + k0) * NR, dp + s});
   };
-  if (M >= FROM_REGISTERS_MIN_ROWS && M <= MR) {
+  if (M <= MR) {
     for_panels<float>(M, P, out.data_ptr<float>(), N, [&](int64_t p, float* dst, int64_t ld, float*) {
       with_rows(p, 0, [&](auto src) { tile_rows<float, MR>(int(M), xp, K, K, true, src, dst, ld); });
     });
