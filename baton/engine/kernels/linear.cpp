@@ -109,7 +109,8 @@ static void gemm(const T* x, int64_t M, int64_t K, int64_t P, T* out, int64_t N,
       int64_t k1 = std::min<int64_t>(K, k0 + KC);
       Floats<T> block{rows(p, k0, k1, scratch)};
       for (int64_t m = 0; m < M; m += MR)
-        tile_rows<T, MR>(int(std::min<int64_t>(MR, M - m)), x + m * K + k0, K, k1 - k0, k0 == 0, block, dst + m * ld, ld);
+        tile_rows<T, MR>(int(std::min<int64_t>(MR, M - m)), x + m * K + k0, K, k1 - k0, k0 == 0, block,
+                         dst + m * ld, ld);
     }
   });
 }
@@ -183,13 +184,13 @@ struct Q8Rows {
   const int8_t* q;           // (k, 2L) int8
   const float* d;            // (k / 32, 2L)
   Vec<float> d0, d1;
-  __attribute__((always_inline)) inline void operator()(int64_t k, Vec<float>* w) {   // int8 through uint8 (x ^ 0x80 = x + 128): one widening instruction
+  __attribute__((always_inline)) inline void operator()(int64_t k, Vec<float>* w) {
     if (k % QB == 0) {
       d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
       prefetch_block(q + (k + AHEAD_BLOCKS * QB) * 2 * L, QB * 2 * L);
       prefetch_block(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
     }
-    U8 a, b;
+    U8 a, b;   // int8 through uint8 (x ^ 0x80 = x + 128): what GCC widens in one instruction
     __builtin_memcpy(&a, q + k * 2 * L, L);
     __builtin_memcpy(&b, q + k * 2 * L + L, L);
     w[0] = __builtin_convertvector(__builtin_convertvector(a ^ 0x80, I32) - 128, Vec<float>) * d0;
