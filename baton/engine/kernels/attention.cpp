@@ -18,11 +18,6 @@ namespace baton {
 
 constexpr int AHEAD = 16;   // rows of K or V prefetched ahead: a (row, head)'s tokens cross a 4 KiB page every 16
 
-template <typename T, int DV, int LOCALITY = 3>
-static inline void prefetch_row(const T* p) {
-  for (int c = 0; c < DV * VBYTES; c += 64) __builtin_prefetch((const char*)p + c, 0, LOCALITY);
-}
-
 // out (GB, D) = the softmax weights s (GB, len) over v (len, D) rows `tstride` apart, / each head's total:
 // GB query heads at once, so each row of V is read once for all of them. Each output still sums over
 // u = 0..len-1 in order.
@@ -32,7 +27,7 @@ static void weigh(const T* s, int64_t len, const T* v, int64_t tstride, const T*
   Vec<T> acc[GB][DV] = {};
   for (int64_t u = 0; u < len; u++) {
     const T* vt = v + u * tstride;
-    prefetch_row<T, DV>(vt + AHEAD * tstride);
+    prefetch(vt + AHEAD * tstride, DV * VBYTES);
     for (int i = 0; i < DV; i++) {
       Vec<T> x = load(vt + i * L);
       for (int g = 0; g < GB; g++) acc[g][i] += s[g * len + u] * x;
@@ -50,8 +45,8 @@ static void attend(const T* q, int G, const T* k, const T* v, int64_t tstride, i
   T* totals = s + G * len;
   for (int64_t t = 0; t < len; t++) {
     const T* kt = k + t * tstride;
-    prefetch_row<T, DV>(kt + AHEAD * tstride);
-    prefetch_row<T, DV, 2>(v + (t + AHEAD) * tstride);   // V into L2 meanwhile: two streams in flight, not one
+    prefetch(kt + AHEAD * tstride, DV * VBYTES);
+    prefetch<2>(v + (t + AHEAD) * tstride, DV * VBYTES);   // V into L2 meanwhile: two streams in flight, not one
     Vec<T> kv[DV];
     for (int i = 0; i < DV; i++) kv[i] = load(kt + i * L);
     for (int g = 0; g < G; g++) {

@@ -42,7 +42,7 @@ struct Floats {
   __attribute__((always_inline)) inline void operator()(int64_t k, Vec<T>* w) const {
     constexpr int L = lanes<T>(), NR = panel<T>();
     for (int v = 0; v < NV; v++) __builtin_memcpy(&w[v], p + k * NR + v * L, sizeof(Vec<T>));
-    for (int c = 0; c < NR * (int)sizeof(T); c += 64) __builtin_prefetch((const char*)(p + (k + PREFETCH) * NR) + c, 0, 3);
+    prefetch(p + (k + PREFETCH) * NR, NR * sizeof(T));
   }
 };
 
@@ -149,10 +149,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
 constexpr int QB = 32;
 constexpr int AHEAD_BLOCKS = 4;   // blocks of a panel prefetched ahead, every cache line of them
 
-__attribute__((always_inline)) static inline void prefetch_block(const void* p, int bytes) {
-  for (int c = 0; c < bytes; c += 64) __builtin_prefetch((const char*)p + c, 0, 2);
-}
-
 struct Q4Rows {
   static constexpr int L = lanes<float>();
   typedef uint8_t U8 __attribute__((vector_size(L)));
@@ -165,9 +161,9 @@ struct Q4Rows {
     if (k % QB == 0) {
       d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
       m0 = load(m + k / QB * 2 * L), m1 = load(m + k / QB * 2 * L + L);
-      prefetch_block(q + (k + AHEAD_BLOCKS * QB) * L, QB * L);
-      prefetch_block(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
-      prefetch_block(m + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
+      prefetch<2>(q + (k + AHEAD_BLOCKS * QB) * L, QB * L);
+      prefetch<2>(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
+      prefetch<2>(m + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
     }
     U8 bytes;
     __builtin_memcpy(&bytes, q + k * L, L);
@@ -187,8 +183,8 @@ struct Q8Rows {
   __attribute__((always_inline)) inline void operator()(int64_t k, Vec<float>* w) {
     if (k % QB == 0) {
       d0 = load(d + k / QB * 2 * L), d1 = load(d + k / QB * 2 * L + L);
-      prefetch_block(q + (k + AHEAD_BLOCKS * QB) * 2 * L, QB * 2 * L);
-      prefetch_block(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
+      prefetch<2>(q + (k + AHEAD_BLOCKS * QB) * 2 * L, QB * 2 * L);
+      prefetch<2>(d + (k / QB + AHEAD_BLOCKS) * 2 * L, 2 * L * sizeof(float));
     }
     U8 a, b;   // int8 through uint8 (x ^ 0x80 = x + 128): what GCC widens in one instruction
     __builtin_memcpy(&a, q + k * 2 * L, L);

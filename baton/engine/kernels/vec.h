@@ -20,6 +20,13 @@ template <typename T> constexpr int lanes() { return VBYTES / sizeof(T); }
 template <typename T> static inline Vec<T> load(const T* p) { Vec<T> v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 template <typename T> static inline void store(T* p, Vec<T> v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
+// Every cache line of [p, p + bytes) fetched ahead of use; LOCALITY as __builtin_prefetch's (3: into L1,
+// 2: into L2). Always inlined: a call in a kernel's inner loop costs more than the prefetch gains.
+template <int LOCALITY = 3>
+__attribute__((always_inline)) static inline void prefetch(const void* p, int bytes) {
+  for (int c = 0; c < bytes; c += 64) __builtin_prefetch((const char*)p + c, 0, LOCALITY);
+}
+
 // The sum of a vector's lanes by halving (a fixed tree: the same order on every call).
 template <typename T, int B>
 static inline T hsum_bytes(const void* v) {
