@@ -152,6 +152,22 @@ def test_decode_attention_refuses_a_length_outside_the_window(kernels):
         kernels.decode_attention(q, kv, kv, torch.tensor([9]), 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_argmax_rows_picks_what_torch_argmax_picks_ties_nan_and_inf_included(kernels, dtype):
+    """Greedy sampling's choice: the first index of a row's maximum, a NaN above all (its first one),
+    an all -inf row 0; rows shorter than a vector, and tails after the last full vector."""
+    gen = torch.Generator().manual_seed(0)
+    for V in (1, 5, 16, 17, 40, 1003):
+        x = torch.randn(6, V, dtype=dtype, generator=gen)
+        x[1] = x[1].round()                                        # ties, the first must win
+        x[2] = x[2].max()                                          # all equal: index 0
+        x[3] = float("-inf")
+        x[4, V // 2] = float("nan")
+        x[4, V - 1] = float("nan")
+        x[5, V - 1] = x[5].max() + 1                               # the maximum in the tail
+        assert torch.equal(kernels.argmax_rows(x), torch.argmax(x, dim=-1)), V
+
+
 def test_a_float32_rows_logits_are_the_same_bits_alone_and_in_any_batch(kernels):
     """The whole CPU decode step, float32: a row's logits alone equal its logits among longer and
     shorter batch-mates (its padding differs), bit for bit."""

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from baton.engine.kernels import cpu_kernels_for
 from baton.grammar import Grammars, RowGrammar, check
 from baton.sampling import Logprobs, SamplingParams
 
@@ -132,10 +133,17 @@ def _grammar(row: Row, grammars: Grammars | None, vocab: int) -> RowGrammar:
     return row.grammar_state
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (n, V) -> (n,) int64, torch.argmax(x, -1): by baton's kernel on a CPU (torch's compares one
+    index at a time: 2.3 of a 32-row decode step's ~56 ms on a 2-core Xeon, the kernel ~0.2)."""
+    kernels = cpu_kernels_for(x.device, x.dtype)
+    return kernels.argmax_rows(x) if kernels is not None and x.dim() == 2 and x.shape[-1] else torch.argmax(x, dim=-1)
+
+
 def choose(scores: torch.Tensor, params: Sequence[SamplingParams], indices: Sequence[int]) -> torch.Tensor:
     """scores (n, V), already processed -> (n,) token ids, on the device. `indices[r]` is the
     position in its output of row r's token (with its seed, what its draw depends on)."""
-    tokens = torch.argmax(scores, dim=-1)
+    tokens = argmax(scores)
     sampled = [r for r, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens
@@ -158,7 +166,7 @@ def choose(scores: torch.Tensor, params: Sequence[SamplingParams], indices: Sequ
     noise = torch.empty_like(probs)
     for j, (r, p) in enumerate(zip(sampled, ps)):
         noise[j].exponential_(generator=_token_generator(p.seed, indices[r], probs.device))
-    tokens[on(tokens.device, sampled)] = (probs / noise.clamp_min_(1e-30)).argmax(-1)
+    tokens[on(tokens.device, sampled)] = argmax(probs / noise.clamp_min_(1e-30))
     return tokens
 
 
@@ -185,7 +193,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[i
         return []
     params = [row.params for row in rows]
     if all(p.greedy and not p.processed for p in params):
-        chosen = torch.argmax(logits, dim=-1)
+        chosen = argmax(logits)
     else:
         scores = process(logits, rows, eos_ids, grammars) if any(p.processed for p in params) else logits
         chosen = choose(scores, params, [len(row.output_ids) for row in rows])

@@ -15,6 +15,7 @@ torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>&
                            double eps);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor argmax_rows(const torch::Tensor& x);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,4 +30,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");
   m.def("silu_mul", &baton::silu_mul, "gate_up (rows, 2I) -> silu(gate) * up (rows, I)");
   m.def("rope_", &baton::rope_, "x (rows, heads, D) rotated in place by cos, signed sin (rows, D)");
+  m.def("argmax_rows", &baton::argmax_rows, "x (n, V) -> (n,) int64: torch.argmax(x, -1), vectorised");
 }
