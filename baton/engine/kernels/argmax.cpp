@@ -1,6 +1,7 @@
 // Greedy choice: each row's index of its largest value, as torch.argmax gives it (the first index of the
 // maximum; a NaN counts as the largest, the first NaN wins), in one vectorised pass over the row where
-// torch's CPU argmax compares index by index (32 rows of SmolLM2's 49,152 logits: 2.3 ms against ~0.2).
+// torch's CPU argmax compares index by index (32 rows of SmolLM2's 49,152 logits, 2 threads: 1.0 ms
+// against 0.12).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
