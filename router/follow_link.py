@@ -19,6 +19,7 @@ from itertools import repeat
 import grpc
 
 from baton.v1 import decode_pb2
+from router.registry import ChannelClosed
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,11 @@ class FollowLink:
         self.heard_s = time.monotonic()           # the last message from the worker (keep-alives too)
         self.out: queue.SimpleQueue = queue.SimpleQueue()   # FollowMessages to send; None ends the stream
         self.out.put(decode_pb2.FollowMessage(keepalive_s=keepalive_s))
-        self.call = handle.stub.Follow(self._requests(), metadata=auth)
+        try:
+            self.call = handle.stub.Follow(self._requests(), metadata=auth)
+        except ChannelClosed:   # the worker registered again since this handle was picked: its requests fail over
+            self.call, self.ended = None, StreamEnd(grpc.StatusCode.UNAVAILABLE, f"{handle.worker_id} registered again")
+            return
         self.thread = threading.Thread(target=self._read, name=f"follow-{handle.worker_id}", daemon=True)
         self.thread.start()
 
@@ -152,7 +157,8 @@ class FollowLink:
     def cut(self, why: str) -> None:
         """Give up on the link (its worker fell silent): every request on it fails over."""
         self._end(StreamEnd(grpc.StatusCode.UNAVAILABLE, why))
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
     def _read(self) -> None:
         try:
@@ -229,4 +235,5 @@ class FollowLinks:
         with self.lock:
             links, self.links = list(self.links.values()), {}
         for link in links:
-            link.call.cancel()
+            if link.call is not None:
+                link.call.cancel()

@@ -17,6 +17,10 @@ ROLES = ("prefill", "decode", "colocated")   # a colocated worker serves both ot
 # Health checks a worker may miss by timing out before it is taken for dead: one slow answer from
 # a busy worker must not fail every request it holds. Refused or unreachable counts at once.
 HEALTH_MISSES = 2
+# What a call on a replaced handle raises. register() closes the channel of the handle a restarted worker's
+# registration replaces, while a request or a poll may still hold that handle; for a call on a closed
+# channel gRPC raises ValueError ("Cannot invoke RPC on closed channel!"), not an RpcError.
+ChannelClosed = ValueError
 
 
 @dataclass(eq=False)
@@ -74,6 +78,7 @@ class Registry:
             self.workers[info.worker_id] = w
             self.changed.notify_all()
         if old is not None:
+            old.alive, old.health_down = False, True   # what still runs on the old handle moves on
             old.channel.close()
         log.info("registered %s worker %s at %s (pid %d)", w.role, w.worker_id, w.address, w.pid)
         return w
@@ -140,6 +145,8 @@ class Registry:
                         log.info("%s worker %s missed a health check (%d in a row)", w.role, w.worker_id,
                                  w.health_misses)
                         continue
+            except ChannelClosed:   # replaced while this poll ran: the new handle is polled next time
+                continue
             if ok and not w.alive:
                 log.info("%s worker %s is serving again", w.role, w.worker_id)
             if not ok:

@@ -35,7 +35,7 @@ from router import metrics
 from router.books import Books
 from router.config import RouterConfig
 from router.follow_link import FollowLinks, StreamEnd
-from router.registry import Registry, WorkerHandle
+from router.registry import ChannelClosed, Registry, WorkerHandle
 
 log = logging.getLogger(__name__)
 # Codes that mean "that worker is gone or broken": try another one.
@@ -220,7 +220,10 @@ class RequestRun:
         if the worker really went (a refused or reset connection fails them at once), and leaving it
         would re-prefill every request in flight there and make each of them shun a live worker for
         good (with two workers per role, one more such fault then left them none: issue 21)."""
-        call = worker.stub.Prefill.future(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
+        try:
+            call = worker.stub.Prefill.future(req, timeout=self.config.prefill_timeout_s, metadata=self.auth)
+        except ChannelClosed:
+            raise WorkerFailed("prefill", f"prefill worker {worker.worker_id} registered again") from None
         try:
             while True:
                 try:
@@ -332,7 +335,7 @@ class RequestRun:
         try:
             worker.stub.Abort(common_pb2.AbortRequest(request_id=self.rid, attempt=attempt), timeout=2,
                               metadata=self.auth)
-        except grpc.RpcError:
+        except (grpc.RpcError, ChannelClosed):
             pass  # dead workers hold nothing
 
 

@@ -20,7 +20,7 @@ from router.config import RouterConfig
 from router.follow_link import FollowLinks
 from router.limits import Limits, check_prompt, check_prompt_chars, check_request_id, validate_sampling
 from router.liveness import LivenessWatcher
-from router.registry import Registry, decode_context, max_batch, worker_stats
+from router.registry import ChannelClosed, Registry, decode_context, max_batch, worker_stats
 from router.request_run import RequestRun
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """The worker's current Stats kept on its handle (the last ones stay if it does not answer)."""
         try:
             w.stats = worker_stats(w.stub.Stats(common_pb2.WorkerStatsRequest(), timeout=timeout_s, metadata=self.auth))
-        except grpc.RpcError:
+        except (grpc.RpcError, ChannelClosed):
             pass
 
     @grpc_util.rpc

@@ -78,3 +78,38 @@ def test_a_worker_the_request_avoids_is_picked_only_when_no_other_is_live():
     reg.workers["d1"].alive = False
     with pytest.raises(Unavailable):
         reg.pick("decode", avoid={"d1"})
+
+
+def test_calls_on_a_handle_a_restart_replaced_fail_as_a_dead_workers_never_with_an_internal_error():
+    # CI once failed Status with "internal error: ValueError": it listed a decode worker's handle, the
+    # worker's restart registered again (closing the old handle's channel), then Status asked the old one.
+    from types import SimpleNamespace
+
+    from baton.v1 import prefill_pb2, router_pb2
+    from router.follow_link import FollowLinks, StreamEnd
+    from router.request_run import RequestRun, WorkerFailed
+    from router.server import RouterServicer
+    from test_request_run import _LiveClient
+
+    reg = Registry()
+    info = router_pb2.WorkerInfo(role="colocated", worker_id="c1", pid=1, node="n", address="127.0.0.1:1")
+    old = reg.register(info)
+    info.pid, info.address = 2, "127.0.0.1:2"
+    new = reg.register(info)
+    assert reg.workers == {"c1": new} and not old.alive and old.health_down
+    reg.workers["c1"] = old          # still listed by a Status or a health poll that began before
+    router = RouterServicer(reg, None, 64, "m")
+    try:
+        router.Status(router_pb2.StatusRequest(), SimpleNamespace())
+        reg.poll_health()
+        run = RequestRun("r1", [1], None, context=_LiveClient(), registry=reg, config=router.config,
+                         books=router.books, auth=router.auth, links=router.links)
+        with pytest.raises(WorkerFailed):
+            run._call_prefill(old, old, prefill_pb2.PrefillRequest(request_id="r1"), retry=False)
+        run._abort(old)
+        with pytest.raises(StreamEnd) as e:
+            FollowLinks((), 5.0).attach(old, "r1", 5.0).take()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        router.links.close()
+        new.channel.close()
