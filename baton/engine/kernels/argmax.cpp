@@ -22,14 +22,13 @@ template <typename T>
 static int64_t argmax_row(const T* x, int64_t V) {
   constexpr int L = lanes<T>();
   typedef typename IndexOf<T>::type I;
-  typedef I VI __attribute__((vector_size(VBYTES)));
-  VI lane, at{}, nan{};                       // lane i of a vector; where each lane's maximum is
+  Vec<I> lane, at{}, nan{};                   // lane i of a vector; where each lane's maximum is
   for (int i = 0; i < L; i++) lane[i] = i;
   Vec<T> best = Vec<T>{} - std::numeric_limits<T>::infinity();
   int64_t i = 0;
   for (; i + L <= V; i += L) {
     Vec<T> v = load(x + i);
-    VI more = v > best;                        // strictly: a lane keeps the first index of its maximum
+    Vec<I> more = v > best;                    // strictly: a lane keeps the first index of its maximum
     best = more ? v : best;
     at = more ? lane + (I)i : at;
     nan |= v != v;

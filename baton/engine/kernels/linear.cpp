@@ -153,7 +153,6 @@ struct Q4Rows {
   static constexpr int L = lanes<float>();
   typedef uint8_t U8 __attribute__((vector_size(L)));
   typedef uint16_t U16 __attribute__((vector_size(L)));
-  typedef int32_t I32 __attribute__((vector_size(VBYTES)));
   const uint8_t* q;          // (k, L) bytes
   const float *d, *m;        // (k / 32, 2L)
   Vec<float> d0, d1, m0, m1;
@@ -168,15 +167,14 @@ struct Q4Rows {
     U8 bytes;
     __builtin_memcpy(&bytes, q + k * L, L);
     U8 high = (U8)((U16)bytes >> 4) & 15;   // shifted as 16-bit lanes: x86 has no byte shift (GCC scalarises one)
-    w[0] = __builtin_convertvector(__builtin_convertvector(bytes & 15, I32), Vec<float>) * d0 + m0;
-    w[1] = __builtin_convertvector(__builtin_convertvector(high, I32), Vec<float>) * d1 + m1;
+    w[0] = __builtin_convertvector(__builtin_convertvector(bytes & 15, Vec<int32_t>), Vec<float>) * d0 + m0;
+    w[1] = __builtin_convertvector(__builtin_convertvector(high, Vec<int32_t>), Vec<float>) * d1 + m1;
   }
 };
 
 struct Q8Rows {
   static constexpr int L = lanes<float>();
   typedef uint8_t U8 __attribute__((vector_size(L)));
-  typedef int32_t I32 __attribute__((vector_size(VBYTES)));
   const int8_t* q;           // (k, 2L) int8
   const float* d;            // (k / 32, 2L)
   Vec<float> d0, d1;
@@ -189,8 +187,8 @@ struct Q8Rows {
     U8 a, b;   // int8 through uint8 (x ^ 0x80 = x + 128): what GCC widens in one instruction
     __builtin_memcpy(&a, q + k * 2 * L, L);
     __builtin_memcpy(&b, q + k * 2 * L + L, L);
-    w[0] = __builtin_convertvector(__builtin_convertvector(a ^ 0x80, I32) - 128, Vec<float>) * d0;
-    w[1] = __builtin_convertvector(__builtin_convertvector(b ^ 0x80, I32) - 128, Vec<float>) * d1;
+    w[0] = __builtin_convertvector(__builtin_convertvector(a ^ 0x80, Vec<int32_t>) - 128, Vec<float>) * d0;
+    w[1] = __builtin_convertvector(__builtin_convertvector(b ^ 0x80, Vec<int32_t>) - 128, Vec<float>) * d1;
   }
 };
 

@@ -45,7 +45,7 @@ template <typename T> static inline T hsum(Vec<T> v) { return hsum_bytes<T, VBYT
 
 // exp, lane by lane: float by Cephes' expf polynomial (range-reduced by ln 2; ~1 ulp), double by libm.
 static inline Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(VBYTES)));
+  typedef Vec<int32_t> VI;
   x = x < -87.3f ? Vec<float>{} - 87.3f : x;   // exp(-87.3) is near FLT_MIN, exp(88.7) near FLT_MAX
   x = x > 88.7f ? Vec<float>{} + 88.7f : x;
   Vec<float> fx = x * 1.44269504088896341f + 0.5f;
