@@ -3,7 +3,9 @@
 A request subscribes (`FollowLinks.attach`) and reads its TokenChunks from its own queue; one thread
 per link reads the worker's StepTokens (one message per engine step) and puts each chunk in its
 request's queue, so a client that reads slowly holds back nobody: its queue grows, the link's reader
-never waits for it. A request that is done or gone is released on the link (the worker frees its
+never waits for it. A request may instead hand the reader a function (`Subscription.stream_to`) that
+takes each chunk as it comes: then nothing wakes the request's own thread per step (the in-process
+gateway's relay, router/request_run.py). A request that is done or gone is released on the link (the worker frees its
 row before its next step). When the link fails or is cut for silence, every request on it gets the
 failure and migrates (router/request_run.py); the next request to that worker opens a new link.
 """
@@ -55,6 +57,11 @@ class Tokens:
         return self
 
 
+def _chunk(item):
+    """A queued item as its reader takes it: the error as it is, or the chunk's Tokens."""
+    return item if isinstance(item, Exception) else Tokens(item[0], item[1], item[2], list(item[3]))
+
+
 def _code(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
 
@@ -65,6 +72,30 @@ class Subscription:
     def __init__(self, link: "FollowLink", request_id: str):
         self.link, self.request_id = link, request_id
         self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = None                  # stream_to's function, once given
+        self._lock = threading.Lock()
+
+    def put(self, item) -> None:
+        """A chunk (token ids, text, finish reason, logprobs) or the error that ends the stream."""
+        with self._lock:
+            sink = self._sink
+            if sink is None:
+                self.items.put(item)
+                return
+        sink(_chunk(item))
+
+    def stream_to(self, sink) -> None:
+        """From now on call sink(Tokens or the ending error) with each item as it comes, on the thread
+        that delivers it (the link's reader, or the one that fails the stream), instead of queueing
+        it; the items queued so far go first. The sink must be quick and must not block."""
+        with self._lock:
+            while True:
+                try:
+                    item = self.items.get_nowait()
+                except queue.Empty:
+                    break
+                sink(_chunk(item))
+            self._sink = sink
 
     def __iter__(self):
         """Its Tokens, each holding all that were ready when the previous was taken."""
@@ -80,8 +111,7 @@ class Subscription:
         item = self.items.get()
         if isinstance(item, Exception):
             raise item
-        ids, text, finish_reason, logprobs = item
-        tokens = Tokens(ids, text, finish_reason, list(logprobs))
+        tokens = _chunk(item)
         while not tokens.finish_reason:
             try:
                 more = self.items.get_nowait()
@@ -95,7 +125,7 @@ class Subscription:
 
     def fail(self, err: Exception) -> None:
         """End the request's stream with err (its reader raises it)."""
-        self.items.put(err)
+        self.put(err)
 
     def release(self) -> None:
         """The router is done with the request: the worker frees its row if it still runs, and a
@@ -168,7 +198,7 @@ class FollowLink:
                     for rid, item in _rows(m):
                         sub = self.subs.pop(rid, None) if item[2] else self.subs.get(rid)
                         if sub is not None:
-                            sub.items.put(item)
+                            sub.put(item)
                 for end in m.ends:
                     with self.lock:
                         sub = self.subs.pop(end.request_id, None)

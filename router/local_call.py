@@ -13,6 +13,7 @@ gives messages then `grpc.aio.EOF` or raises a grpc.RpcError with `code()`, `det
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -47,10 +48,12 @@ def _cancelled() -> LocalRpcError:
 
 
 class LocalContext:
-    """The handler's side of one local call."""
+    """The handler's side of one local call. Beyond a ServicerContext it has `push(message)`: send a
+    message from any thread, as a yield from the handler would (the router's relay pushes each step's
+    message from the link's reader thread: router/request_run.py)."""
 
-    def __init__(self, metadata: tuple, deadline: float | None):
-        self.metadata, self.deadline = tuple(metadata or ()), deadline
+    def __init__(self, metadata: tuple, deadline: float | None, push=None):
+        self.metadata, self.deadline, self.push = tuple(metadata or ()), deadline, push
         self.trailing: tuple = ()
         self._callbacks: list = []
         self._lock = threading.Lock()
@@ -99,16 +102,42 @@ class LocalContext:
                 log.exception("a local call's callback failed")
 
 
+class Outbox:
+    """Hands items from other threads to one event loop, one wake-up of the loop for all that came
+    meanwhile (a step's messages for every request arrive together)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list = []            # (function, item) to call on the loop, in order
+        self._lock = threading.Lock()
+
+    def put(self, fn, item) -> None:
+        with self._lock:
+            self._items.append((fn, item))
+            if len(self._items) > 1:
+                return                    # a wake-up is on its way
+        with contextlib.suppress(RuntimeError):   # the loop is closed: nobody reads any more
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for fn, item in items:
+            fn(item)
+
+
 class LocalCall:
     """The gateway's side of one local call (made and read on its event loop)."""
 
-    def __init__(self, handler, request, metadata, timeout: float | None, pool: ThreadPoolExecutor):
+    def __init__(self, handler, request, metadata, timeout: float | None, pool: ThreadPoolExecutor, outbox: Outbox):
         self._loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue = asyncio.Queue()   # messages, then EOF or a LocalRpcError
+        self._outbox = outbox
+        self._items: collections.deque = collections.deque()   # messages, then EOF or a LocalRpcError
+        self._ready = asyncio.Event()
         self._end: asyncio.Future = self._loop.create_future()
         self._final: object = None                      # EOF or the error, once read
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.context = LocalContext(metadata, deadline)
+        self.context = LocalContext(metadata, deadline, push=self._put)
         self._timer = None if timeout is None else self._loop.call_later(timeout, self._expire)
         pool.submit(self._run, handler, request)
 
@@ -134,8 +163,7 @@ class LocalCall:
             self._put(result)
 
     def _put(self, item) -> None:
-        with contextlib.suppress(RuntimeError):   # the loop is closed: nobody reads any more
-            self._loop.call_soon_threadsafe(self._deliver, item)
+        self._outbox.put(self._deliver, item)
 
     # -- the loop's side
     def _deliver(self, item) -> None:
@@ -144,12 +172,16 @@ class LocalCall:
         if item is grpc.aio.EOF or isinstance(item, LocalRpcError):
             self._finish(item)
         else:
-            self._items.put_nowait(item)
+            self._queue(item)
+
+    def _queue(self, item) -> None:
+        self._items.append(item)
+        self._ready.set()
 
     def _finish(self, item) -> None:
         if not self._end.done():
             self._end.set_result(item)
-            self._items.put_nowait(item)
+            self._queue(item)
             if self._timer is not None:
                 self._timer.cancel()
 
@@ -165,9 +197,16 @@ class LocalCall:
         return True
 
     async def read(self):
+        """The next message, merged with the ones queued behind it (a reader slower than the steps gets
+        fewer, larger messages), then EOF, or the error the call ended with."""
         if self._final is None:
-            item = await self._items.get()
-            if item is not grpc.aio.EOF and not isinstance(item, LocalRpcError):
+            while not self._items:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._items.popleft()
+            if _is_message(item):
+                while not item.finish_reason and self._items and _is_message(self._items[0]):
+                    item = _merged(item, self._items.popleft())
                 return item
             self._final = item
         if isinstance(self._final, LocalRpcError):
@@ -179,17 +218,34 @@ class LocalCall:
         return grpc.StatusCode.OK if end is grpc.aio.EOF else end.code()
 
 
+def _is_message(item) -> bool:
+    return item is not grpc.aio.EOF and not isinstance(item, LocalRpcError)
+
+
+def _merged(msg, more):
+    """Two consecutive GenerateResponses as one: texts joined, token ids and logprobs in order, the
+    later one's finish, usage and timings."""
+    text = msg.text + more.text
+    msg.MergeFrom(more)
+    msg.text = text
+    return msg
+
+
 class LocalRouterStub:
     """The router stub the in-process gateway uses: Generate runs here, anything else goes to `remote`."""
 
     def __init__(self, servicer, remote, max_streams: int):
         self._servicer, self._remote = servicer, remote
         self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="router-local")
+        self._outbox: Outbox | None = None
         self._lock = threading.Lock()
         self.running = 0            # handlers not yet returned (a relay that outlives its call is a leak)
 
     def Generate(self, request, timeout: float | None = None, metadata=None) -> LocalCall:  # noqa: N802 - the stub's name
-        return LocalCall(self._counted, request, metadata, timeout, self._pool)
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        return LocalCall(self._counted, request, metadata, timeout, self._pool, self._outbox)
 
     def _counted(self, request, context):
         with self._lock:

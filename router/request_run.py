@@ -116,34 +116,19 @@ class RequestRun:
         # stream, and the decode worker's liveness is the health check's (see _call_prefill).
         self.heard_s = time.monotonic()
         try:
-            for ev in self.attach:   # a TokenChunk: the tokens of one or more steps
-                self.heard_s = time.monotonic()
-                if self.first_token_s is None:
-                    self.first_token_s = time.monotonic()
-                    self._start_running()
-                first = not self.generated
-                self.generated.extend(ev.token_ids)
-                resp = router_pb2.GenerateResponse(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs)
-                if first:   # the first message says the request's id and prompt size
-                    resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
-                if not ev.finish_reason:
+            push = getattr(self.context, "push", None)   # the in-process gateway's call (router/local_call.py)
+            if push is not None:
+                last = self._pushed_until_last(push)
+            else:
+                for ev in self.attach:   # a TokenChunk: the tokens of one or more steps
+                    resp = self._response(ev)
+                    if ev.finish_reason:
+                        last = resp
+                        break
                     yield resp
                     time.sleep(self._pace_s())   # a cancel meanwhile settles at once (the RPC's callback)
-                    continue
-                self._fill_last(resp, ev.finish_reason)
-                yield resp
-                # gRPC resumes a stream only after the message went out on a live call: a client
-                # that cancelled before it got the last token never reaches this line.
-                with self.lock:   # from here settle counts it completed, so the metrics count it too
-                    completed = not self.settled   # (unless a cancel settled it in the meantime)
-                    if completed:
-                        self.status = Status.FINISHED
-                if completed and self.counted:
-                    metrics.observe_request(resp)
-                log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
-                         "ttft_s=%.4f e2e_s=%.4f", self.rid, FINISH_NAMES[resp.finish_reason],
-                         len(self.ids), len(self.generated), resp.ttft_s, resp.e2e_s)
-                return
+                else:
+                    raise WorkerFailed("decode", "stream ended without a finish")
         except (grpc.RpcError, StreamEnd) as e:
             self._check_client()
             if self.silent:
@@ -151,7 +136,68 @@ class RequestRun:
             if e.code() not in WORKER_FAILURE:
                 raise _from_rpc(e) from None
             raise WorkerFailed("decode", f"stream failed: {e.code().name}") from None
-        raise WorkerFailed("decode", "stream ended without a finish")
+        yield last
+        # gRPC resumes a stream only after the message went out on a live call (a local call: was handed
+        # to a live call): a client that cancelled before it got the last token never reaches this line.
+        with self.lock:   # from here settle counts it completed, so the metrics count it too
+            completed = not self.settled   # (unless a cancel settled it in the meantime)
+            if completed:
+                self.status = Status.FINISHED
+        if completed and self.counted:
+            metrics.observe_request(last)
+        log.info("request_id=%s outcome=completed finish=%s prompt_tokens=%d completion_tokens=%d "
+                 "ttft_s=%.4f e2e_s=%.4f", self.rid, FINISH_NAMES[last.finish_reason],
+                 len(self.ids), len(self.generated), last.ttft_s, last.e2e_s)
+
+    def _response(self, ev) -> router_pb2.GenerateResponse:
+        """The client's message for a chunk of tokens: the first also says the request's id and prompt
+        size, the last its usage and timings."""
+        self.heard_s = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = self.heard_s
+            self._start_running()
+        first = not self.generated
+        self.generated.extend(ev.token_ids)
+        resp = router_pb2.GenerateResponse(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs)
+        if first:
+            resp.request_id, resp.usage.prompt_tokens = self.rid, len(self.ids)
+        if ev.finish_reason:
+            self._fill_last(resp, ev.finish_reason)
+        return resp
+
+    def _pushed_until_last(self, push) -> router_pb2.GenerateResponse:
+        """The in-process gateway's relay: the link's reader thread builds each message and pushes it
+        to the gateway as the step comes in, so nothing wakes this thread per step (on 2 cores each
+        wake-up of a thread preempts the engine's: docs/benchmarks.md). This thread waits for the
+        last message, which it sends itself (completion is counted as for a gRPC call), or the end."""
+        lock, ended, outcome = threading.Lock(), threading.Event(), []
+
+        def on_chunk(item) -> None:   # the link's reader thread, or the thread that fails the stream
+            with lock:
+                if ended.is_set():
+                    return
+                try:
+                    if isinstance(item, Exception):
+                        raise item
+                    resp = self._response(item)
+                    if not item.finish_reason:
+                        push(resp)
+                        return
+                    outcome.append(resp)
+                except Exception as e:  # noqa: BLE001 - the stream's end, or a bug: raised on this request's thread
+                    outcome.append(e)
+                ended.set()
+
+        self.attach.stream_to(on_chunk)
+        try:
+            while not ended.wait(1.0):
+                self._check_client()      # a cancel or a deadline ends the stream first (settle releases it)
+        finally:
+            with lock:                    # no chunk is half-handled past here, and none is handled after
+                ended.set()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     def _pace_s(self) -> float:
         return min(MAX_PACE_S, self.links.following() / RELAY_MSGS_PER_S) if self.links is not None else 0.0

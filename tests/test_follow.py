@@ -237,6 +237,28 @@ def test_the_link_gives_each_request_its_rows_and_a_failure_to_all():
     assert link.attach("c", 5.0).items.get().code() == grpc.StatusCode.UNAVAILABLE   # an ended link refuses
 
 
+def test_a_request_streamed_to_a_function_gets_what_was_queued_first_then_each_step_on_the_reader_s_thread():
+    """Subscription.stream_to (the in-process gateway's relay): the chunks queued before it go first, in
+    order; later ones are handed over by the link's reader thread as they come (nothing else is woken);
+    the link's failure ends it the same way."""
+    link, call, sent = _link()
+    a = link.attach("a", 5.0)
+    call.answers.put(decode_pb2.StepTokens(request_ids=["a"], counts=[1], token_ids=[1], texts=["x"], finish_reasons=[0]))
+    deadline = time.monotonic() + 5
+    while a.items.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got, threads = [], []
+    a.stream_to(lambda item: (got.append(item), threads.append(threading.get_ident())))
+    call.answers.put(decode_pb2.StepTokens(request_ids=["a"], counts=[2], token_ids=[2, 3], texts=["yz"],
+                                           finish_reasons=[0]))
+    call.answers.put(_RpcError())
+    while len(got) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(g.token_ids, g.text) for g in got[:2]] == [([1], "x"), ([2, 3], "yz")]
+    assert isinstance(got[2], StreamEnd) and got[2].code() == grpc.StatusCode.UNAVAILABLE
+    assert threads[0] == threading.get_ident() and threads[1] == link.thread.ident
+
+
 class _OwnPrefill:
     """A colocated worker's Prefill role as Follow drives it: refuses what its check refuses, else
     hands the prompt to the worker's own batch (decode_service/colocated.py ColocatedPrefill)."""

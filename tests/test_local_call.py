@@ -157,20 +157,55 @@ def test_a_handler_that_sees_its_deadline_first_still_ends_the_call_deadline_exc
     import grpc
     import grpc.aio
 
-    from router.local_call import LocalCall
+    from router.local_call import LocalCall, Outbox
 
     def handler(request, context):
         while context.is_active():
-            yield request
+            yield router_pb2.GenerateResponse(text="m", token_ids=[7])
             time.sleep(0.01)
 
     async def main():
-        call = LocalCall(handler, "msg", (), 0.1, ThreadPoolExecutor(1))
+        call = LocalCall(handler, "msg", (), 0.1, ThreadPoolExecutor(1), Outbox(asyncio.get_running_loop()))
         time.sleep(0.3)   # the loop busy: the handler's end is queued before the timer can fire
-        got = [await call.read() for _ in range(3)]
+        got = []
         with pytest.raises(grpc.RpcError) as e:
             while (m := await call.read()) is not grpc.aio.EOF:
                 got.append(m)
         return got, e.value.code(), await call.code()
     got, code, final = asyncio.run(main())
-    assert got[:3] == ["msg"] * 3 and code == final == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert got and code == final == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert all(m.text == "m" * len(m.token_ids) for m in got)
+
+
+def test_a_reader_slower_than_the_messages_gets_them_merged_in_order_with_the_last_ones_finish():
+    """Messages queued behind the one a read takes come with it (a gateway slower than the steps sends
+    fewer, larger chunks): texts joined, token ids in order, the first's request id and the last's
+    finish and usage; messages pushed from another thread (the router's relay) keep their order."""
+    import asyncio
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc.aio
+
+    from router.local_call import LocalCall, Outbox
+
+    def handler(request, context):
+        first = router_pb2.GenerateResponse(text="a", token_ids=[1], request_id="r")
+        first.usage.prompt_tokens = 3
+        context.push(first)
+        pushed = threading.Thread(target=lambda: [context.push(router_pb2.GenerateResponse(text=t, token_ids=[i]))
+                                                  for i, t in ((2, "b"), (3, "c"))])
+        pushed.start()
+        pushed.join()
+        last = router_pb2.GenerateResponse(text="d", token_ids=[4], finish_reason=1)
+        last.usage.prompt_tokens, last.usage.completion_tokens = 3, 4
+        yield last
+
+    async def main():
+        call = LocalCall(handler, "req", (), 5.0, ThreadPoolExecutor(1), Outbox(asyncio.get_running_loop()))
+        time.sleep(0.2)   # the loop busy while all four messages arrive
+        return await call.read(), await call.read()
+    msg, end = asyncio.run(main())
+    assert (msg.text, list(msg.token_ids), msg.request_id, msg.finish_reason) == ("abcd", [1, 2, 3, 4], "r", 1)
+    assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (3, 4) and end is grpc.aio.EOF
