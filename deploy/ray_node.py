@@ -46,6 +46,11 @@ def start(args, workers: int) -> None:
     # to the router, the gateway or the clients (measured: TTFT p50 12.8 s niced vs ... s not).
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # a local cluster reports nowhere
+    # Ray prestarts an idle worker process for tasks; baton runs actors only (each gets a process of
+    # its own), and the idle one's ~200 wake-ups a second preempt an engine thread each on a small
+    # machine (docs/benchmarks.md, "Wake-ups").
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # The autoscaler monitor's metrics port is a fixed 44217 by default: a second local cluster on
     # the machine (another baton up) would find it taken. A free one per cluster instead.
     os.environ.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))

@@ -80,6 +80,8 @@ def _check_started_everything(found, router_port: int, http_port: int) -> None:
     assert {router_port, http_port} <= {s.port for s in found}, found
     for daemon in ("gcs_server", "raylet", "ray::WorkerActor"):
         assert daemon in names, f"no listening socket of {daemon} among {[str(s) for s in found]}"
+    # nor more: Ray's prestarted idle worker would wait for tasks baton never runs, waking ~200 times a second
+    assert "ray::IDLE" not in names, [str(s) for s in found]
 
 
 def test_colocated_default_flags_listen_on_loopback_only(model_dir):
