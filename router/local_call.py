@@ -3,6 +3,10 @@ server): the gateway's call runs the servicer's handler on a thread of this modu
 GenerateResponse through its event loop, as a grpc.aio call hands them over, without the loopback
 HTTP/2 connection, protobuf (de)serialisation and the gRPC server's per-message machinery between two
 halves of one process. Everything else the gateway asks the router (Status) still goes over gRPC.
+Messages reach the loop through one Outbox per loop: whatever arrives while the loop is busy costs
+it one wake-up, and a read takes the messages queued by then as one. The handler may also send from
+other threads (`context.push`): the router's relay does, from the link's reader thread, so that a
+step's messages wake no thread per request (router/request_run.py).
 
 What the handler sees is a ServicerContext's behaviour: `add_callback` callbacks run once when the call
 ends however it ends (completed, failed, cancelled by the client, past its deadline), `is_active` turns
@@ -116,8 +120,11 @@ class Outbox:
             self._items.append((fn, item))
             if len(self._items) > 1:
                 return                    # a wake-up is on its way
-        with contextlib.suppress(RuntimeError):   # the loop is closed: nobody reads any more
+        try:
             self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:   # the loop is closed: nobody reads any more
+            with self._lock:
+                self._items.clear()
 
     def _flush(self) -> None:
         with self._lock:

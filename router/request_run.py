@@ -7,7 +7,8 @@
    K/V straight to that decode worker; a prefill worker that fails, or that the health check
    finds down while the call is in flight, is left for another one (one failed call of another
    request does not take the call away: see _call_prefill); a client that goes away cancels it;
-3. `relay` passes tokens on; a decode worker that fails, is silent past `worker_silence_s`
+3. `relay` passes tokens on (for the gateway in this process the link's reader thread does, see
+   `_pushed_until_last`); a decode worker that fails, is silent past `worker_silence_s`
    (stopped, hung, cut off) or is found down while prefill runs for it is left: `migrate` starts over
    at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
    repeated);
