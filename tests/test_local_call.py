@@ -1,6 +1,6 @@
 """The HTTP gateway in the router's process (`baton up`): Generate called in process (router/local_call.py)
 keeps what the gRPC hop gave — exact tokens, a client that goes away frees its row, a deadline ends the
-request, the router's errors reach the client as the same 4xx."""
+request, the router's errors reach the client as the same 4xx, a stopped worker's streams migrate exactly."""
 import json
 
 import httpx2 as httpx
@@ -209,3 +209,62 @@ def test_a_reader_slower_than_the_messages_gets_them_merged_in_order_with_the_la
     msg, end = asyncio.run(main())
     assert (msg.text, list(msg.token_ids), msg.request_id, msg.finish_reason) == ("abcd", [1, 2, 3, 4], "r", 1)
     assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (3, 4) and end is grpc.aio.EOF
+
+
+def test_streams_through_the_in_process_call_migrate_exactly_when_their_worker_stops(tmp_path):
+    """The relay that runs on the link's reader thread (router/request_run.py, the gateway in the
+    router's process) fails over as the threaded one does: two colocated workers, a stream on each,
+    one worker stopped mid-stream; both streams end with the greedy tokens of an uninterrupted run."""
+    import signal
+    import threading
+
+    from deploy.procs import stop_all
+    from router.config import RouterConfig
+    from router.http_gateway import start_gateway
+    from router.main import start_router
+    from tiny_model import engine_greedy, tiny_llama
+
+    long = 950   # the stop must land mid-stream (prompts <= 30 tokens, context 1024)
+    prompts = [[5 + i, 9, 200, 31, 7 + i] for i in range(2)]
+    want = engine_greedy(tiny_llama(), prompts, long)
+    model_dir = save_tiny(tmp_path / "model")
+    save_tokenizer(model_dir)
+    server, port, servicer, watcher = start_router(model_dir, "127.0.0.1", 0, config=RouterConfig(worker_silence_s=2.0))
+    address = f"127.0.0.1:{port}"
+    workers = [Proc(["decode_service", "--colocated", "--port", "0", "--model", model_dir, "--router", address,
+                     "--dtype", "float64", "--threads", "1", "--max-batch", "4"]) for _ in range(2)]
+    gw = None
+    try:
+        wait_for(lambda: watcher.serving and len(servicer.registry.live("decode")) == 2, 60, what="two workers")
+        gw = start_gateway(address, "127.0.0.1", 0, local_router=servicer)
+        under_way, got = [threading.Event(), threading.Event()], [None, None]
+
+        def stream(i: int) -> None:
+            body = {"prompt": prompts[i], "max_tokens": long, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "return_token_ids": True}
+            ids = []
+            with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: {"):
+                        ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
+                        if ids:
+                            under_way[i].set()
+            got[i] = ids
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in under_way)   # both streams under way: one on each worker (least loaded)
+        workers[0].signal(signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(60)
+        finally:
+            workers[0].signal(signal.SIGCONT)
+        assert got == want
+        assert servicer.books.snapshot()[2]["migrations"] >= 1
+    finally:
+        if gw is not None:
+            gw.stop()
+        stop_all(workers)
+        watcher.stopped.set()
+        server.stop(0).wait(2)
