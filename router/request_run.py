@@ -19,6 +19,7 @@ Failure kinds come from status codes and trailing metadata (`baton-failed-role`)
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -35,7 +36,7 @@ from baton.wire import FINISH_NAMES, params_to_pb
 from router import metrics
 from router.books import Books
 from router.config import RouterConfig
-from router.follow_link import FollowLinks, StreamEnd
+from router.follow_link import FollowLinks, StreamEnd, Tokens
 from router.registry import ChannelClosed, Registry, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,13 @@ class RequestRun:
     def _pushed_until_last(self, push) -> router_pb2.GenerateResponse:
         """The in-process gateway's relay: the link's reader thread builds each message and pushes it
         to the gateway as the step comes in, so nothing wakes this thread per step (on 2 cores each
-        wake-up of a thread preempts the engine's: docs/benchmarks.md). This thread waits for the
-        last message, which it sends itself (completion is counted as for a gRPC call), or the end."""
+        wake-up of a thread preempts the engine's: docs/benchmarks.md). Messages are paced as the
+        threaded relay's are (`_pace_s`): tokens that come sooner wait for the next step's. This
+        thread waits for the last message, which it sends itself (completion is counted as for a gRPC
+        call), or the end."""
         lock, ended, outcome = threading.Lock(), threading.Event(), []
+        held: list[Tokens] = []      # chunks not sent yet
+        due = [0.0]                  # when the next message may go
 
         def on_chunk(item) -> None:   # the link's reader thread, or the thread that fails the stream
             with lock:
@@ -179,12 +184,18 @@ class RequestRun:
                     return
                 try:
                     if isinstance(item, Exception):
+                        if held:      # what came before the end still goes out
+                            push(self._response(_joined(held)))
                         raise item
-                    resp = self._response(item)
+                    held.append(item)
+                    self.heard_s = now = time.monotonic()
                     if not item.finish_reason:
-                        push(resp)
+                        if now >= due[0]:
+                            push(self._response(_joined(held)))
+                            held.clear()
+                            due[0] = now + self._pace_s()
                         return
-                    outcome.append(resp)
+                    outcome.append(self._response(_joined(held)))
                 except Exception as e:  # noqa: BLE001 - the stream's end, or a bug: raised on this request's thread
                     outcome.append(e)
                 ended.set()
@@ -384,6 +395,11 @@ class RequestRun:
                               metadata=self.auth)
         except (grpc.RpcError, ChannelClosed):
             pass  # dead workers hold nothing
+
+
+def _joined(chunks: list[Tokens]) -> Tokens:
+    """Consecutive chunks of one request as one."""
+    return functools.reduce(Tokens.merge, chunks[1:], chunks[0])
 
 
 def _in_background(fn, *args) -> None:
