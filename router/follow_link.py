@@ -5,9 +5,10 @@ per link reads the worker's StepTokens (one message per engine step) and puts ea
 request's queue, so a client that reads slowly holds back nobody: its queue grows, the link's reader
 never waits for it. A request may instead hand the reader a function (`Subscription.stream_to`) that
 takes each chunk as it comes: then nothing wakes the request's own thread per step (the in-process
-gateway's relay, router/request_run.py). A request that is done or gone is released on the link (the worker frees its
-row before its next step). When the link fails or is cut for silence, every request on it gets the
-failure and migrates (router/request_run.py); the next request to that worker opens a new link.
+gateway's relay, router/request_run.py). A request that is done or gone is released on the link (the
+worker frees its row before its next step). When the link fails or is cut for silence, every request
+on it gets the failure and migrates (router/request_run.py); the next request to that worker opens a
+new link.
 """
 from __future__ import annotations
 

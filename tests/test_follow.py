@@ -243,7 +243,8 @@ def test_a_request_streamed_to_a_function_gets_what_was_queued_first_then_each_s
     the link's failure ends it the same way."""
     link, call, sent = _link()
     a = link.attach("a", 5.0)
-    call.answers.put(decode_pb2.StepTokens(request_ids=["a"], counts=[1], token_ids=[1], texts=["x"], finish_reasons=[0]))
+    call.answers.put(decode_pb2.StepTokens(request_ids=["a"], counts=[1], token_ids=[1], texts=["x"],
+                                           finish_reasons=[0]))
     deadline = time.monotonic() + 5
     while a.items.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
