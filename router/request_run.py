@@ -7,8 +7,8 @@
    K/V straight to that decode worker; a prefill worker that fails, or that the health check
    finds down while the call is in flight, is left for another one (one failed call of another
    request does not take the call away: see _call_prefill); a client that goes away cancels it;
-3. `relay` passes tokens on (for the gateway in this process the link's reader thread does, see
-   `_pushed_until_last`); a decode worker that fails, is silent past `worker_silence_s`
+3. `relay` passes tokens on, paced (router/relay.py; for the gateway in this process the link's reader
+   thread does); a decode worker that fails, is silent past `worker_silence_s`
    (stopped, hung, cut off) or is found down while prefill runs for it is left: `migrate` starts over
    at 1 on another decode worker with the tokens so far (re-prefilled, so nothing is lost or
    repeated);
@@ -19,7 +19,6 @@ Failure kinds come from status codes and trailing metadata (`baton-failed-role`)
 """
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -36,8 +35,9 @@ from baton.wire import FINISH_NAMES, params_to_pb
 from router import metrics
 from router.books import Books
 from router.config import RouterConfig
-from router.follow_link import FollowLinks, StreamEnd, Tokens
+from router.follow_link import FollowLinks, StreamEnd
 from router.registry import ChannelClosed, Registry, WorkerHandle
+from router.relay import messages as token_messages, pace_s
 
 log = logging.getLogger(__name__)
 # Codes that mean "that worker is gone or broken": try another one.
@@ -45,13 +45,6 @@ WORKER_FAILURE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.St
                   grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 POLL_S = 0.1     # how often an in-flight Prefill looks at its client and its workers
 PICK_POLL_S = 0.05   # how often a request with no live worker looks again
-# Token messages to the client: the router sends about this many a second over all the requests it
-# relays, however many; after a message a request waits its share (requests / this, at most
-# MAX_PACE_S) and its next message carries every token that came meanwhile. One request alone gets
-# each step's tokens at once; 256 get a message every 0.25 s. Each message costs the router and the
-# gateway a fixed CPU price whatever it holds, so the path's cost per token falls as load rises.
-RELAY_MSGS_PER_S = 1000.0
-MAX_PACE_S = 0.25
 
 
 class WorkerFailed(Exception):
@@ -117,20 +110,9 @@ class RequestRun:
         # Silence counts from here: while prefill runs (it may queue behind a burst) nobody reads the
         # stream, and the decode worker's liveness is the health check's (see _call_prefill).
         self.heard_s = time.monotonic()
-        try:
-            push = getattr(self.context, "push", None)   # the in-process gateway's call (router/local_call.py)
-            if push is not None:
-                last = self._pushed_until_last(push)
-            else:
-                for ev in self.attach:   # a TokenChunk: the tokens of one or more steps
-                    resp = self._response(ev)
-                    if ev.finish_reason:
-                        last = resp
-                        break
-                    yield resp
-                    time.sleep(self._pace_s())   # a cancel meanwhile settles at once (the RPC's callback)
-                else:
-                    raise WorkerFailed("decode", "stream ended without a finish")
+        try:   # the in-process gateway's call can take messages from other threads (router/local_call.py)
+            last = yield from token_messages(self.attach, getattr(self.context, "push", None), self._response,
+                                             self._pace_s, self._check_client)
         except (grpc.RpcError, StreamEnd) as e:
             self._check_client()
             if self.silent:
@@ -138,6 +120,8 @@ class RequestRun:
             if e.code() not in WORKER_FAILURE:
                 raise _from_rpc(e) from None
             raise WorkerFailed("decode", f"stream failed: {e.code().name}") from None
+        if last is None:
+            raise WorkerFailed("decode", "stream ended without a finish")
         yield last
         # gRPC resumes a stream only after the message went out on a live call (a local call: was handed
         # to a live call): a client that cancelled before it got the last token never reaches this line.
@@ -167,52 +151,8 @@ class RequestRun:
             self._fill_last(resp, ev.finish_reason)
         return resp
 
-    def _pushed_until_last(self, push) -> router_pb2.GenerateResponse:
-        """The in-process gateway's relay: the link's reader thread builds each message and pushes it
-        to the gateway as the step comes in, so nothing wakes this thread per step (on 2 cores each
-        wake-up of a thread preempts the engine's: docs/benchmarks.md). Messages are paced as the
-        threaded relay's are (`_pace_s`): tokens that come sooner wait for the next step's. This
-        thread waits for the last message, which it sends itself (completion is counted as for a gRPC
-        call), or the end."""
-        lock, ended, outcome = threading.Lock(), threading.Event(), []
-        held: list[Tokens] = []      # chunks not sent yet
-        due = [0.0]                  # when the next message may go
-
-        def on_chunk(item) -> None:   # the link's reader thread, or the thread that fails the stream
-            with lock:
-                if ended.is_set():
-                    return
-                try:
-                    if isinstance(item, Exception):
-                        if held:      # what came before the end still goes out
-                            push(self._response(_joined(held)))
-                        raise item
-                    held.append(item)
-                    self.heard_s = now = time.monotonic()
-                    if not item.finish_reason:
-                        if now >= due[0]:
-                            push(self._response(_joined(held)))
-                            held.clear()
-                            due[0] = now + self._pace_s()
-                        return
-                    outcome.append(self._response(_joined(held)))
-                except Exception as e:  # noqa: BLE001 - the stream's end, or a bug: raised on this request's thread
-                    outcome.append(e)
-                ended.set()
-
-        self.attach.stream_to(on_chunk)
-        try:
-            while not ended.wait(1.0):
-                self._check_client()      # a cancel or a deadline ends the stream first (settle releases it)
-        finally:
-            with lock:                    # no chunk is half-handled past here, and none is handled after
-                ended.set()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
-
     def _pace_s(self) -> float:
-        return min(MAX_PACE_S, self.links.following() / RELAY_MSGS_PER_S) if self.links is not None else 0.0
+        return pace_s(self.links.following()) if self.links is not None else 0.0
 
     def _fill_last(self, resp: router_pb2.GenerateResponse, finish_reason: int) -> None:
         now = time.monotonic()
@@ -231,23 +171,25 @@ class RequestRun:
         its Follow stream; a refusal ends the request there (_tokens). None: a Prefill call it is."""
         if decode.role != "colocated" or self.links is None:
             return None
-        with self.lock:
-            if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
-                self.status = Status.PREFILLING
+        req = self._prefill_request(decode)
         self.prefill = decode
         self.prefill_attempts += 1
+        req.attempt = self.prefill_attempts
+        return req
+
+    def _prefill_request(self, decode: WorkerHandle) -> prefill_pb2.PrefillRequest:
+        """The prompt and the tokens so far, their K/V for `decode`; the request is PREFILLING from here
+        (a migration re-prefills a RUNNING request: it stays so)."""
+        with self.lock:
+            if self.status is Status.WAITING:
+                self.status = Status.PREFILLING
         return prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
                                           params=params_to_pb(self.params), decode_address=decode.address,
-                                          generated_token_ids=self.generated, attempt=self.prefill_attempts)
+                                          generated_token_ids=self.generated)
 
     def prefill_with_retry(self, decode: WorkerHandle) -> None:
-        req = prefill_pb2.PrefillRequest(request_id=self.rid, prompt_token_ids=self.ids,
-                                         params=params_to_pb(self.params), decode_address=decode.address,
-                                         generated_token_ids=self.generated)
+        req = self._prefill_request(decode)
         tried: set[str] = set()
-        with self.lock:
-            if self.status is Status.WAITING:   # a migration re-prefills a RUNNING request: it stays so
-                self.status = Status.PREFILLING
         for _ in range(self.config.max_prefill_attempts):
             worker = self.prefill = self._pick("prefill", avoid=tried,
                                                prefer=decode if decode.role == "colocated" else None)
@@ -395,11 +337,6 @@ class RequestRun:
                               metadata=self.auth)
         except (grpc.RpcError, ChannelClosed):
             pass  # dead workers hold nothing
-
-
-def _joined(chunks: list[Tokens]) -> Tokens:
-    """Consecutive chunks of one request as one."""
-    return functools.reduce(Tokens.merge, chunks[1:], chunks[0])
 
 
 def _in_background(fn, *args) -> None:
