@@ -56,6 +56,21 @@ def test_linear_rows_do_not_depend_on_their_batch_mates(kernels):
         assert torch.equal(lin(x[n:n + 1])[0], full[n])
 
 
+def test_steps_longer_than_the_kernel_takes_run_onednn_on_its_packed_copy(kernels):
+    """Prompt-length products of a float32 weight go to oneDNN's prepacked copy (faster than MKL on
+    AMD's CPUs), and give torch's numbers; the LM head keeps no such copy."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(300, 576, generator=g), torch.randn(300, generator=g)
+    lin, head = Linear(w, b), Linear(w, long_steps=False)
+    assert head._onednn is None
+    x = torch.randn(max_rows(kernels) + 3, 2 * 576, generator=g)[:, ::2]      # not contiguous
+    y = lin(x)
+    assert torch.equal(y, torch.ops.mkldnn._linear_pointwise(x, lin._onednn, b, "none", [], ""))
+    torch.testing.assert_close(y.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-3)
+    assert torch.equal(head(x), F.linear(x, w))
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_pointwise_kernels_equal_torchs_ops(kernels, dtype):
     """RMSNorm (with and without the residual add), SiLU-and-mul and RoPE by the kernels equal torch's

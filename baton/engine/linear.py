@@ -11,7 +11,10 @@ the same machine, against MKL held to AVX2 as well (what an AVX2 machine runs): 
 weights' memory once more. A float32 weight that came from GGUF blocks (the built-in smollm2) is
 packed from those instead, still quantized (0.75 bytes a weight, baton/engine/gguf_weights.py): the
 kernel widens a panel block at a time to exactly the float32 values, so the results are the same bits
-and a step streams a fifth of the bytes. Elsewhere (GPU, bfloat16, no compiler) it is torch's `F.linear`.
+and a step streams a fifth of the bytes. Steps longer than the kernel takes (prompt pieces) run oneDNN
+on its own prepacked copy of a float32 weight: on a 2-core AMD EPYC (Zen 2, AVX2) SmolLM2's 30 layers at
+512 rows took 749 ms against MKL's 889 and at 2,048 rows 2,842 against 3,353 (MKL takes a slower path on
+AMD), about equal on an AVX-512 Xeon. Elsewhere (GPU, bfloat16, float64, no compiler) it is torch's `F.linear`.
 """
 from __future__ import annotations
 
@@ -26,9 +29,19 @@ from baton.engine.models.layer import LayerWeights
 
 # (vector bytes, from GGUF blocks) -> rows (tokens) of a step up to which the kernel beats MKL on float32
 # weights: measured above; SmolLM2's layers from GGUF blocks, AVX-512: 91.8 vs 102.5 ms at 128 rows,
-# 177.4 vs 191.3 at 256, 287.9 vs 269.7 at 384; AVX2 (MKL held to AVX2): 136.2 vs 149.2 at 128, 223.2
-# vs 225.1 at 192, 289.0 vs 285.5 at 256 (docs/benchmarks.md).
-MAX_ROWS = {(64, False): 128, (64, True): 256, (32, False): 128, (32, True): 128}
+# 177.4 vs 191.3 at 256, 287.9 vs 269.7 at 384. AVX2 machines are mostly AMD's, where the kernel beats
+# both MKL and oneDNN up to 256 rows (Zen 2, GGUF blocks / float32: 248.6 / 249.9 ms at 192 rows against
+# MKL's 385.4 and oneDNN's 302; 327.9 / 337.8 at 256 against 498.9 and 379; equal to oneDNN at 512); on
+# a Xeon held to AVX2 the kernel and MKL were equal at 192-256 (docs/benchmarks.md).
+MAX_ROWS = {(64, False): 128, (64, True): 256, (32, False): 256, (32, True): 256}
+
+
+def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's own prepacked copy of a float32 CPU weight (N, K), for the long steps; None where
+    oneDNN does not serve (another device or dtype, a torch built without it)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 512)    # 512: the rows it is laid out for
 
 
 def max_rows(kernels, quantized: bool = False) -> int:
@@ -57,14 +70,18 @@ def pack_quantized(rows: QuantRows, panel: int) -> tuple[torch.Tensor, torch.Ten
 class Linear:
     """x (..., K) -> x @ weight.T + bias (..., N). `weight` (N, K) stays the caller's (HF's modules
     keep running on it); the kernel reads its own packed copy, from `quant` when given (float32 only)."""
-    __slots__ = ("weight", "bias", "_kernels", "_packed", "_quant", "_max_rows")
+    __slots__ = ("weight", "bias", "_kernels", "_packed", "_quant", "_max_rows", "_onednn")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: QuantRows | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: QuantRows | None = None,
+                 *, long_steps: bool = True):
+        """long_steps: products of more rows than the kernel takes are expected (prompt pieces), so
+        oneDNN's copy is worth its memory (the weight's size once more)."""
         self.weight, self.bias = weight, bias
         k = self._kernels = cpu_kernels_for(weight.device, weight.dtype)
         self._quant = pack_quantized(quant, k.float_panel()) if k and quant and weight.dtype == torch.float32 else None
         self._packed = k.pack(weight.detach()) if k and self._quant is None else None
         self._max_rows = max_rows(k, self._quant is not None) if k else 0
+        self._onednn = onednn_packed(weight) if k and long_steps else None
 
     @property
     def packed(self) -> bool:
@@ -82,6 +99,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or x.numel() > self._max_rows * x.shape[-1]:
+            if self._onednn is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self._onednn, self.bias, "none", [], "")
             return F.linear(x, self.weight, self.bias)
         N = self.weight.shape[0]
         y = (self._kernels.linear_quantized(x, *self._quant, N) if self._quant
