@@ -79,7 +79,7 @@ class ModelRunner:
         if gguf is not None and self.dtype == torch.float32 and cpu_kernels_for(self.device, self.dtype):
             quant, head = gguf_weights.read(hf_model, gguf)
         self.linears = [LayerLinears.of(L, q) for L, q in zip(self.layers, quant)]
-        self.lm_head = Linear(self.lm_head_weight, quant=head, long_steps=False)   # only rows that want logits
+        self.lm_head = Linear(self.lm_head_weight, quant=head)
         self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
         self.pointwise = pointwise_for(self.device, self.dtype, self.eps)
         # baton's own CPU kernels run the step (all of them, or none: they come from one build)
