@@ -200,3 +200,28 @@ def test_a_float32_rows_logits_are_the_same_bits_alone_and_in_any_batch(kernels)
     alone = step_logits([0])[0]
     for rows in ([1, 0, 2], [2, 3, 0, 4, 1], [0, 4]):
         assert torch.equal(step_logits(rows)[rows.index(0)], alone), rows
+
+
+def test_a_float32_prompts_logits_and_kv_are_the_same_bits_alone_and_beside_other_prompts(kernels):
+    """Chunked prefill, float32: a prompt's first-token logits and K/V alone equal what it gets sharing
+    a step with other prompts (hundreds of tokens: more than one pass of the linear kernel), bit for bit.
+    Wider than the tiny Llama: at its width MKL's sums happen to come out the same whatever the rows."""
+    if max_rows(kernels) is not None:
+        pytest.skip(f"float32 weights: steps over {max_rows(kernels)} rows run MKL on this machine")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=EOS + 1, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    runner = ModelRunner(LlamaForCausalLM(cfg).float().eval())
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (37, 250, 120, 9)]
+
+    def prefill(order: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        chunks = [PromptChunk(prompts[i], 0, runner.new_kv(len(prompts[i]))) for i in order]
+        _, logits = runner.forward([], None, chunks)
+        return {i: (lg, c.kv) for i, lg, c in zip(order, logits, chunks)}
+
+    alone = prefill([0])[0]
+    for order in ([1, 0], [2, 3, 0, 1], [0, 2]):
+        logits, kv = prefill(order)[0]
+        assert torch.equal(logits, alone[0]) and torch.equal(kv, alone[1]), order
