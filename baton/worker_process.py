@@ -94,14 +94,16 @@ def add_engine_args(p) -> None:
                    help="on a GPU with no --kv-cache-memory: the share of the device's memory (0-1] a worker may "
                         "fill, weights and K/V cache together (vLLM's) (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.prefill_chunk_tokens, metavar="N",
-                   help="prompt tokens a colocated worker prefills per step, in chunks beside the running rows "
-                        "(vLLM's name); more gives newcomers their first token sooner, fewer keeps the running rows' "
-                        "steps short (default: %(default)s)")
+                   help="the most prompt tokens a colocated worker prefills in a step, in chunks beside the running "
+                        "rows (vLLM's name): a step beside running rows takes a quarter of them, all of them while "
+                        "prompts waiting for a first token outnumber the running rows 4 to 1 (a burst); more gives "
+                        "newcomers their first token sooner, fewer keeps the running rows' steps short "
+                        "(default: %(default)s)")
     p.add_argument("--step-time-budget", type=_step_time, default="off", metavar="auto|off|MS",
                    help="how long a colocated step that carries prompt pieces may take beside running rows, from "
                         "what steps are measured to cost here (baton/engine/step_budget.py): 'auto' = twice the "
                         "decode step it joins, more while more prompts wait for a first token than rows run; MS = "
-                        "that many milliseconds; 'off' = --max-num-batched-tokens every step. A budget halves the "
+                        "that many milliseconds; 'off' = --max-num-batched-tokens alone sizes the step. A budget halves the "
                         "longest gaps between a stream's tokens but delays first tokens and lowers throughput "
                         "(measured, docs/benchmarks.md) (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",

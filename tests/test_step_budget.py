@@ -49,10 +49,18 @@ def test_when_more_prompts_wait_than_rows_run_the_waiting_get_the_step_in_propor
     assert budget.tokens(8, starting=400) == 512   # --max-num-batched-tokens still caps it
 
 
-def test_the_whole_token_budget_while_learning_with_no_running_rows_and_when_off():
+def test_the_whole_token_budget_while_learning_and_with_no_running_rows():
     assert StepBudget(512).tokens(8) == 512                      # nothing measured yet
     assert _learned(StepBudget(512)).tokens(0) == 512            # nobody waits for the step
-    assert _learned(StepBudget(512, target_ms=None)).tokens(8) == 512
+    assert StepBudget(2048, target_ms=None).tokens(0, starting=1) == 2048
+
+
+def test_without_a_time_budget_running_rows_get_a_quarter_of_the_tokens_and_a_burst_all_of_them():
+    budget = StepBudget(2048, target_ms=None)
+    assert budget.tokens(8) == budget.tokens(8, starting=8) == 512      # a steady trickle: a quarter
+    assert budget.tokens(8, starting=16) == 1024                        # 16 waiting / (4 x 8 running)
+    assert budget.tokens(1, starting=31) == budget.tokens(8, starting=100) == 2048   # a burst: all of it
+    assert StepBudget(64, target_ms=None).tokens(8) == 32               # never under the floor
 
 
 def test_a_fixed_step_time_within_the_floor_and_the_ceiling():

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 class EngineConfig:
     max_batch: int = 32               # rows of the running decode batch
     max_queue: int = 256              # accepted requests waiting for a row
-    prefill_chunk_tokens: int = 512   # at most this many prompt tokens prefilled per step, in chunks (colocated)
-    step_time_ms: float | None = None # None = prefill_chunk_tokens every step; > 0 = a step with prompt pieces
+    prefill_chunk_tokens: int = 2048  # at most this many prompt tokens prefilled per step, in chunks (colocated);
+                                      # a quarter beside running rows but in a burst (engine/step_budget.py)
+    step_time_ms: float | None = None # None = prefill_chunk_tokens alone; > 0 = a step with prompt pieces
                                       # takes about this long; 0 = twice the decode step (engine/step_budget.py)
     prefix_cache_mb: int = 256        # K/V of prompt prefixes kept for later prompts (baton/engine/prefix_cache.py); 0 = off
     max_model_len: int = 0            # prompt + output tokens a request may hold; 0 = the model's max_position_embeddings
