@@ -123,6 +123,6 @@ class StepBudget:
 
     def describe(self) -> str:
         if self.target_ms is None:
-            return f"step budget {self.max_tokens} prompt tokens"
+            return f"step budget {self.max_tokens} prompt tokens (a quarter beside running rows, but in a burst)"
         when = f"{self.target_ms:g} ms" if self.target_ms else f"{self.factor:g}x the decode step or more while prompts wait"
         return f"step budget {when} (at most {self.max_tokens} prompt tokens)"
