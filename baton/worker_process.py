@@ -103,9 +103,9 @@ def add_engine_args(p) -> None:
                    help="how long a colocated step that carries prompt pieces may take beside running rows, from "
                         "what steps are measured to cost here (baton/engine/step_budget.py): 'auto' = twice the "
                         "decode step it joins, more while more prompts wait for a first token than rows run; MS = "
-                        "that many milliseconds; 'off' = --max-num-batched-tokens alone sizes the step. A budget halves the "
-                        "longest gaps between a stream's tokens but delays first tokens and lowers throughput "
-                        "(measured, docs/benchmarks.md) (default: %(default)s)")
+                        "that many milliseconds; 'off' = --max-num-batched-tokens alone sizes the step. A budget "
+                        "halves the longest gaps between a stream's tokens but delays first tokens and lowers "
+                        "throughput (measured, docs/benchmarks.md) (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly, without captured CUDA graphs (always eager on CPU)")
 
