@@ -13,7 +13,7 @@ from baton.engine.kernels import cpu_kernels
 from baton.engine.linear import Linear, max_rows
 from baton.engine.pointwise import KernelPointwise, TorchPointwise
 from baton.engine.runner import ModelRunner, PromptChunk
-from tiny_model import EOS, tiny_llama
+from tiny_model import EOS, tiny_family, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +208,8 @@ def test_a_float32_prompts_logits_and_kv_are_the_same_bits_alone_and_beside_othe
     Wider than the tiny Llama: at its width MKL's sums happen to come out the same whatever the rows."""
     if max_rows(kernels) is not None:
         pytest.skip(f"float32 weights: steps over {max_rows(kernels)} rows run MKL on this machine")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=EOS + 1, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    runner = ModelRunner(LlamaForCausalLM(cfg).float().eval())
+    runner = ModelRunner(tiny_family("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+                         .model.float())
     rng = random.Random(6)
     prompts = [[rng.randrange(1, EOS) for _ in range(n)] for n in (37, 250, 120, 9)]
 

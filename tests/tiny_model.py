@@ -81,17 +81,17 @@ def save_char_tokenizer(model_dir: str) -> None:
 
 def tiny_family(model_type: str, seed: int = 0, **config) -> LoadedModel:
     """A tiny random model of one supported architecture (float64), the tiny Llama's shape; `config`:
-    more of its config. Biases and norm weights are drawn at random too: at init they are zeros and
+    more of its config, or another shape. Biases and norm weights are drawn at random too: at init they are zeros and
     ones, which would hide a family's weight read wrongly."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
     extra = {"head_dim": 16, "attention_bias": True} if model_type == "qwen3" else {}
     if model_type in ("mistral", "qwen2"):
         extra["sliding_window"] = None
-    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=1024, eos_token_id=EOS, bos_token_id=1, pad_token_id=0,
-                               tie_word_embeddings=False, **{**extra, **config})
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=EOS, bos_token_id=1, pad_token_id=0,
+                 tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(model_type, **{**shape, **extra, **config})
     model = AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
