@@ -95,8 +95,9 @@ def add_engine_args(p) -> None:
                         "fill, weights and K/V cache together (vLLM's) (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.prefill_chunk_tokens, metavar="N",
                    help="the most prompt tokens a colocated worker prefills in a step, in chunks beside the running "
-                        "rows (vLLM's name): a step beside running rows takes a quarter of them, all of them while "
-                        "prompts waiting for a first token outnumber the running rows 4 to 1 (a burst); more gives "
+                        "rows (vLLM's name): a step beside running rows takes a quarter of them, more once "
+                        "prompts waiting for a first token outnumber the running rows, all of them at 4 to 1 (a "
+                        "burst); more gives "
                         "newcomers their first token sooner, fewer keeps the running rows' steps short "
                         "(default: %(default)s)")
     p.add_argument("--step-time-budget", type=_step_time, default="off", metavar="auto|off|MS",

@@ -21,8 +21,8 @@ the ceiling, and a floor keeps every prompt moving. With no running rows the who
 is used: nobody waits for the step.
 
 Without a time budget (the default) the token budget alone sizes the step: a quarter of it beside
-running rows, more in proportion while prompts waiting for a first token outnumber the running rows
-by more than 4 to 1, all of it in a burst or with no running rows. A steady load so gets 512 of the
+running rows, more in proportion once prompts waiting for a first token outnumber the running rows,
+all of it at 4 to 1 (a burst) or with no running rows. A steady load so gets 512 of the
 default 2,048 tokens a step, and a burst vLLM's 2,048: on a 2-core Zen 2 (AVX2), bursts of 32 requests
 through the endpoint went 135.5-141.4 -> 141.4-149.6 tok/s and TTFT p50 4.46-4.89 -> 3.67-4.66 s
 against 512 every step, equal at 4 and 8 q/s (docs/benchmarks.md).
@@ -56,8 +56,8 @@ def parse(text: str) -> float | None:
     return ms
 
 
-SHARE = 4   # beside running rows a step carries a quarter of the token budget, up to all of it while prompts
-            # waiting for a first token outnumber the running rows 4 to 1 (a burst)
+SHARE = 4   # beside running rows a step carries a quarter of the token budget, more once prompts waiting for
+            # a first token outnumber the running rows, all of it at SHARE to 1 (a burst)
 
 
 class StepBudget:
@@ -114,7 +114,8 @@ class StepBudget:
         if rows == 0:
             return self.max_tokens
         if self.target_ms is None:
-            return max(self.min_tokens, int(self.max_tokens * min(1.0, max(1 / SHARE, starting / (SHARE * rows)))))
+            share = min(1.0, max(1 / SHARE, starting / (SHARE * rows)))
+            return max(self.min_tokens, int(self.max_tokens * share))
         target, decode = self.target_s(rows, starting), self._decode(rows)
         if target is None or decode is None or not self.token_s:
             return self.max_tokens          # still learning: the first steps measure with the full budget
