@@ -151,6 +151,30 @@ def test_decode_attention_reads_only_each_rows_own_columns(kernels, dtype, G):
                                                     D ** -0.5)[0], out[r])
 
 
+def test_kernels_give_the_same_bits_on_any_number_of_threads(kernels):
+    """Work is handed out to threads as they come free (kernels/share.h): which thread computes an item,
+    and how many threads share them (more than the cores, so some items are taken from another's share),
+    never changes a number."""
+    g = torch.Generator().manual_seed(9)
+    lin = Linear(torch.randn(300, 96, generator=g))
+    x = torch.randn(40, 96, generator=g)
+    q, kv = torch.randn(5, 2, 3, 32, generator=g), torch.randn(2, 5, 2, 70, 32, generator=g)
+    lens = torch.tensor([70, 1, 33, 64, 9])
+
+    def run():
+        return lin(x), lin(x[:3]), kernels.decode_attention(q, kv[0], kv[1], lens, 0.2)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = run()
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            assert all(torch.equal(a, b) for a, b in zip(run(), alone)), n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_decode_attention_refuses_a_length_outside_the_window(kernels):
     q, kv = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 8, 16)
     with pytest.raises(RuntimeError, match="outside the window"):

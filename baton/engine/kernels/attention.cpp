@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "share.h"
 #include "vec.h"
 
 namespace baton {
@@ -123,9 +124,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     for (int64_t r = 0; r < n; r++) TORCH_CHECK(lp[r] >= 1 && lp[r] <= T, "decode_attention: a row's length outside the window");
     scalar_t* op = out.data_ptr<scalar_t>();
     int64_t rs = keys.stride(0), hs = keys.stride(1), ts = keys.stride(2);
-    at::parallel_for(0, n * H, 1, [&](int64_t b0, int64_t b1) {
+    share_items(n * H, [&](auto next) {   // rows of unequal lengths, handed out as threads come free
       std::vector<scalar_t> s(G * (T + 1));
-      for (int64_t b = b0; b < b1; b++) {
+      for (int64_t b; (b = next()) < n * H;) {
         int64_t r = b / H, h = b % H, len = lp[r];
         int64_t off = r * rs + h * hs + (T - len) * ts;
         const scalar_t* qb = qp + b * G * D;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "share.h"
 #include "vec.h"
 
 namespace baton {
@@ -82,16 +83,16 @@ static void tile_rows(int rows, const T* x, int64_t K, int64_t kn, bool first, c
   }
 }
 
-// Runs each(p, dst, ld, scratch) for every panel p, split over torch's threads: dst (M, NR) with row
+// Runs each(p, dst, ld, scratch) for every panel p, handed out to torch's threads (share.h): dst (M, NR) with row
 // stride ld is the panel's columns of out (M, N), or for the last panel an edge buffer whose real
 // columns are copied out after (the padded ones land nowhere); scratch: KC * NR of the thread's own.
 template <typename T, typename Each>
 static void for_panels(int64_t M, int64_t P, T* out, int64_t N, Each each) {
   constexpr int NR = panel<T>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  share_items(P, [&](auto next) {
     std::vector<T> edge;
     std::vector<T> scratch(KC * NR);
-    for (int64_t p = p0; p < p1; p++) {
+    for (int64_t p; (p = next()) < P;) {
       bool full = (p + 1) * NR <= N;
       if (!full) edge.assign(M * NR, T(0));
       each(p, full ? out + p * NR : edge.data(), full ? N : NR, scratch.data());
