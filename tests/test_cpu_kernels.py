@@ -151,6 +151,29 @@ def test_decode_attention_reads_only_each_rows_own_columns(kernels, dtype, G):
                                                     D ** -0.5)[0], out[r])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("G", [1, 3, 4])   # query heads per K/V head
+def test_prompt_attention_is_causal_sdpa_and_a_tokens_bits_do_not_depend_on_the_chunking(kernels, dtype, G):
+    """Equal to torch's causal SDPA over the prompt's buffer; positions past the chunk (NaN here) are never
+    read; a token's output is the same bits whether its prompt comes in one chunk or in several."""
+    g = torch.Generator().manual_seed(3)
+    H, D, P = 2, 2 * kernels.vector_bytes() // dtype.itemsize, 150
+    kv = torch.randn(2, H, P + 20, D, generator=g, dtype=dtype)
+    kv[:, :, P:] = float("nan")                                        # past the prompt: never read
+    qk = torch.randn(P, H * G + H, D, generator=g, dtype=dtype)       # q's heads, then k's: the runner's view
+    q = qk[:, :H * G]
+    whole = kernels.prompt_attention(q, kv[0], kv[1], 0, D ** -0.5)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kv[0, None, :, :P], kv[1, None, :, :P],
+                                              is_causal=True, scale=D ** -0.5, enable_gqa=G > 1)
+    tol = dict(rtol=0, atol=1e-12) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, expected[0].transpose(0, 1).flatten(1), **tol)
+    for cuts in ([1, 2, 70], [64], [149]):
+        bounds = [0, *cuts, P]
+        for a, b in zip(bounds, bounds[1:]):
+            part = kernels.prompt_attention(q[a:b], kv[0, :, :b], kv[1, :, :b], a, D ** -0.5)
+            assert torch.equal(part, whole[a:b]), (cuts, a)
+
+
 def test_kernels_give_the_same_bits_on_any_number_of_threads(kernels):
     """Work is handed out to threads as they come free (kernels/share.h): which thread computes an item,
     and how many threads share them (more than the cores, so some items are taken from another's share),

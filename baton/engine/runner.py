@@ -81,6 +81,7 @@ class ModelRunner:
         self.linears = [LayerLinears.of(L, q) for L, q in zip(self.layers, quant)]
         self.lm_head = Linear(self.lm_head_weight, quant=head)
         self._attention = decode_attention_for(self.device, self.dtype, self.head_dim)
+        self._prompt_attention = prompt_attention_for(self.device, self.dtype, self.head_dim)
         self.pointwise = pointwise_for(self.device, self.dtype, self.eps)
         # baton's own CPU kernels run the step (all of them, or none: they come from one build)
         self.uses_cpu_kernels = self.lm_head.packed and isinstance(self.pointwise, KernelPointwise)
@@ -168,21 +169,17 @@ class ModelRunner:
                         + [torch.arange(c.start, c.end, device=dev) for c in chunks])                        # (M,)
         offsets = [n + sum(lens[:j]) for j in range(len(chunks))]
         rope = self.rope(pos)
-        chunk_masks = [_chunk_mask(c, dev) for c in chunks]
         h = self.embed(ids)                                                # (M, hidden)
         attn = torch.empty(len(ids), self.num_heads * self.head_dim, dtype=self.dtype, device=dev)
         for li in range(self.num_layers):
             q, k, v = self.qkv(li, h, rope)                                # (M, H, D)
             if n:
                 attn[:n] = self.batch_attention(li, cache, step, q[:n], k[:n], v[:n])
-            for c, a, m, cmask in zip(chunks, offsets, lens, chunk_masks):
+            for c, a, m in zip(chunks, offsets, lens):
                 kv = c.kv[li]                                              # (2, Hkv, P, D)
                 kv[0, :, c.start:c.end] = k[a:a + m].transpose(0, 1)
                 kv[1, :, c.start:c.end] = v[a:a + m].transpose(0, 1)
-                o = F.scaled_dot_product_attention(
-                    q[a:a + m].transpose(0, 1)[None], kv[0, None, :, :c.end], kv[1, None, :, :c.end],
-                    attn_mask=cmask, is_causal=cmask is None, scale=self.scale, enable_gqa=self.group > 1)
-                attn[a:a + m] = o[0].transpose(0, 1).flatten(1)            # (m, Hq * D)
+                attn[a:a + m] = self._prompt_attention(q[a:a + m], kv[0], kv[1], c.start, self.scale)  # (m, Hq * D)
             h = self.attn_out_mlp(li, h, attn)
         if n:
             cache.end_step()
@@ -192,13 +189,28 @@ class ModelRunner:
         return logits[:n], [next(done) if c.last else None for c in chunks]
 
 
-def _chunk_mask(c: PromptChunk, device) -> torch.Tensor | None:
-    """(m, start + m) bool: chunk token i sees prompt positions <= start + i. None when the chunk
-    starts the prompt: plain causal attention then."""
-    if c.start == 0:
-        return None
-    m = len(c.ids)
-    return torch.ones(m, c.end, dtype=torch.bool, device=device).tril(c.start)
+def prompt_attention_for(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """How a prompt chunk attends: q (m, Hq, D) of prompt positions start .. start + m - 1, each over
+    keys/values (Hkv, P, D) (the prompt's own buffer, written through its position) up to its own
+    position -> (m, Hq * D).
+
+    On a CPU (float32/64), baton's kernel (kernels/attention.cpp `prompt_attention`) on the product
+    micro-kernel; 30 SmolLM2 layers of 16 prompts of 128 tokens: 148 ms against 279 for torch's CPU flash
+    SDPA (2 Zen 2 threads, 2026-12-06). Elsewhere torch's SDPA, causal, with a mask when the chunk does
+    not start the prompt (flash on CUDA)."""
+    kernels = cpu_kernels_for(device, dtype)
+    if kernels is not None and head_dim % (2 * kernels.vector_bytes() // dtype.itemsize) == 0:   # whole panels
+        return kernels.prompt_attention
+
+    def sdpa(q, keys, values, start: int, scale: float) -> torch.Tensor:
+        m, end = q.shape[0], start + q.shape[0]
+        # token i sees prompt positions <= start + i: a plain causal mask when the chunk starts the prompt
+        mask = None if start == 0 else torch.ones(m, end, dtype=torch.bool, device=q.device).tril(start)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None, :, :end], values[None, :, :end],
+                                           attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=keys.shape[0] != q.shape[1])
+        return o[0].transpose(0, 1).flatten(1)
+    return sdpa
 
 
 def decode_attention_for(device: torch.device, dtype: torch.dtype, head_dim: int):

@@ -11,6 +11,8 @@ torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& q, c
                                const torch::Tensor& m, int64_t N);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lens, double scale);
+torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                               int64_t start, double scale);
 torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
                            double eps);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
@@ -27,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("float_panel", &baton::float_panel, "columns of a packed float32 panel (linear_quantized's layout)");
   m.def("decode_attention", &baton::decode_attention,
         "q (n, Hkv, G, D) over each row's last lens[r] columns of keys/values (n, Hkv, T, D) -> (n, Hkv, G, D)");
+  m.def("prompt_attention", &baton::prompt_attention,
+        "q (m, Hq, D) of prompt positions start.., causal over keys/values (Hkv, T, D) -> (m, Hq * D)");
   m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");
   m.def("silu_mul", &baton::silu_mul, "gate_up (rows, 2I) -> silu(gate) * up (rows, I)");
   m.def("rope_", &baton::rope_, "x (rows, heads, D) rotated in place by cos, signed sin (rows, D)");
