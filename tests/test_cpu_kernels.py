@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from baton.engine.cache import BatchKVCache
+from baton.engine.cpu_layers import CpuLayers
 from baton.engine.decode_graphs import DecodeGraphs
 from baton.engine.gguf_weights import Q4_1, Q8_0, QuantRows, _matched
 from baton.engine.kernels import cpu_kernels
@@ -247,6 +248,40 @@ def test_a_float32_rows_logits_are_the_same_bits_alone_and_in_any_batch(kernels)
     alone = step_logits([0])[0]
     for rows in ([1, 0, 2], [2, 3, 0, 4, 1], [0, 4]):
         assert torch.equal(step_logits(rows)[rows.index(0)], alone), rows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])     # qwen2: Q/K/V biases
+def test_the_cpu_layer_loop_gives_the_layer_methods_bits(kernels, family):
+    """A CPU decode step's layers in one kernel call (cpu_layers.py) against the same step through the
+    runner's layer methods piece by piece (DecodeGraphs padded to buckets runs those): the same logits
+    and the same K/V in the cache, bit for bit, over steps of a ragged batch."""
+    runner = ModelRunner(tiny_family(family).model.float())
+    rng = random.Random(8)
+    kvs = []
+    for n in (23, 60, 5):
+        chunk = PromptChunk([rng.randrange(1, EOS) for _ in range(n)], 0, runner.new_kv(n))
+        runner.forward([], None, [chunk])
+        kvs.append(chunk.kv)
+
+    def steps(graphs: DecodeGraphs):
+        cache = BatchKVCache(runner.num_layers, runner.num_kv_heads, runner.head_dim, dtype=torch.float32,
+                             max_rows=4, max_cols=128)
+        for i, kv in enumerate(kvs):
+            cache.join(f"r{i}", None, kv)
+        logits = [graphs.step([t, t + 1, t + 2], cache).clone() for t in (7, 11, 13)]
+        return torch.stack(logits), cache.buf.clone()
+
+    loop, pieces = DecodeGraphs(runner, max_rows=4), DecodeGraphs(runner, max_rows=4, buckets=[3])
+    assert loop.layers is not None and pieces.layers is None
+    (a, kv_a), (b, kv_b) = steps(loop), steps(pieces)
+    assert torch.equal(a, b) and torch.equal(kv_a, kv_b)
+
+
+def test_the_cpu_layer_loop_stays_out_where_a_step_is_not_all_batons_kernels(kernels):
+    """float64 (RMSNorm on torch's ops) and per-head q/k norms (qwen3) run the layer methods instead."""
+    assert CpuLayers.of(ModelRunner(tiny_family("qwen3").model.float()), 8) is None
+    assert CpuLayers.of(ModelRunner(tiny_llama(dtype=torch.float64).model), 8) is None
+    assert CpuLayers.of(ModelRunner(tiny_llama(dtype=torch.float32).model), 8) is not None
 
 
 def test_a_float32_prompts_logits_and_kv_are_the_same_bits_alone_and_beside_other_prompts(kernels):

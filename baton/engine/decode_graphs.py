@@ -11,7 +11,9 @@ graphs make the same cut). A step is then layers + 1 graph launches plus a handf
 kernels per layer, instead of ~35 kernel launches per layer.
 
 On a CPU, or with --enforce-eager, the same pieces run as plain calls over the same buffers,
-unpadded: that is the twin CI runs. Everything a piece reads or writes lives in the buffers
+unpadded: that is the twin CI runs (padded to buckets when a test asks). Where baton's CPU kernels run
+the whole step, its layers run in one call to them instead (cpu_layers.py), the same kernels in the
+same order. Everything a piece reads or writes lives in the buffers
 allocated here once; nothing in a piece reads a value back to the host.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import torch
 
 from baton.engine.cache import BatchKVCache
+from baton.engine.cpu_layers import CpuLayers
 from baton.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class DecodeGraphs:
         self.attn = torch.zeros(B, r.num_heads * D, dtype=dt, device=dev)
         self.logits = torch.zeros(B, r.vocab_size, dtype=dt, device=dev)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        # a CPU step that baton's kernels run whole, unpadded: its layers in one call (cpu_layers.py)
+        self.layers = None if capture or buckets else CpuLayers.of(runner, max_rows)
         if capture:
             self._capture()
 
@@ -101,6 +106,8 @@ class DecodeGraphs:
         log.info("%s", self.describe())
 
     def describe(self) -> str:
+        if self.layers is not None:
+            return "decode step's layers in one call to baton's CPU kernels"
         if not self.graphs:
             return f"decode step eager ({'padded to ' + ','.join(map(str, self.buckets)) if self.buckets else 'unpadded'})"
         return (f"decode step as CUDA graphs for {len(self.buckets)} batch sizes ({','.join(map(str, self.buckets))}) "
@@ -127,6 +134,12 @@ class DecodeGraphs:
         self.ids[:n].copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
         step = cache.begin_step()                                              # positions, column, mask
         self.pos[:n].copy_(step.positions)
+        if self.layers is not None:
+            h = self.h[:n]
+            h.copy_(r.embed(self.ids[:n]))                                     # (n, hidden)
+            self.layers(h, cache, step, *r.rope(self.pos[:n]))
+            cache.end_step()
+            return r.logits(h)
         for li in range(r.num_layers + 1):
             self._run_piece(li, b)
             if li == r.num_layers:

@@ -81,8 +81,16 @@ class Linear:
             return sum(t.nbytes for t in self._quant)
         return self._packed.nbytes if self._packed is not None else 0
 
+    def runs_on_kernel(self, rows: int) -> bool:
+        """Whether a product of up to `rows` rows runs on the kernel (not on torch's F.linear)."""
+        return self.packed and (self._max_rows is None or rows <= self._max_rows)
+
+    def kernel_weights(self) -> tuple[torch.Tensor | None, tuple]:
+        """What the kernel reads: the packed floats, or the GGUF panels (q, d, m) (None each where absent)."""
+        return self._packed, self._quant or (None, None, None)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or (self._max_rows is not None and x.numel() > self._max_rows * x.shape[-1]):
+        if not self.runs_on_kernel(x.numel() // x.shape[-1]):
             return F.linear(x, self.weight, self.bias)
         N = self.weight.shape[0]
         y = (self._kernels.linear_quantized(x, *self._quant, N) if self._quant

@@ -28,7 +28,8 @@ def filled_batch(engine: Engine, rows: int, ctx: int) -> DecodeBatch:
     cols = ctx + 1024                      # room for the steps timed, no compaction among them
     # On a GPU the step is captured as CUDA graphs for this batch size alone (the engine captures every bucket).
     batch = DecodeBatch(r, engine.model, max_batch=rows + 1, capacity=KVCapacity(rows + 1, cols, cols - 1, 0),
-                        graphs=r.device.type == "cuda" and not engine.config.enforce_eager, buckets=[rows])
+                        graphs=r.device.type == "cuda" and not engine.config.enforce_eager,
+                        buckets=[rows] if r.device.type == "cuda" else None)
     for i in range(rows):
         req = Request(f"r{i}", [1] * ctx, SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True))
         batch.admit(req, PrefillOutput(5, kv))

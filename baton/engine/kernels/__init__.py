@@ -3,7 +3,8 @@
 `linear.cpp`: the step's products by the weights (baton/engine/linear.py says when they run);
 `attention.cpp`: a decode step's attention over each row's own tokens (baton/engine/runner.py);
 `elementwise.cpp`: residual add + RMSNorm, SiLU-and-mul, RoPE (baton/engine/pointwise.py);
-`argmax.cpp`: greedy sampling's choice, each row's argmax (baton/engine/sampler.py).
+`argmax.cpp`: greedy sampling's choice, each row's argmax (baton/engine/sampler.py);
+`layers.cpp`: a decode step's layers in one call, on the kernels above (baton/engine/cpu_layers.py).
 `make install` builds them (`python -m baton.engine.kernels`) into the virtual environment, as an
 installed package's files (elsewhere: torch's extension cache); otherwise the first use does, once.
 Where they cannot be built (no C++ compiler) or `BATON_CPU_KERNELS=0` is set, torch's own ops run
@@ -24,7 +25,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f for f in ("bindings.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp", "argmax.cpp")]
+SOURCES = [HERE / f for f in ("bindings.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp", "argmax.cpp",
+                               "layers.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]    # OpenMP: at::parallel_for splits a matmul over torch's threads
 
 

@@ -18,6 +18,9 @@ torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>&
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor argmax_rows(const torch::Tensor& x);
+void decode_layers(torch::Tensor& h, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& Ns,
+                   const torch::Tensor& buf, int64_t start, int64_t width, const torch::Tensor& lens,
+                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t Hq, double eps, double scale);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -34,5 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &baton::add_rms_norm, "h (rows, H) += delta (if given), in place; -> RMSNorm(h) * weight");
   m.def("silu_mul", &baton::silu_mul, "gate_up (rows, 2I) -> silu(gate) * up (rows, I)");
   m.def("rope_", &baton::rope_, "x (rows, heads, D) rotated in place by cos, signed sin (rows, D)");
+  m.def("decode_layers", &baton::decode_layers,
+        "h (n, hidden) through every layer of a decode step in place, K/V into the batch cache's step column");
   m.def("argmax_rows", &baton::argmax_rows, "x (n, V) -> (n,) int64: torch.argmax(x, -1), vectorised");
 }
