@@ -97,9 +97,8 @@ def add_engine_args(p) -> None:
                    help="the most prompt tokens a colocated worker prefills in a step, in chunks beside the running "
                         "rows (vLLM's name): a step beside running rows takes a quarter of them, more once "
                         "prompts waiting for a first token outnumber the running rows, all of them at 4 to 1 (a "
-                        "burst); more gives "
-                        "newcomers their first token sooner, fewer keeps the running rows' steps short "
-                        "(default: %(default)s)")
+                        "burst); more gives newcomers their first token sooner, fewer keeps the running rows' "
+                        "steps short (default: %(default)s)")
     p.add_argument("--step-time-budget", type=_step_time, default="off", metavar="auto|off|MS",
                    help="how long a colocated step that carries prompt pieces may take beside running rows, from "
                         "what steps are measured to cost here (baton/engine/step_budget.py): 'auto' = twice the "

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace baton {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
 #include "share.h"
 #include "tile.h"
 #include "vec.h"

@@ -1,27 +1,8 @@
 // The Python face of baton's CPU kernels (one extension module, built by baton/engine/kernels/__init__.py).
 #include <torch/extension.h>
 
+#include "kernels.h"
 #include "vec.h"
-
-namespace baton {
-torch::Tensor pack(const torch::Tensor& w);
-int float_panel();
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
-torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
-                               const torch::Tensor& m, int64_t N);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               const torch::Tensor& lens, double scale);
-torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               int64_t start, double scale);
-torch::Tensor add_rms_norm(torch::Tensor& h, const c10::optional<torch::Tensor>& delta, const torch::Tensor& weight,
-                           double eps);
-torch::Tensor silu_mul(const torch::Tensor& gate_up);
-void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor argmax_rows(const torch::Tensor& x);
-void decode_layers(torch::Tensor& h, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& Ns,
-                   const torch::Tensor& buf, int64_t start, int64_t width, const torch::Tensor& lens,
-                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t Hq, double eps, double scale);
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bytes", [] { return baton::VBYTES; }, "the vector width the kernels were built for: 64 (AVX-512) or 32");

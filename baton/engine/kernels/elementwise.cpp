@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace baton {

@@ -6,15 +6,9 @@
 
 #include <vector>
 
+#include "kernels.h"
+
 namespace baton {
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N);
-at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m,
-                            int64_t N);
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& lens, double scale);
-at::Tensor add_rms_norm(at::Tensor& h, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
-at::Tensor silu_mul(const at::Tensor& gate_up);
-void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 constexpr int PRODUCT = 5;            // a product's tensors: packed, q, d, m (GGUF panels), bias; empty if absent
 constexpr int LAYER = 2 + 4 * PRODUCT; // in_norm, post_norm, then qkv, o, gate_up, down

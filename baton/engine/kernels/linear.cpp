@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels.h"
 #include "share.h"
 #include "tile.h"
 #include "vec.h"
